@@ -1,0 +1,97 @@
+# Run `make` (or `make help`) for the list of targets.
+.DEFAULT_GOAL := help
+SHELL := /bin/bash
+
+PYTHON ?= python3
+VENV ?= .venv
+VENV_PY := $(VENV)/bin/python
+
+# The container: compose service, and the two values the host-side targets need. HOST_PORT and
+# SERVED_MODEL_NAME come from the shell, else from .env (as docker compose reads them), else the default.
+COMPOSE ?= docker compose
+SERVICE ?= vllm-qwen3-8b-awq
+env_file_value = $(shell sed -n 's/^[[:space:]]*$(1)[[:space:]]*=[[:space:]]*//p' .env 2>/dev/null | tail -n 1 | tr -d "\"'")
+HOST_PORT ?= $(or $(call env_file_value,HOST_PORT),8010)
+SERVED_MODEL_NAME ?= $(or $(call env_file_value,SERVED_MODEL_NAME),qwen3-8b-awq)
+# Seconds `make wait` waits for the model to serve (the first start downloads it).
+WAIT_TIMEOUT ?= 1800
+# CLEANUP=1 make test: `make down` afterwards, also when the test fails.
+CLEANUP ?= 0
+# Extra arguments for `selftest` in `make test`.
+SELFTEST_ARGS ?=
+
+SHELL_SCRIPTS := $(wildcard docker/*.sh scripts/*.sh) .ci/run
+
+##@ Development (no GPU, no Docker needed)
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(VENV_PY) -m pip install --quiet --upgrade pip
+	$(VENV_PY) -m pip install --quiet -e '.[test]'
+	touch $@
+
+.PHONY: venv
+venv: $(VENV)/.installed ## Create .venv with the package and its test tools
+
+.PHONY: lint
+lint: $(VENV)/.installed ## Linters: ruff, shellcheck, hadolint, docker-compose config
+	$(VENV)/bin/ruff check entrypoint tests benchmarks
+	$(VENV)/bin/ruff format --check entrypoint tests benchmarks
+	$(VENV)/bin/shellcheck $(SHELL_SCRIPTS)
+	$(VENV)/bin/hadolint Dockerfile
+	$(VENV)/bin/docker-compose -f docker-compose.yml config -q
+
+.PHONY: check
+check: lint ## The project's own tests and linters (what CI runs)
+	$(VENV)/bin/pytest -q
+
+##@ Container (host with Docker and two GPUs)
+
+.PHONY: build
+build: ## Build the image (vLLM + cuda-checkpoint + supervisord + this package)
+	$(COMPOSE) build
+
+.PHONY: up
+up: ## Start the container in the background (vLLM then loads the model: see `make wait`)
+	$(COMPOSE) up -d
+
+.PHONY: down
+down: ## Stop and remove the container (.cache/ with the model stays)
+	$(COMPOSE) down
+
+.PHONY: logs
+logs: ## Follow the container's log (supervisord and vLLM)
+	$(COMPOSE) logs -f --tail=200
+
+.PHONY: wait
+wait: ## Wait until /v1/models on localhost:HOST_PORT lists the model (WAIT_TIMEOUT=seconds)
+	@scripts/wait-for-model.sh "http://localhost:$(HOST_PORT)/v1/models" "$(SERVED_MODEL_NAME)" "$(WAIT_TIMEOUT)" \
+	  || { echo "--- last lines of the container's log ---"; $(COMPOSE) logs --tail=60 $(SERVICE); exit 1; }
+
+.PHONY: test
+test: ## build, up, wait, then selftest in the container (CLEANUP=1: down afterwards)
+	@status=0; \
+	{ $(MAKE) --no-print-directory build up wait && $(COMPOSE) exec -T $(SERVICE) selftest $(SELFTEST_ARGS); } || status=$$?; \
+	if [ "$(CLEANUP)" = 1 ]; then $(MAKE) --no-print-directory down || true; fi; \
+	if [ $$status -eq 0 ]; then echo "make test: passed"; else echo "make test: FAILED (exit $$status)"; fi; \
+	exit $$status
+
+.PHONY: suspend
+suspend: ## Suspend vLLM: checkpoint the CUDA state of all its workers to host RAM
+	$(COMPOSE) exec -T $(SERVICE) cuda-toggle-all checkpointed
+
+.PHONY: resume
+resume: ## Resume vLLM: restore all its workers to the GPUs
+	$(COMPOSE) exec -T $(SERVICE) cuda-toggle-all running
+
+.PHONY: status
+status: ## Show the CUDA state of vLLM's processes
+	$(COMPOSE) exec -T $(SERVICE) cuda-toggle-all status
+
+##@ Help
+
+.PHONY: help
+help: ## Show this help
+	@awk 'BEGIN {FS = ":.*##"; printf "Usage: make \033[36m<target>\033[0m\n"} \
+	  /^[a-zA-Z_-]+:.*?##/ { printf "  \033[36m%-14s\033[0m %s\n", $$1, $$2 } \
+	  /^##@/ { printf "\n\033[1m%s\033[0m\n", substr($$0, 5) }' $(MAKEFILE_LIST)

@@ -1,0 +1,28 @@
+#!/usr/bin/env bash
+# The container's ENTRYPOINT. It keeps the vLLM arguments (the compose file's `command:`) in a file, then
+# replaces itself with supervisord in the foreground (PID 1), which starts vLLM through run-vllm.sh.
+# vLLM runs under supervisord, not as PID 1, so that `cuda-toggle-all` can ask supervisord for its PID
+# and an operator can stop and start it without losing the container.
+set -euo pipefail
+
+: "${SUPERVISOR_RUN_DIR:=/run/supervisor}"
+: "${SUPERVISOR_CONF:=/etc/supervisor/supervisord.conf}"
+: "${SUPERVISORD_BIN:=supervisord}"
+: "${VLLM_ARGS_FILE:=/run/vllm/args}"
+export SUPERVISOR_RUN_DIR VLLM_ARGS_FILE
+
+mkdir -p "$SUPERVISOR_RUN_DIR" "$(dirname "$VLLM_ARGS_FILE")"
+
+# NUL-separated, because NUL is the one byte no argument can contain: spaces, quotes and newlines
+# inside an argument arrive unchanged. Written to a temporary file and renamed, so that run-vllm.sh
+# never reads half a list.
+tmp="$VLLM_ARGS_FILE.$$"
+: >"$tmp"
+if (($# > 0)); then
+  printf '%s\0' "$@" >"$tmp"
+fi
+mv -f "$tmp" "$VLLM_ARGS_FILE"
+
+printf 'entrypoint: %d vLLM argument(s) saved to %s; starting supervisord (%s)\n' \
+  "$#" "$VLLM_ARGS_FILE" "$SUPERVISOR_CONF" >&2
+exec "$SUPERVISORD_BIN" -n -c "$SUPERVISOR_CONF"

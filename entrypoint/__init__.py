@@ -1,0 +1,1 @@
+"""Suspend and resume a multi-GPU vLLM server with cuda-checkpoint, from inside its container."""

@@ -1,0 +1,73 @@
+"""Human-readable tables for results (stderr, through loguru) and the logging setup both tools share."""
+
+from __future__ import annotations
+
+import sys
+
+from loguru import logger
+
+
+def setup_logging(verbose: bool = False) -> None:
+    logger.remove()
+    logger.add(sys.stderr, level="DEBUG" if verbose else "INFO", colorize=False,
+               format="{time:HH:mm:ss.SSS} {level: <7} {message}")
+
+
+def _gpu_line(before: list[dict], after: list[dict]) -> str:
+    after_by_uuid = {g["uuid"]: g for g in after}
+    parts = []
+    for gpu in before:
+        now = after_by_uuid.get(gpu["uuid"])
+        parts.append(f"GPU{gpu['index']} {gpu['used_mib']} -> {now['used_mib'] if now else '?'} MiB")
+    return ", ".join(parts)
+
+
+def toggle_table(result: dict) -> str:
+    lines = [f"{'PID':>8}  {'ROLE':<6}  {'BEFORE':<12}    {'AFTER':<12}  {'SECONDS':>7}  PROCESS"]
+    for entry in result["pids"]:
+        lines.append(
+            f"{entry['pid']:>8}  {entry['role']:<6}  {entry['before'] or '-':<12} -> {entry['after'] or '-':<12}"
+            f"  {entry['seconds']:>7.2f}  {entry['name'][:60]}"
+        )
+        if entry["error"]:
+            lines.append(f"{'':>8}  error: {entry['error']}")
+    for dispatcher in result["dispatchers"]:
+        state = "frozen" if dispatcher["frozen_after"] else "running"
+        lines.append(f"{dispatcher['pid']:>8}  {'disp.':<6}  dispatcher {state} (SIGSTOP while suspended)"
+                     f"  {dispatcher['name'][:40]}")
+    for skipped in result["skipped"]:
+        if not any(d["pid"] == skipped["pid"] for d in result["dispatchers"]):
+            lines.append(f"{skipped['pid']:>8}  skipped: {skipped['reason']}  {skipped['name'][:60]}")
+    phases = ", ".join(f"{name} {seconds:.2f} s" for name, seconds in result["phases"].items())
+    lines.append(
+        f"{'ok' if result['ok'] else 'FAILED'}: -> {result['target']} in {result['seconds']:.2f} s"
+        f" ({phases or 'no change'}); backend {result['backend']}; lock rounds {result['lock_rounds']};"
+        f" server PID {result['root_pid']} ({result['root_how']})"
+    )
+    if result["gpus_before"]:
+        lines.append("GPU memory: " + _gpu_line(result["gpus_before"], result["gpus_after"] or result["gpus_before"]))
+    for note in result["notes"]:
+        lines.append(f"note: {note}")
+    return "\n".join(lines)
+
+
+def status_table(status: dict) -> str:
+    lines = [f"server PID {status['root_pid']} ({status['root_how']}), backend {status['backend']}: "
+             f"{status['state']}"]
+    lines.append(f"{'PID':>8}  {'ROLE':<10}  {'STATE':<13}  PROCESS")
+    for entry in status["pids"]:
+        lines.append(f"{entry['pid']:>8}  {entry['role']:<10}  {entry['state']:<13}  {entry['name'][:60]}")
+    for dispatcher in status["dispatchers"]:
+        lines.append(f"{dispatcher['pid']:>8}  {'dispatcher':<10}  {'FROZEN' if dispatcher['frozen'] else 'not frozen':<13}"
+                     f"  {dispatcher['name'][:60]}")
+    for skipped in status["skipped"]:
+        lines.append(f"{skipped['pid']:>8}  {'skipped':<10}  {skipped['reason']:<13}  {skipped['name'][:60]}")
+    if status["gpus"]:
+        lines.append("GPU memory: " + ", ".join(f"GPU{g['index']} {g['used_mib']}/{g['total_mib']} MiB"
+                                                for g in status["gpus"]) + f" ({status['gpu_source']})")
+    else:
+        lines.append(f"GPU memory: unknown ({status['gpu_source']})")
+    if status["suspend_record"]:
+        lines.append("suspend record: " + ", ".join(f"GPU{g['index']} released {g['used_before_mib'] - g['used_after_mib']} MiB"
+                                                    for g in status["suspend_record"]["gpus"]))
+    return "\n".join(lines)
