@@ -59,8 +59,9 @@ def observe(config: Config, backend: Backend, pid: int | None) -> Observation:
     tree = walk_tree(root.pid)
     stopped = [p for p in tree if p.stopped]
     for process in stopped:
-        logger.info("PID {} ({}) is stopped: left out (a stopped process must never be locked)",
-                    process.pid, process.short_title(40))
+        if not process.matches(config.dispatcher):
+            logger.warning("PID {} ({}) is stopped: left out (a stopped process must never be locked)",
+                           process.pid, process.short_title(40))
     asked = [p.pid for p in tree if not p.stopped]
     answers: dict[int, str | None] = {}
 

@@ -331,6 +331,9 @@ class Transition:
             self.rollback_to_running()
             raise RolledBack(f"interrupted by {self.guard.received} after locking")
         self.checkpoint_all()
+        if self.guard.received:  # Ctrl-C on a suspend means "cancel it": undo the finished phase
+            self.rollback_to_running()
+            raise RolledBack(f"interrupted by {self.guard.received}; the checkpoint was undone")
         if not self.verify("checkpointed"):
             self.rollback_to_running()
             raise RolledBack("not every process reached checkpointed")

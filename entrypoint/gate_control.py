@@ -1,0 +1,319 @@
+"""The gate's power control: is the server running, when must it be woken, when may it be suspended.
+
+One source of truth, shared with `cuda-toggle-all`: the suspend record (RUN_DIR/suspended.json, there
+while the server is suspended or a suspend runs) and the tool's lock (held while any transition runs).
+The gate adds what only it knows: its own transition in flight, and the requests it has in flight.
+Transitions go through the library (toggle.py) in a worker thread, never a subprocess, and take the
+same lock as the tool, so the two never transition at once.
+
+Everything here runs on the event loop, so a check and the change it leads to (say, "nothing in flight"
+then "suspending") cannot be split by a request: that is what keeps requests away from a suspended worker.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import fcntl
+import functools
+import json
+import os
+import time
+from collections.abc import AsyncIterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from enum import Enum
+from pathlib import Path
+
+from loguru import logger
+
+from .config import Config
+from .errors import SuspendError
+from .gate_config import GateConfig
+from .gate_metrics import GateMetrics
+from .runstate import SuspendRecord
+from .toggle import RESUME, SUSPEND, status, toggle
+
+# A request that keeps finding the server suspended again (someone suspending in a loop) gives up.
+MAX_WAKE_ROUNDS = 5
+# After a failed resume, the watcher waits this long before trying again for requests in flight;
+# a newly arriving request still tries at once.
+RESUME_RETRY_S = 5.0
+
+
+class Phase(str, Enum):
+    RUNNING = "running"
+    SUSPENDING = "suspending"
+    SUSPENDED = "suspended"
+    RESUMING = "resuming"
+
+
+class ResumeFailed(Exception):
+    def __init__(self, message: str):
+        super().__init__(message)
+        self.message = message
+
+
+@dataclass(frozen=True)
+class TransitionOutcome:
+    transition: str  # suspend | resume
+    trigger: str  # why the gate started it: idle, request, in-flight
+    ok: bool
+    seconds: float
+    message: str = ""
+
+
+def tool_lock_purpose(run_dir: str) -> str | None:
+    """What the transition that holds the tool's lock does (its purpose, '' if unreadable); None when free.
+
+    Probes with a shared, non-blocking flock that is dropped at once: a cuda-toggle-all starting at that
+    instant retries its exclusive lock 50 ms later. Reads the lock file, never creates it.
+    """
+    path = Path(run_dir) / "lock"
+    try:
+        descriptor = os.open(path, os.O_RDONLY)
+    except FileNotFoundError:
+        return None
+    except OSError as error:
+        logger.debug("cannot read the tool's lock {}: {}", path, error)
+        return None
+    try:
+        try:
+            fcntl.flock(descriptor, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except BlockingIOError:
+            try:
+                return str(json.loads(path.read_text() or "{}").get("purpose", ""))
+            except (OSError, ValueError):
+                return ""  # the holder is writing it right now
+        fcntl.flock(descriptor, fcntl.LOCK_UN)
+        return None
+    finally:
+        os.close(descriptor)
+
+
+def phase_of_tool_run(purpose: str) -> Phase:
+    # toggle() writes "cuda-toggle-all running" or "cuda-toggle-all checkpointed"; anything else might
+    # be a suspend, so requests must wait for it either way.
+    return Phase.RESUMING if purpose.endswith(RESUME) else Phase.SUSPENDING
+
+
+class PowerController:
+    def __init__(self, gate: GateConfig, toggle_config: Config, metrics: GateMetrics):
+        self.gate = gate
+        self.toggle_config = toggle_config
+        self.metrics = metrics
+        # One thread: the gate never runs two transitions, and shutdown waits for the one in flight
+        # (cutting a transition short could leave the dispatcher frozen).
+        self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="gate-toggle")
+        self.transition: asyncio.Task[TransitionOutcome] | None = None
+        self.transition_phase: Phase | None = None
+        self.in_flight = 0
+        self.waiting = 0
+        self.idle_since = time.monotonic()
+        # Set from status() after a failed transition: the CUDA states say suspended though no record does.
+        self.believed_suspended = False
+        self.retry_resume_after = 0.0
+        self.last_suspend_s: float | None = None
+        self.last_resume_s: float | None = None
+        self.last_error: str | None = None
+        self.phase = self.observe()
+        self.since = time.time()
+        self.watcher: asyncio.Task | None = None
+
+    # -- what state the server is in ------------------------------------------------------------
+
+    def observe(self) -> Phase:
+        if self.transition_phase is not None:
+            return self.transition_phase
+        purpose = tool_lock_purpose(self.toggle_config.run_dir)
+        if purpose is not None:
+            return phase_of_tool_run(purpose)
+        if SuspendRecord.path(self.toggle_config.run_dir).exists() or self.believed_suspended:
+            return Phase.SUSPENDED
+        return Phase.RUNNING
+
+    def refresh(self) -> Phase:
+        """Observe, and note a change made by someone else (cuda-toggle-all run by hand)."""
+        phase = self.observe()
+        if phase is not self.phase:
+            if self.transition is None:
+                logger.info("the server is now {} (changed outside the gate: cuda-toggle-all)", phase.value)
+            self.set_phase(phase)
+        return phase
+
+    def set_phase(self, phase: Phase) -> None:
+        if phase is not self.phase:
+            self.phase, self.since = phase, time.time()
+            if phase is Phase.RUNNING:
+                self.idle_since = time.monotonic()  # the idle period starts when the server is back
+
+    def status_json(self) -> dict:
+        return {
+            "state": self.refresh().value,
+            "since": self.since,
+            "in_flight": self.in_flight,
+            "waiting": self.waiting,
+            "last_suspend_s": self.last_suspend_s,
+            "last_resume_s": self.last_resume_s,
+            "last_error": self.last_error,
+            "idle_suspend_s": self.gate.idle_suspend_s,
+        }
+
+    # -- requests --------------------------------------------------------------------------------
+
+    @contextlib.asynccontextmanager
+    async def request_slot(self, label: str) -> AsyncIterator[float]:
+        """Hold a request until the server runs, then count it in flight while it is forwarded.
+
+        Yields the seconds it waited; raises ResumeFailed when the resume it waited for failed.
+        """
+        waited_s = await self.admit(label)
+        self.in_flight += 1
+        try:
+            yield waited_s
+        finally:
+            self.in_flight -= 1
+            if self.in_flight == 0:
+                self.idle_since = time.monotonic()
+
+    async def admit(self, label: str) -> float:
+        if self.refresh() is Phase.RUNNING:
+            return 0.0
+        started = time.monotonic()
+        self.waiting += 1
+        try:
+            for _ in range(MAX_WAKE_ROUNDS):
+                if self.refresh() is Phase.RUNNING:
+                    break
+                # A transition of cuda-toggle-all in flight, or a suspended server: resume. The resume
+                # waits for the tool's lock, so a suspend by the tool finishes first and is then undone.
+                task = self.transition or self.start(Phase.RESUMING, "request")
+                outcome = await asyncio.shield(task)  # a client that goes away must not cancel it
+                if outcome.transition == "resume" and not outcome.ok:
+                    raise ResumeFailed(outcome.message)
+            else:
+                raise ResumeFailed(
+                    f"the server was suspended again {MAX_WAKE_ROUNDS} times while this request waited"
+                )
+        finally:
+            self.waiting -= 1
+            waited_s = time.monotonic() - started
+            self.metrics.record_wait(waited_s)
+        logger.info("{} waited {:.2f} s for the server to resume", label, waited_s)
+        return waited_s
+
+    # -- transitions -----------------------------------------------------------------------------
+
+    def start(self, phase: Phase, trigger: str) -> asyncio.Task[TransitionOutcome]:
+        """Start the gate's suspend (Phase.SUSPENDING) or resume (Phase.RESUMING); one at a time."""
+        if self.transition is not None:
+            raise RuntimeError("a transition of the gate is already in flight")
+        self.transition_phase = phase
+        self.set_phase(phase)
+        self.transition = asyncio.get_running_loop().create_task(self.run_transition(phase, trigger))
+        return self.transition
+
+    async def run_transition(self, phase: Phase, trigger: str) -> TransitionOutcome:
+        transition, target = ("suspend", SUSPEND) if phase is Phase.SUSPENDING else ("resume", RESUME)
+        started = time.monotonic()
+        logger.debug("{} started (trigger: {})", transition, trigger)
+        call = functools.partial(toggle, target, self.toggle_config, pid=self.gate.server_pid)
+        try:
+            result = await asyncio.get_running_loop().run_in_executor(self.executor, call)
+            notes = "; ".join(result.notes)
+            outcome = TransitionOutcome(transition, trigger, True, time.monotonic() - started, notes)
+        except SuspendError as failure:
+            outcome = TransitionOutcome(
+                transition, trigger, False, time.monotonic() - started, failure.message
+            )
+        except Exception as error:  # a bug in the library must not leave requests waiting for good
+            logger.opt(exception=error).error("{} raised unexpectedly", transition)
+            message = f"{transition} failed: {type(error).__name__}: {error}"
+            outcome = TransitionOutcome(transition, trigger, False, time.monotonic() - started, message)
+        try:
+            await self.account(outcome)
+        finally:
+            self.transition, self.transition_phase = None, None
+            self.idle_since = time.monotonic()  # a refused idle suspend waits a whole idle period again
+            self.set_phase(self.observe())
+        return outcome
+
+    async def account(self, outcome: TransitionOutcome) -> None:
+        self.metrics.record_transition(outcome.transition, outcome.ok, outcome.seconds)
+        if outcome.transition == "suspend":
+            self.last_suspend_s = outcome.seconds
+        else:
+            self.last_resume_s = outcome.seconds
+        past = "suspended" if outcome.transition == "suspend" else "resumed"
+        if outcome.ok:
+            self.believed_suspended = outcome.transition == "suspend"
+            self.last_error = None
+            extra = f" ({outcome.message})" if outcome.message else ""
+            logger.info("{} in {:.2f} s (trigger: {}){}", past, outcome.seconds, outcome.trigger, extra)
+            return
+        self.last_error = outcome.message
+        logger.error(
+            "{} failed after {:.2f} s (trigger: {}): {}",
+            outcome.transition,
+            outcome.seconds,
+            outcome.trigger,
+            outcome.message,
+        )
+        if outcome.transition == "resume":
+            self.retry_resume_after = time.monotonic() + RESUME_RETRY_S
+        await self.reread_cuda_states()
+
+    async def reread_cuda_states(self) -> None:
+        """After a failure the record may not tell the truth: ask the CUDA driver what the server is."""
+        call = functools.partial(status, self.toggle_config, pid=self.gate.server_pid)
+        try:
+            overall = (await asyncio.get_running_loop().run_in_executor(self.executor, call)).state
+        except SuspendError as failure:
+            logger.warning("cannot read the server's CUDA states: {}", failure.message)
+            return
+        except Exception as error:  # the state stays what the record says
+            logger.opt(exception=error).warning("reading the server's CUDA states raised unexpectedly")
+            return
+        # Anything but `running` (checkpointed, locked, mixed) must not get requests: a resume repairs it.
+        self.believed_suspended = overall not in ("running", "none")
+        logger.info("CUDA states read after the failure: {}", overall)
+
+    # -- the watcher: suspends by someone else, and idle suspends ---------------------------------
+
+    def start_watching(self) -> None:
+        self.watcher = asyncio.get_running_loop().create_task(self.watch())
+
+    async def watch(self) -> None:
+        while True:
+            await asyncio.sleep(self.gate.poll_s)
+            try:
+                self.tick()
+            except Exception as error:  # the watcher must outlive any one bad tick
+                logger.opt(exception=error).error("the gate's watcher failed; going on")
+
+    def tick(self) -> None:
+        phase = self.refresh()
+        if self.transition is not None:
+            return
+        now = time.monotonic()
+        if phase is not Phase.RUNNING and self.in_flight > 0 and now >= self.retry_resume_after:
+            # Forwarded before cuda-toggle-all suspended the server: they wait in the frozen dispatcher.
+            logger.info(
+                "{} request(s) in flight while the server is {}: resuming", self.in_flight, phase.value
+            )
+            self.start(Phase.RESUMING, "in-flight")
+            return
+        idle_s = self.gate.idle_suspend_s
+        nothing_to_do = phase is Phase.RUNNING and self.in_flight == 0 and self.waiting == 0
+        if idle_s > 0 and nothing_to_do and now - self.idle_since >= idle_s:
+            self.start(Phase.SUSPENDING, f"idle for {now - self.idle_since:.1f} s")
+
+    async def close(self) -> None:
+        if self.watcher is not None:
+            self.watcher.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self.watcher
+        if self.transition is not None:
+            logger.info("waiting for the {} in flight to finish before exiting", self.phase.value)
+            await asyncio.shield(self.transition)
+        self.executor.shutdown(wait=True)

@@ -1,0 +1,178 @@
+"""Forwarding one request to vLLM with aiohttp's client, and its answer back, chunk by chunk.
+
+Streams (SSE) are written on as each chunk arrives. A client that goes away cancels its handler
+(the server runs with handler_cancellation), which closes the upstream connection: vLLM sees the
+disconnect and aborts the request instead of generating for nobody.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Awaitable
+
+import aiohttp
+from aiohttp import web
+from loguru import logger
+from multidict import CIMultiDict, CIMultiDictProxy
+from yarl import URL
+
+from .gate_config import GateConfig
+from .gate_control import PowerController, ResumeFailed
+from .gate_metrics import GateMetrics
+from .gate_paths import API_PREFIX, OPERATIONAL_PATHS, PathClass, classify
+
+# RFC 9110 7.6.1: meaningful for one connection only, never forwarded.
+HOP_BY_HOP = frozenset(
+    h.lower()
+    for h in (
+        "Connection", "Keep-Alive", "Proxy-Authenticate", "Proxy-Authorization", "Proxy-Connection", "TE",
+        "Trailer", "Transfer-Encoding", "Upgrade",
+    )
+)  # fmt: skip
+# Set anew by aiohttp's client for the upstream connection (Host) or the body it sends.
+REQUEST_HEADERS_REMADE = frozenset({"host", "content-length", "expect"})
+# Without these, aiohttp's client would add its own Accept-Encoding (and with auto_decompress off,
+# a client that never asked for gzip would get gzip), User-Agent and Accept.
+NO_AUTO_HEADERS = ("Accept", "Accept-Encoding", "User-Agent", "Content-Type")
+
+
+class ClientGone(Exception):
+    """Writing to the client failed: it closed its connection."""
+
+
+async def to_client(write: Awaitable[object]) -> None:
+    """Await a write to the client; its failure is told apart from the upstream's."""
+    try:
+        await write
+    except ConnectionResetError as error:  # aiohttp's ClientConnectionResetError is one too
+        raise ClientGone() from error
+
+
+def json_error(status: int, message: str, error_type: str) -> web.Response:
+    """An error in the OpenAI shape that vLLM uses, so clients show the message."""
+    body = {"error": {"message": message, "type": error_type, "param": None, "code": status}}
+    return web.json_response(body, status=status)
+
+
+def _connection_tokens(headers: CIMultiDictProxy[str]) -> set[str]:
+    """Headers named in Connection are hop-by-hop too."""
+    return {token.strip().lower() for value in headers.getall("Connection", []) for token in value.split(",")}
+
+
+def forwarded_request_headers(request: web.Request) -> CIMultiDict[str]:
+    dropped = HOP_BY_HOP | REQUEST_HEADERS_REMADE | _connection_tokens(request.headers)
+    headers = CIMultiDict(
+        (name, value) for name, value in request.headers.items() if name.lower() not in dropped
+    )
+    peer = request.remote or ""
+    previous = request.headers.get("X-Forwarded-For")
+    headers["X-Forwarded-For"] = f"{previous}, {peer}" if previous else peer
+    headers.setdefault("X-Forwarded-Proto", request.scheme)
+    if request.host:
+        headers.setdefault("X-Forwarded-Host", request.host)
+    return headers
+
+
+def returned_response_headers(upstream: aiohttp.ClientResponse) -> CIMultiDict[str]:
+    dropped = HOP_BY_HOP | _connection_tokens(upstream.headers)
+    return CIMultiDict(
+        (name, value) for name, value in upstream.headers.items() if name.lower() not in dropped
+    )
+
+
+class Forwarder:
+    def __init__(self, gate: GateConfig, controller: PowerController, metrics: GateMetrics):
+        self.gate = gate
+        self.controller = controller
+        self.metrics = metrics
+        self.upstream = URL(gate.upstream)
+        self.session: aiohttp.ClientSession | None = None
+
+    async def open(self) -> None:
+        self.session = aiohttp.ClientSession(
+            connector=aiohttp.TCPConnector(limit=0),  # as many concurrent streams as clients open
+            cookie_jar=aiohttp.DummyCookieJar(),  # one client's cookies must never reach another
+            auto_decompress=False,  # bodies pass through as they are, Content-Encoding and all
+            skip_auto_headers=NO_AUTO_HEADERS,
+            # No overall or read timeout: a long generation may stay silent for minutes.
+            timeout=aiohttp.ClientTimeout(total=None, sock_connect=self.gate.connect_timeout_s),
+        )
+
+    async def close(self) -> None:
+        if self.session is not None:
+            await self.session.close()
+
+    async def handle(self, request: web.Request) -> web.StreamResponse:
+        path_class = classify(request.path, self.gate.passive_paths, self.gate.extra_paths)
+        self.metrics.count_request(path_class)
+        if path_class is PathClass.BLOCKED:
+            return json_error(
+                404,
+                f"{request.path} is not served here: the gate forwards {API_PREFIX}... and "
+                f"{', '.join(OPERATIONAL_PATHS + self.gate.extra_paths)}",
+                "NotFoundError",
+            )
+        body = await request.read()
+        if path_class is PathClass.PASSIVE:
+            return await self.forward(request, body)
+        label = f"{request.method} {request.path}"
+        try:
+            async with self.controller.request_slot(label):
+                return await self.forward(request, body)
+        except ResumeFailed as failure:
+            self.metrics.count_error("resume_failed")
+            return json_error(
+                503,
+                f"the model is suspended and resuming it failed: {failure.message}",
+                "ServiceUnavailableError",
+            )
+
+    def upstream_url(self, request: web.Request) -> URL:
+        # The raw (still %-encoded) path: vLLM decodes it exactly as the gate did when it classified it.
+        target = request.rel_url.raw_path
+        if request.rel_url.raw_query_string:
+            target += "?" + request.rel_url.raw_query_string
+        return URL(str(self.upstream) + target, encoded=True)
+
+    async def forward(self, request: web.Request, body: bytes) -> web.StreamResponse:
+        assert self.session is not None, "Forwarder.open() was not awaited"
+        try:
+            upstream = await self.session.request(
+                request.method,
+                self.upstream_url(request),
+                headers=forwarded_request_headers(request),
+                data=body if body else None,
+                allow_redirects=False,
+            )
+        except (aiohttp.ClientError, OSError, asyncio.TimeoutError) as error:
+            self.metrics.count_error("upstream_unreachable")
+            logger.warning(
+                "{} {}: the upstream server did not answer: {!r}", request.method, request.path, error
+            )
+            return json_error(502, f"the model server did not answer: {error!r}", "BadGatewayError")
+        response = web.StreamResponse(
+            status=upstream.status, reason=upstream.reason, headers=returned_response_headers(upstream)
+        )
+        finished = False
+        try:
+            await to_client(response.prepare(request))
+            async for chunk in upstream.content.iter_any():
+                await to_client(response.write(chunk))
+            await to_client(response.write_eof())
+            finished = True
+        except ClientGone:
+            logger.debug(
+                "{} {}: the client went away; upstream request aborted", request.method, request.path
+            )
+        except (aiohttp.ClientPayloadError, aiohttp.ClientConnectionError, ConnectionError) as error:
+            # The answer broke off after its headers went out: cut the client off too, so it sees a
+            # broken answer rather than a short one that looks complete.
+            logger.warning("{} {}: upstream answer broke off: {!r}", request.method, request.path, error)
+            if request.transport is not None:
+                request.transport.close()
+        finally:
+            if finished:
+                upstream.release()  # the connection goes back to the pool
+            else:
+                upstream.close()  # closing the connection is what tells vLLM to abort
+        return response
