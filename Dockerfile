@@ -54,7 +54,9 @@ COPY docker/entrypoint.sh /usr/local/bin/vllm-entrypoint
 COPY docker/run-vllm.sh /usr/local/bin/run-vllm
 COPY docker/vllm-reaper.sh /usr/local/bin/vllm-reaper
 RUN chmod 0755 /usr/local/bin/vllm-entrypoint /usr/local/bin/run-vllm /usr/local/bin/vllm-reaper \
-    && command -v supervisord supervisorctl cuda-checkpoint >/dev/null
+    && supervisord --version >/dev/null \
+    && command -v supervisorctl >/dev/null \
+    && command -v cuda-checkpoint >/dev/null
 
 # /health answers while the server is suspended too; loading (and the first download) takes minutes.
 HEALTHCHECK --interval=30s --timeout=10s --start-period=30m --retries=3 \

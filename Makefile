@@ -21,6 +21,10 @@ CLEANUP ?= 0
 SELFTEST_ARGS ?=
 
 SHELL_SCRIPTS := $(wildcard docker/*.sh scripts/*.sh) .ci/run
+# `wait`, and the same step inside `test` (written out there, not as a sub-make, so that `make -n test`
+# only prints).
+WAIT_FOR_MODEL = scripts/wait-for-model.sh "http://localhost:$(HOST_PORT)/v1/models" "$(SERVED_MODEL_NAME)" "$(WAIT_TIMEOUT)" \
+	  || { echo "--- last lines of the container's log ---"; $(COMPOSE) logs --tail=60 $(SERVICE); false; }
 
 ##@ Development (no GPU, no Docker needed)
 
@@ -65,14 +69,14 @@ logs: ## Follow the container's log (supervisord and vLLM)
 
 .PHONY: wait
 wait: ## Wait until /v1/models on localhost:HOST_PORT lists the model (WAIT_TIMEOUT=seconds)
-	@scripts/wait-for-model.sh "http://localhost:$(HOST_PORT)/v1/models" "$(SERVED_MODEL_NAME)" "$(WAIT_TIMEOUT)" \
-	  || { echo "--- last lines of the container's log ---"; $(COMPOSE) logs --tail=60 $(SERVICE); exit 1; }
+	@$(WAIT_FOR_MODEL)
 
 .PHONY: test
 test: ## build, up, wait, then selftest in the container (CLEANUP=1: down afterwards)
 	@status=0; \
-	{ $(MAKE) --no-print-directory build up wait && $(COMPOSE) exec -T $(SERVICE) selftest $(SELFTEST_ARGS); } || status=$$?; \
-	if [ "$(CLEANUP)" = 1 ]; then $(MAKE) --no-print-directory down || true; fi; \
+	{ $(COMPOSE) build && $(COMPOSE) up -d && { $(WAIT_FOR_MODEL); } \
+	  && $(COMPOSE) exec -T $(SERVICE) selftest $(SELFTEST_ARGS); } || status=$$?; \
+	if [ "$(CLEANUP)" = 1 ]; then $(COMPOSE) down || true; fi; \
 	if [ $$status -eq 0 ]; then echo "make test: passed"; else echo "make test: FAILED (exit $$status)"; fi; \
 	exit $$status
 

@@ -24,12 +24,11 @@ class CliBackend:
         try:
             done = subprocess.run(command, capture_output=True, text=True, timeout=timeout_s, check=False)
         except subprocess.TimeoutExpired:
-            raise BackendError(op, pid, f"{' '.join(command)} did not return in {timeout_s:g} s",
-                               timed_out=True)
+            raise BackendError(op, pid, f"{' '.join(command)} did not return in {timeout_s:g} s", timed_out=True)
         except OSError as error:
             raise BackendError(op, pid, f"cannot run {self.binary}: {error}")
         if done.returncode != 0:
-            message = (done.stderr.strip() or done.stdout.strip() or f"exit code {done.returncode}")
+            message = done.stderr.strip() or done.stdout.strip() or f"exit code {done.returncode}"
             raise BackendError(op, pid, message)
         return done.stdout
 
@@ -46,8 +45,12 @@ class CliBackend:
         return state
 
     def lock(self, pid: int, timeout_ms: int) -> None:
-        self._run("lock", pid, ["--action", "lock", "--timeout", str(timeout_ms)],
-                  timeout_ms / 1000.0 + self.state_timeout_s)
+        self._run(
+            "lock",
+            pid,
+            ["--action", "lock", "--timeout", str(timeout_ms)],
+            timeout_ms / 1000.0 + self.state_timeout_s,
+        )
 
     def checkpoint(self, pid: int) -> None:
         self._run("checkpoint", pid, ["--action", "checkpoint"], self.op_timeout_s)

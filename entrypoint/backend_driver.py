@@ -59,8 +59,11 @@ class DriverBackend:
             raise DriverUnavailable(f"{config.libcuda} lacks {', '.join(missing)} (driver older than 570?)")
         self.lib.cuCheckpointProcessGetState.argtypes = [ctypes.c_int, ctypes.POINTER(ctypes.c_int)]
         self.lib.cuCheckpointProcessLock.argtypes = [ctypes.c_int, ctypes.POINTER(CUcheckpointLockArgs)]
-        for symbol in ("cuCheckpointProcessCheckpoint", "cuCheckpointProcessRestore",
-                       "cuCheckpointProcessUnlock"):
+        for symbol in (
+            "cuCheckpointProcessCheckpoint",
+            "cuCheckpointProcessRestore",
+            "cuCheckpointProcessUnlock",
+        ):
             getattr(self.lib, symbol).argtypes = [ctypes.c_int, ctypes.c_void_p]
         for symbol in SYMBOLS:
             getattr(self.lib, symbol).restype = ctypes.c_int

@@ -26,13 +26,22 @@ SETTINGS: dict[str, Setting] = {
         Setting("CUDA_TOGGLE_BACKEND", "auto", "auto | cli | driver: how to talk to the CUDA driver"),
         Setting("CUDA_CHECKPOINT_BIN", "cuda-checkpoint", "the cuda-checkpoint binary (cli backend)"),
         Setting("CUDA_TOGGLE_LIBCUDA", "libcuda.so.1", "the CUDA driver library (driver backend)"),
-        Setting("CUDA_TOGGLE_MATCH", ",".join(DEFAULT_MATCH), "comma-separated command-line substrings"
-                " that find the server when supervisord cannot"),
-        Setting("CUDA_TOGGLE_SUPERVISOR_URL", "unix:///run/supervisor/supervisord.sock",
-                "supervisord's XML-RPC socket"),
+        Setting(
+            "CUDA_TOGGLE_MATCH",
+            ",".join(DEFAULT_MATCH),
+            "comma-separated command-line substrings that find the server when supervisord cannot",
+        ),
+        Setting(
+            "CUDA_TOGGLE_SUPERVISOR_URL",
+            "unix:///run/supervisor/supervisord.sock",
+            "supervisord's XML-RPC socket",
+        ),
         Setting("CUDA_TOGGLE_PROGRAM", "vllm", "the supervisord program that runs the server"),
-        Setting("CUDA_TOGGLE_DISPATCHER", "VLLM::EngineCore", "comma-separated titles of the processes"
-                " that hand work to the workers: frozen (SIGSTOP) while suspended"),
+        Setting(
+            "CUDA_TOGGLE_DISPATCHER",
+            "VLLM::EngineCore",
+            "comma-separated titles of the processes that hand work to the workers: frozen (SIGSTOP) while suspended",
+        ),
         Setting("CUDA_TOGGLE_WORKER", "VLLM::Worker", "title of the GPU worker processes"),
         Setting("CUDA_TOGGLE_VERIFY_ATTEMPTS", "50", "verify loop: state reads until all reach the target"),
         Setting("CUDA_TOGGLE_VERIFY_SLEEP_S", "0.2", "verify loop: seconds between reads"),
@@ -91,8 +100,7 @@ class Config:
 def _choice(env: str, value: str, choices: tuple[str, ...]) -> str:
     value = value.strip().lower()
     if value not in choices:
-        raise SuspendError(f"{env}={value!r} is not one of {', '.join(choices)}: fix or unset it",
-                           ExitCode.USAGE)
+        raise SuspendError(f"{env}={value!r} is not one of {', '.join(choices)}: fix or unset it", ExitCode.USAGE)
     return value
 
 
@@ -135,8 +143,9 @@ def load_config(environ: Mapping[str, str] | None = None) -> Config:
         state_timeout_s=_number("CUDA_TOGGLE_STATE_TIMEOUT_S", get("CUDA_TOGGLE_STATE_TIMEOUT_S"), float, 0.1),
         run_dir=get("CUDA_TOGGLE_RUN_DIR"),
         busy_wait_s=_number("CUDA_TOGGLE_BUSY_WAIT_S", get("CUDA_TOGGLE_BUSY_WAIT_S"), float, 0),
-        gpu_query=_choice("CUDA_TOGGLE_GPU_QUERY", get("CUDA_TOGGLE_GPU_QUERY"),
-                          ("auto", "nvml", "nvidia-smi", "none")),
+        gpu_query=_choice(
+            "CUDA_TOGGLE_GPU_QUERY", get("CUDA_TOGGLE_GPU_QUERY"), ("auto", "nvml", "nvidia-smi", "none")
+        ),
         nvidia_smi=get("CUDA_TOGGLE_NVIDIA_SMI"),
         ram_margin_mib=int(_number("CUDA_TOGGLE_RAM_MARGIN_MIB", get("CUDA_TOGGLE_RAM_MARGIN_MIB"), int, 0)),
         restore_margin_mib=int(

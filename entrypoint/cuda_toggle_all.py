@@ -13,34 +13,53 @@ import click
 from loguru import logger
 
 from .config import load_config, settings_help
-from .errors import TOGGLE_EXIT_CODES, ExitCode, SuspendError, exit_codes_help
+from .errors import TOGGLE_EXIT_CODES, SuspendError, exit_codes_help
 from .render import setup_logging, status_table, toggle_table
 from .toggle import TARGET_ALIASES, status, toggle
 
-EPILOG = "\n\n".join([
-    "\b\nExamples:\n  cuda-toggle-all checkpointed          # suspend: GPUs handed back, 0 MiB left"
-    "\n  cuda-toggle-all running               # resume: same server, same weights"
-    "\n  cuda-toggle-all status --json\n  cuda-toggle-all checkpointed --pid 4242 --backend cli",
-    exit_codes_help(TOGGLE_EXIT_CODES),
-    settings_help(),
-])
+EPILOG = "\n\n".join(
+    [
+        "\b\nExamples:\n  cuda-toggle-all checkpointed          # suspend: GPUs handed back, 0 MiB left"
+        "\n  cuda-toggle-all running               # resume: same server, same weights"
+        "\n  cuda-toggle-all status --json\n  cuda-toggle-all checkpointed --pid 4242 --backend cli",
+        exit_codes_help(TOGGLE_EXIT_CODES),
+        settings_help(),
+    ]
+)
 
 
 @click.command(epilog=EPILOG, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110})
 @click.argument("target", type=click.Choice([*TARGET_ALIASES, "status", "config"]), metavar="TARGET")
 @click.option("--pid", type=int, help="PID of the server's root process (default: ask supervisord, then match).")
-@click.option("--match", "match", multiple=True, help="Command-line substring that finds the server "
-              "(repeatable; env CUDA_TOGGLE_MATCH).")
+@click.option(
+    "--match",
+    "match",
+    multiple=True,
+    help="Command-line substring that finds the server (repeatable; env CUDA_TOGGLE_MATCH).",
+)
 @click.option("--program", help="supervisord program name (env CUDA_TOGGLE_PROGRAM).")
 @click.option("--supervisor-url", help="supervisord XML-RPC URL (env CUDA_TOGGLE_SUPERVISOR_URL).")
-@click.option("--backend", type=click.Choice(["auto", "cli", "driver"]), help="driver = libcuda API, "
-              "cli = the cuda-checkpoint binary (env CUDA_TOGGLE_BACKEND).")
+@click.option(
+    "--backend",
+    type=click.Choice(["auto", "cli", "driver"]),
+    help="driver = libcuda API, cli = the cuda-checkpoint binary (env CUDA_TOGGLE_BACKEND).",
+)
 @click.option("--force", is_flag=True, help="Go on despite the safety refusals (loudly).")
 @click.option("--no-freeze", is_flag=True, help="Do not SIGSTOP the dispatcher (VLLM::EngineCore) while suspended.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object on stdout.")
 @click.option("-v", "--verbose", is_flag=True, help="Debug logging.")
-def cli(target: str, pid: int | None, match: tuple[str, ...], program: str | None, supervisor_url: str | None,
-        backend: str | None, force: bool, no_freeze: bool, as_json: bool, verbose: bool) -> None:
+def cli(
+    target: str,
+    pid: int | None,
+    match: tuple[str, ...],
+    program: str | None,
+    supervisor_url: str | None,
+    backend: str | None,
+    force: bool,
+    no_freeze: bool,
+    as_json: bool,
+    verbose: bool,
+) -> None:
     """Suspend or resume every CUDA process of a vLLM server with cuda-checkpoint.
 
     TARGET is one of: checkpointed (alias suspend), running (alias resume), status, config.
@@ -57,9 +76,15 @@ def cli(target: str, pid: int | None, match: tuple[str, ...], program: str | Non
     setup_logging(verbose)
     try:
         config = load_config()
-        changes = {key: value for key, value in {
-            "match": tuple(match) or None, "program": program, "supervisor_url": supervisor_url,
-        }.items() if value}
+        changes = {
+            key: value
+            for key, value in {
+                "match": tuple(match) or None,
+                "program": program,
+                "supervisor_url": supervisor_url,
+            }.items()
+            if value
+        }
         config = config.replace(**changes)
         if target == "config":
             rows = config.describe()
@@ -73,8 +98,9 @@ def cli(target: str, pid: int | None, match: tuple[str, ...], program: str | Non
             result = status(config, pid=pid, backend_name=backend).to_json()
             logger.info("\n" + status_table(result))
         else:
-            result = toggle(target, config, pid=pid, force=force, freeze_dispatcher=not no_freeze,
-                            backend_name=backend).to_json()
+            result = toggle(
+                target, config, pid=pid, force=force, freeze_dispatcher=not no_freeze, backend_name=backend
+            ).to_json()
             logger.info("\n" + toggle_table(result))
         if as_json:
             click.echo(json.dumps(result))
@@ -84,8 +110,14 @@ def cli(target: str, pid: int | None, match: tuple[str, ...], program: str | Non
         if report is not None and "pids" in report and "target" in report:
             logger.info("\n" + toggle_table(report))
         if as_json:
-            report = report or {"ok": False, "target": target, "root_pid": None, "backend": backend,
-                                "seconds": 0.0, "pids": []}
+            report = report or {
+                "ok": False,
+                "target": target,
+                "root_pid": None,
+                "backend": backend,
+                "seconds": 0.0,
+                "pids": [],
+            }
             report.update(ok=False, error=failure.message, exit_code=int(failure.exit_code))
             click.echo(json.dumps(report))
         sys.exit(int(failure.exit_code))

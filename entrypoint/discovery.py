@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import http.client
 import os
-import socket
 import xmlrpc.client
 from dataclasses import dataclass
 
@@ -44,7 +43,7 @@ def supervisor_program_pid(url: str, program: str) -> int | None:
     except xmlrpc.client.Fault as fault:
         logger.debug("supervisord at {} has no program {!r}: {}", url, program, fault.faultString)
         return None
-    except (OSError, socket.error, http.client.HTTPException, xmlrpc.client.ProtocolError) as error:
+    except (OSError, http.client.HTTPException, xmlrpc.client.ProtocolError) as error:
         logger.debug("supervisord at {} did not answer: {}", url, error)
         return None
     if info.get("statename") != "RUNNING" or not info.get("pid"):
@@ -72,7 +71,7 @@ def matching_roots(patterns: tuple[str, ...]) -> list[psutil.Process]:
         if any(pattern in cmdline for pattern in patterns):
             candidates[process.info["pid"]] = process
     roots = []
-    for pid, process in candidates.items():
+    for process in candidates.values():
         try:
             ancestors = {parent.pid for parent in process.parents()}
         except psutil.NoSuchProcess:
@@ -86,8 +85,7 @@ def find_server(config: Config, pid: int | None = None) -> ServerRoot:
     """The root process of the server; SuspendError(SERVER_NOT_FOUND) with a hint otherwise."""
     if pid is not None:
         if describe(pid) is None:
-            raise SuspendError(f"no process with PID {pid}: check the PID given with --pid",
-                               ExitCode.SERVER_NOT_FOUND)
+            raise SuspendError(f"no process with PID {pid}: check the PID given with --pid", ExitCode.SERVER_NOT_FOUND)
         return ServerRoot(pid, "--pid")
 
     supervised = supervisor_program_pid(config.supervisor_url, config.program)

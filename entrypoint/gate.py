@@ -114,12 +114,8 @@ EPILOG = "\n\n".join(
 )
 
 
-@click.command(
-    epilog=EPILOG, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110}
-)
-@click.option(
-    "--print-config", is_flag=True, help="Print the settings in force (GATE_* and CUDA_TOGGLE_*), then exit."
-)
+@click.command(epilog=EPILOG, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110})
+@click.option("--print-config", is_flag=True, help="Print the settings in force (GATE_* and CUDA_TOGGLE_*), then exit.")
 @click.option("--json", "as_json", is_flag=True, help="With --print-config: one JSON object.")
 @click.option("-v", "--verbose", is_flag=True, help="Debug logging.")
 def cli(print_config: bool, as_json: bool, verbose: bool) -> None:

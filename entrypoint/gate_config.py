@@ -18,9 +18,7 @@ GATE_SETTINGS: dict[str, Setting] = {
     for s in [
         Setting("GATE_HOST", "0.0.0.0", "address the gate listens on (the port the compose file publishes)"),
         Setting("GATE_PORT", "8000", "port the gate listens on"),
-        Setting(
-            "GATE_UPSTREAM", "http://127.0.0.1:8001", "the vLLM server behind the gate (keep it on loopback)"
-        ),
+        Setting("GATE_UPSTREAM", "http://127.0.0.1:8001", "the vLLM server behind the gate (keep it on loopback)"),
         Setting(
             "GATE_PASSIVE_PATHS",
             ",".join(DEFAULT_PASSIVE_PATHS),
@@ -95,9 +93,7 @@ def _paths(env: str, value: str) -> tuple[str, ...]:
         if not is_clean(path):
             raise _usage_error(env, value, f"has {path!r}, not a plain absolute path like /v1/models")
         if is_dev_only(path):
-            raise _usage_error(
-                env, value, f"names {path}, one of vLLM's dev endpoints, which the gate never forwards"
-            )
+            raise _usage_error(env, value, f"names {path}, one of vLLM's dev endpoints, which the gate never forwards")
     return paths
 
 

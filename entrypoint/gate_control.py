@@ -192,9 +192,7 @@ class PowerController:
                 if outcome.transition == "resume" and not outcome.ok:
                     raise ResumeFailed(outcome.message)
             else:
-                raise ResumeFailed(
-                    f"the server was suspended again {MAX_WAKE_ROUNDS} times while this request waited"
-                )
+                raise ResumeFailed(f"the server was suspended again {MAX_WAKE_ROUNDS} times while this request waited")
         finally:
             self.waiting -= 1
             waited_s = time.monotonic() - started
@@ -223,9 +221,7 @@ class PowerController:
             notes = "; ".join(result.notes)
             outcome = TransitionOutcome(transition, trigger, True, time.monotonic() - started, notes)
         except SuspendError as failure:
-            outcome = TransitionOutcome(
-                transition, trigger, False, time.monotonic() - started, failure.message
-            )
+            outcome = TransitionOutcome(transition, trigger, False, time.monotonic() - started, failure.message)
         except Exception as error:  # a bug in the library must not leave requests waiting for good
             logger.opt(exception=error).error("{} raised unexpectedly", transition)
             message = f"{transition} failed: {type(error).__name__}: {error}"
@@ -298,9 +294,7 @@ class PowerController:
         now = time.monotonic()
         if phase is not Phase.RUNNING and self.in_flight > 0 and now >= self.retry_resume_after:
             # Forwarded before cuda-toggle-all suspended the server: they wait in the frozen dispatcher.
-            logger.info(
-                "{} request(s) in flight while the server is {}: resuming", self.in_flight, phase.value
-            )
+            logger.info("{} request(s) in flight while the server is {}: resuming", self.in_flight, phase.value)
             self.start(Phase.RESUMING, "in-flight")
             return
         idle_s = self.gate.idle_suspend_s

@@ -75,9 +75,7 @@ class GateMetrics:
                 labels = f'transition="{transition}",outcome="{outcome}"'
                 seconds = self.transition_seconds[transition, outcome]
                 out.append(f"vllm_gate_transition_seconds_sum{{{labels}}} {seconds:.6f}")
-                out.append(
-                    f"vllm_gate_transition_seconds_count{{{labels}}} {self.transitions[transition, outcome]}"
-                )
+                out.append(f"vllm_gate_transition_seconds_count{{{labels}}} {self.transitions[transition, outcome]}")
         family("vllm_gate_waited_requests_total", "counter", "Requests that waited for a suspend or resume.")
         out.append(f"vllm_gate_waited_requests_total {self.waited_requests}")
         family("vllm_gate_waited_seconds_total", "counter", "Seconds requests spent waiting, all together.")

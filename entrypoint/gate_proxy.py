@@ -61,9 +61,7 @@ def _connection_tokens(headers: CIMultiDictProxy[str]) -> set[str]:
 
 def forwarded_request_headers(request: web.Request) -> CIMultiDict[str]:
     dropped = HOP_BY_HOP | REQUEST_HEADERS_REMADE | _connection_tokens(request.headers)
-    headers = CIMultiDict(
-        (name, value) for name, value in request.headers.items() if name.lower() not in dropped
-    )
+    headers = CIMultiDict((name, value) for name, value in request.headers.items() if name.lower() not in dropped)
     peer = request.remote or ""
     previous = request.headers.get("X-Forwarded-For")
     headers["X-Forwarded-For"] = f"{previous}, {peer}" if previous else peer
@@ -75,9 +73,7 @@ def forwarded_request_headers(request: web.Request) -> CIMultiDict[str]:
 
 def returned_response_headers(upstream: aiohttp.ClientResponse) -> CIMultiDict[str]:
     dropped = HOP_BY_HOP | _connection_tokens(upstream.headers)
-    return CIMultiDict(
-        (name, value) for name, value in upstream.headers.items() if name.lower() not in dropped
-    )
+    return CIMultiDict((name, value) for name, value in upstream.headers.items() if name.lower() not in dropped)
 
 
 class Forwarder:
@@ -146,9 +142,7 @@ class Forwarder:
             )
         except (aiohttp.ClientError, OSError, asyncio.TimeoutError) as error:
             self.metrics.count_error("upstream_unreachable")
-            logger.warning(
-                "{} {}: the upstream server did not answer: {!r}", request.method, request.path, error
-            )
+            logger.warning("{} {}: the upstream server did not answer: {!r}", request.method, request.path, error)
             return json_error(502, f"the model server did not answer: {error!r}", "BadGatewayError")
         response = web.StreamResponse(
             status=upstream.status, reason=upstream.reason, headers=returned_response_headers(upstream)
@@ -161,9 +155,7 @@ class Forwarder:
             await to_client(response.write_eof())
             finished = True
         except ClientGone:
-            logger.debug(
-                "{} {}: the client went away; upstream request aborted", request.method, request.path
-            )
+            logger.debug("{} {}: the client went away; upstream request aborted", request.method, request.path)
         except (aiohttp.ClientPayloadError, aiohttp.ClientConnectionError, ConnectionError) as error:
             # The answer broke off after its headers went out: cut the client off too, so it sees a
             # broken answer rather than a short one that looks complete.

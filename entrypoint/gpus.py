@@ -69,7 +69,10 @@ def _query_nvml() -> GpuReading:
 def _query_nvidia_smi(binary: str) -> GpuReading:
     done = subprocess.run(
         [binary, "--query-gpu=index,uuid,memory.used,memory.total", "--format=csv,noheader,nounits"],
-        capture_output=True, text=True, timeout=30, check=True,
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=True,
     )
     gpus = []
     for line in done.stdout.splitlines():

@@ -9,8 +9,12 @@ from loguru import logger
 
 def setup_logging(verbose: bool = False) -> None:
     logger.remove()
-    logger.add(sys.stderr, level="DEBUG" if verbose else "INFO", colorize=False,
-               format="{time:HH:mm:ss.SSS} {level: <7} {message}")
+    logger.add(
+        sys.stderr,
+        level="DEBUG" if verbose else "INFO",
+        colorize=False,
+        format="{time:HH:mm:ss.SSS} {level: <7} {message}",
+    )
 
 
 def _gpu_line(before: list[dict], after: list[dict]) -> str:
@@ -33,8 +37,10 @@ def toggle_table(result: dict) -> str:
             lines.append(f"{'':>8}  error: {entry['error']}")
     for dispatcher in result["dispatchers"]:
         state = "frozen" if dispatcher["frozen_after"] else "running"
-        lines.append(f"{dispatcher['pid']:>8}  {'disp.':<6}  dispatcher {state} (SIGSTOP while suspended)"
-                     f"  {dispatcher['name'][:40]}")
+        lines.append(
+            f"{dispatcher['pid']:>8}  {'disp.':<6}  dispatcher {state} (SIGSTOP while suspended)"
+            f"  {dispatcher['name'][:40]}"
+        )
     for skipped in result["skipped"]:
         if not any(d["pid"] == skipped["pid"] for d in result["dispatchers"]):
             lines.append(f"{skipped['pid']:>8}  skipped: {skipped['reason']}  {skipped['name'][:60]}")
@@ -52,22 +58,31 @@ def toggle_table(result: dict) -> str:
 
 
 def status_table(status: dict) -> str:
-    lines = [f"server PID {status['root_pid']} ({status['root_how']}), backend {status['backend']}: "
-             f"{status['state']}"]
+    lines = [f"server PID {status['root_pid']} ({status['root_how']}), backend {status['backend']}: {status['state']}"]
     lines.append(f"{'PID':>8}  {'ROLE':<10}  {'STATE':<13}  PROCESS")
     for entry in status["pids"]:
         lines.append(f"{entry['pid']:>8}  {entry['role']:<10}  {entry['state']:<13}  {entry['name'][:60]}")
     for dispatcher in status["dispatchers"]:
-        lines.append(f"{dispatcher['pid']:>8}  {'dispatcher':<10}  {'FROZEN' if dispatcher['frozen'] else 'not frozen':<13}"
-                     f"  {dispatcher['name'][:60]}")
+        lines.append(
+            f"{dispatcher['pid']:>8}  {'dispatcher':<10}  {'FROZEN' if dispatcher['frozen'] else 'not frozen':<13}"
+            f"  {dispatcher['name'][:60]}"
+        )
     for skipped in status["skipped"]:
         lines.append(f"{skipped['pid']:>8}  {'skipped':<10}  {skipped['reason']:<13}  {skipped['name'][:60]}")
     if status["gpus"]:
-        lines.append("GPU memory: " + ", ".join(f"GPU{g['index']} {g['used_mib']}/{g['total_mib']} MiB"
-                                                for g in status["gpus"]) + f" ({status['gpu_source']})")
+        lines.append(
+            "GPU memory: "
+            + ", ".join(f"GPU{g['index']} {g['used_mib']}/{g['total_mib']} MiB" for g in status["gpus"])
+            + f" ({status['gpu_source']})"
+        )
     else:
         lines.append(f"GPU memory: unknown ({status['gpu_source']})")
     if status["suspend_record"]:
-        lines.append("suspend record: " + ", ".join(f"GPU{g['index']} released {g['used_before_mib'] - g['used_after_mib']} MiB"
-                                                    for g in status["suspend_record"]["gpus"]))
+        lines.append(
+            "suspend record: "
+            + ", ".join(
+                f"GPU{g['index']} released {g['used_before_mib'] - g['used_after_mib']} MiB"
+                for g in status["suspend_record"]["gpus"]
+            )
+        )
     return "\n".join(lines)

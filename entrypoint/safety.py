@@ -57,7 +57,8 @@ def nccl_refusals(workers: list[ProcessInfo], read_environ: Callable[[int], Mapp
 
 
 def vllm_all_reduce_refusals(
-    processes: list[ProcessInfo], workers: list[ProcessInfo],
+    processes: list[ProcessInfo],
+    workers: list[ProcessInfo],
     read_environ: Callable[[int], Mapping[str, str] | None],
 ) -> list[str]:
     if len(workers) < 2 or not is_vllm(processes):
@@ -130,8 +131,10 @@ def restore_refusals(record: SuspendRecord | None, now: GpuReading, margin_mib: 
             continue
         present = current.get(gpu.uuid)
         if present is None:
-            reasons.append(f"GPU {gpu.index} ({gpu.uuid}), which held {gpu.released_mib} MiB of the server, "
-                           "is not visible now: make it visible to the container again")
+            reasons.append(
+                f"GPU {gpu.index} ({gpu.uuid}), which held {gpu.released_mib} MiB of the server, "
+                "is not visible now: make it visible to the container again"
+            )
         elif present.free_mib < gpu.released_mib + margin_mib:
             reasons.append(
                 f"GPU {present.index} has {present.free_mib} MiB free but the restore needs {gpu.released_mib} MiB "

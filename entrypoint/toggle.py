@@ -60,8 +60,11 @@ def observe(config: Config, backend: Backend, pid: int | None) -> Observation:
     stopped = [p for p in tree if p.stopped]
     for process in stopped:
         if not process.matches(config.dispatcher):
-            logger.warning("PID {} ({}) is stopped: left out (a stopped process must never be locked)",
-                           process.pid, process.short_title(40))
+            logger.warning(
+                "PID {} ({}) is stopped: left out (a stopped process must never be locked)",
+                process.pid,
+                process.short_title(40),
+            )
     asked = [p.pid for p in tree if not p.stopped]
     answers: dict[int, str | None] = {}
 
@@ -87,13 +90,21 @@ def _gpu_progress(config: Config):
     return line
 
 
-def _new_result(target: str, observation: Observation, backend: Backend, transitioned: list[int],
-                worker_pids: set[int]) -> ToggleResult:
-    result = ToggleResult(target=target, root_pid=observation.root.pid, root_how=observation.root.how,
-                          backend=backend.name)
+def _new_result(
+    target: str, observation: Observation, backend: Backend, transitioned: list[int], worker_pids: set[int]
+) -> ToggleResult:
+    result = ToggleResult(
+        target=target, root_pid=observation.root.pid, root_how=observation.root.how, backend=backend.name
+    )
     for pid in transitioned:
-        result.pids.append(PidResult(pid, observation.title(pid), "worker" if pid in worker_pids else "cuda",
-                                     observation.states[pid]))
+        result.pids.append(
+            PidResult(
+                pid,
+                observation.title(pid),
+                "worker" if pid in worker_pids else "cuda",
+                observation.states[pid],
+            )
+        )
     result.skipped = [{"pid": p.pid, "name": p.title, "reason": "stopped"} for p in observation.stopped]
     return result
 
@@ -105,8 +116,15 @@ def _finish(result: ToggleResult, states: dict[int, str], started: float) -> Tog
     return result
 
 
-def toggle(target: str, config: Config, *, pid: int | None = None, force: bool = False, freeze_dispatcher: bool = True,
-           backend_name: str | None = None) -> ToggleResult:
+def toggle(
+    target: str,
+    config: Config,
+    *,
+    pid: int | None = None,
+    force: bool = False,
+    freeze_dispatcher: bool = True,
+    backend_name: str | None = None,
+) -> ToggleResult:
     """Move every CUDA process of the server to `target` (checkpointed or running).
 
     Returns the result when the server reached the target; raises SuspendError (with `.result`) otherwise.
@@ -127,8 +145,9 @@ def _fail(result: ToggleResult, message: str, code: ExitCode, started: float, st
     return SuspendError(message, code, result)
 
 
-def _suspend(config: Config, backend: Backend, obs: Observation, force: bool, freeze_on: bool,
-             started: float) -> ToggleResult:
+def _suspend(
+    config: Config, backend: Backend, obs: Observation, force: bool, freeze_on: bool, started: float
+) -> ToggleResult:
     dispatchers = obs.dispatchers if freeze_on else []
     dispatcher_pids = {p.pid for p in dispatchers}
     moving = sorted(pid for pid in obs.states if pid not in dispatcher_pids)
@@ -137,18 +156,31 @@ def _suspend(config: Config, backend: Backend, obs: Observation, force: bool, fr
     result.forced = force
     states = {pid: obs.states[pid] for pid in moving}
     if not moving:
-        raise _fail(result, f"no CUDA processes in the tree of PID {obs.root.pid} ({obs.root.how}): is the model "
-                    "loaded yet? (cuda-toggle-all status shows every process)", ExitCode.NO_CUDA_PROCESSES,
-                    started, states)
+        raise _fail(
+            result,
+            f"no CUDA processes in the tree of PID {obs.root.pid} ({obs.root.how}): is the model "
+            "loaded yet? (cuda-toggle-all status shows every process)",
+            ExitCode.NO_CUDA_PROCESSES,
+            started,
+            states,
+        )
 
     refusals = []
     if obs.unreadable:
-        refusals += [f"cannot read the CUDA state of PID {p} ({obs.title(p)[:40]}): {e}; the container needs "
-                     "SYS_PTRACE and seccomp=unconfined, and the tool must run as root" for p, e in obs.unreadable.items()]
+        refusals += [
+            f"cannot read the CUDA state of PID {p} ({obs.title(p)[:40]}): {e}; the container needs "
+            "SYS_PTRACE and seccomp=unconfined, and the tool must run as root"
+            for p, e in obs.unreadable.items()
+        ]
     stuck = [pid for pid, state in states.items() if state == "failed"]
     if stuck:
-        raise _fail(result, f"PID {stuck} is in CUDA state `failed` (a failed restore cannot be undone): restart "
-                    "the server", ExitCode.INCONSISTENT, started, states)
+        raise _fail(
+            result,
+            f"PID {stuck} is in CUDA state `failed` (a failed restore cannot be undone): restart the server",
+            ExitCode.INCONSISTENT,
+            started,
+            states,
+        )
     if freeze_on and not dispatchers and len(workers) > 0:
         refusals.append(
             f"no dispatcher process titled {list(config.dispatcher)} in the server's tree: a request reaching a "
@@ -165,8 +197,9 @@ def _suspend(config: Config, backend: Backend, obs: Observation, force: bool, fr
         limit = safety.cgroup_available_bytes()
         if limit is not None:
             available = min(available, limit)
-        refusals += safety.host_memory_refusals(safety.memory_to_copy_mib(gpus, to_copy), available // 2**20,
-                                                config.ram_margin_mib)
+        refusals += safety.host_memory_refusals(
+            safety.memory_to_copy_mib(gpus, to_copy), available // 2**20, config.ram_margin_mib
+        )
     result.refusals = refusals
     if refusals and not force:
         raise _fail(result, "refused, nothing changed: " + " | ".join(refusals), ExitCode.REFUSED, started, states)
@@ -174,8 +207,9 @@ def _suspend(config: Config, backend: Backend, obs: Observation, force: bool, fr
         logger.warning("--force: going on despite: {}", reason)
 
     already_frozen = [p for p in dispatchers if p.stopped]
-    result.dispatchers = [{"pid": p.pid, "name": p.title, "frozen_before": p.stopped, "frozen_after": True}
-                          for p in dispatchers]
+    result.dispatchers = [
+        {"pid": p.pid, "name": p.title, "frozen_before": p.stopped, "frozen_after": True} for p in dispatchers
+    ]
     record = SuspendRecord.load(config.run_dir)
     if record is None or record.root_pid != obs.root.pid:
         root = obs.process(obs.root.pid)
@@ -200,16 +234,26 @@ def _suspend(config: Config, backend: Backend, obs: Observation, force: bool, fr
                 _thaw_all(record, dispatchers)
                 SuspendRecord.clear(config.run_dir)
                 code = ExitCode.TRANSITION_FAILED if isinstance(failure, RolledBack) else ExitCode.INCONSISTENT
-                hint = ("every process is running again and the dispatcher continued" if code == ExitCode.TRANSITION_FAILED
-                        else "restart the server (supervisorctl restart vllm)")
+                hint = (
+                    "every process is running again and the dispatcher continued"
+                    if code == ExitCode.TRANSITION_FAILED
+                    else "restart the server (supervisorctl restart vllm)"
+                )
                 raise _fail(result, f"suspend failed: {failure}; {hint}", code, started, states)
         result.interrupted = guard.received
 
     after = read_gpus(config)
     result.gpus_after = after.to_json()
     before_by_uuid = gpus.by_uuid()
-    record.gpus = [GpuRecord(g.uuid, g.index, before_by_uuid[g.uuid].used_mib if g.uuid in before_by_uuid else g.used_mib,
-                             g.used_mib) for g in after.gpus]
+    record.gpus = [
+        GpuRecord(
+            g.uuid,
+            g.index,
+            before_by_uuid[g.uuid].used_mib if g.uuid in before_by_uuid else g.used_mib,
+            g.used_mib,
+        )
+        for g in after.gpus
+    ]
     record.complete = True
     record.save(config.run_dir)
     _finish(result, states, started)
@@ -240,28 +284,52 @@ def _resume(config: Config, backend: Backend, obs: Observation, force: bool, sta
         logger.info("the suspend record names PID {}, not this server: ignored", record.root_pid)
         record = None
     frozen = [p for p in obs.dispatchers if p.stopped]
-    result.dispatchers = [{"pid": p.pid, "name": p.title, "frozen_before": p.stopped, "frozen_after": False}
-                          for p in obs.dispatchers]
+    result.dispatchers = [
+        {"pid": p.pid, "name": p.title, "frozen_before": p.stopped, "frozen_after": False} for p in obs.dispatchers
+    ]
     if obs.unreadable:
-        raise _fail(result, "cannot read the CUDA state of " + "; ".join(
-            f"PID {p}: {e}" for p, e in obs.unreadable.items()) + ": the dispatcher stays frozen; fix the access "
-            "(SYS_PTRACE, root) and resume again", ExitCode.REFUSED, started, states)
+        raise _fail(
+            result,
+            "cannot read the CUDA state of "
+            + "; ".join(f"PID {p}: {e}" for p, e in obs.unreadable.items())
+            + ": the dispatcher stays frozen; fix the access "
+            "(SYS_PTRACE, root) and resume again",
+            ExitCode.REFUSED,
+            started,
+            states,
+        )
     if not moving and not frozen:
-        raise _fail(result, f"no CUDA processes in the tree of PID {obs.root.pid} ({obs.root.how})",
-                    ExitCode.NO_CUDA_PROCESSES, started, states)
+        raise _fail(
+            result,
+            f"no CUDA processes in the tree of PID {obs.root.pid} ({obs.root.how})",
+            ExitCode.NO_CUDA_PROCESSES,
+            started,
+            states,
+        )
     stuck = [pid for pid, state in states.items() if state == "failed"]
     if stuck:
         _thaw_all(record, obs.dispatchers)
-        raise _fail(result, f"PID {stuck} is in CUDA state `failed` and cannot be restored: restart the server "
-                    "(supervisorctl restart vllm)", ExitCode.INCONSISTENT, started, states)
+        raise _fail(
+            result,
+            f"PID {stuck} is in CUDA state `failed` and cannot be restored: restart the server "
+            "(supervisorctl restart vllm)",
+            ExitCode.INCONSISTENT,
+            started,
+            states,
+        )
     gpus = read_gpus(config)
     result.gpus_before, result.gpu_source = gpus.to_json(), gpus.source
     if any(state == "checkpointed" for state in states.values()):
         refusals = safety.restore_refusals(record, gpus, config.restore_margin_mib)
         result.refusals = refusals
         if refusals and not force:
-            raise _fail(result, "refused, nothing changed (the server stays suspended): " + " | ".join(refusals),
-                        ExitCode.REFUSED, started, states)
+            raise _fail(
+                result,
+                "refused, nothing changed (the server stays suspended): " + " | ".join(refusals),
+                ExitCode.REFUSED,
+                started,
+                states,
+            )
         for reason in refusals:
             logger.warning("--force: going on despite: {}", reason)
 
@@ -277,8 +345,13 @@ def _resume(config: Config, backend: Backend, obs: Observation, force: bool, sta
             except Inconsistent as failure:
                 _thaw_all(record, obs.dispatchers)
                 SuspendRecord.clear(config.run_dir)
-                raise _fail(result, f"resume failed: {failure}; restart the server (supervisorctl restart vllm)",
-                            ExitCode.INCONSISTENT, started, states)
+                raise _fail(
+                    result,
+                    f"resume failed: {failure}; restart the server (supervisorctl restart vllm)",
+                    ExitCode.INCONSISTENT,
+                    started,
+                    states,
+                )
         _thaw_all(record, obs.dispatchers)
         result.interrupted = guard.received
     for entry in result.dispatchers:
@@ -319,21 +392,42 @@ def status(config: Config, *, pid: int | None = None, backend_name: str | None =
             role = "worker" if process.pid in workers else "dispatcher" if process.pid in dispatcher_pids else "cuda"
             pids.append({"pid": process.pid, "name": process.title, "role": role, "state": obs.states[process.pid]})
         elif process.pid in obs.unreadable:
-            pids.append({"pid": process.pid, "name": process.title, "role": "unknown",
-                         "state": f"error: {obs.unreadable[process.pid]}"})
+            pids.append(
+                {
+                    "pid": process.pid,
+                    "name": process.title,
+                    "role": "unknown",
+                    "state": f"error: {obs.unreadable[process.pid]}",
+                }
+            )
     distinct = {entry["state"] for entry in pids if entry["role"] != "dispatcher"}
     overall = distinct.pop() if len(distinct) == 1 else ("none" if not distinct else "mixed")
     gpus = read_gpus(config)
     record = SuspendRecord.load(config.run_dir)
     return StatusResult(
-        root_pid=obs.root.pid, root_how=obs.root.how, backend=backend.name, state=overall, pids=pids,
+        root_pid=obs.root.pid,
+        root_how=obs.root.how,
+        backend=backend.name,
+        state=overall,
+        pids=pids,
         dispatchers=[{"pid": p.pid, "name": p.title, "frozen": p.stopped} for p in obs.dispatchers],
-        skipped=[{"pid": p.pid, "name": p.title, "reason": "stopped"} for p in obs.stopped
-                 if p.pid not in dispatcher_pids],
-        gpus=gpus.to_json(), gpu_source=gpus.source if gpus.gpus else gpus.problem,
+        skipped=[
+            {"pid": p.pid, "name": p.title, "reason": "stopped"} for p in obs.stopped if p.pid not in dispatcher_pids
+        ],
+        gpus=gpus.to_json(),
+        gpu_source=gpus.source if gpus.gpus else gpus.problem,
         suspend_record=asdict(record) if record and record.root_pid == obs.root.pid else None,
     )
 
 
-__all__ = ["toggle", "status", "StatusResult", "ToggleResult", "SUSPEND", "RESUME", "TARGET_ALIASES",
-           "BackendError", "GpuReading"]
+__all__ = [
+    "toggle",
+    "status",
+    "StatusResult",
+    "ToggleResult",
+    "SUSPEND",
+    "RESUME",
+    "TARGET_ALIASES",
+    "BackendError",
+    "GpuReading",
+]

@@ -127,8 +127,9 @@ def run_parallel(
         final = dict(outcomes)
     for pid in pids:
         if pid not in final:
-            final[pid] = Outcome(False, timeout_s, BackendError(op, pid, f"did not return in {timeout_s:g} s",
-                                                                timed_out=True))
+            final[pid] = Outcome(
+                False, timeout_s, BackendError(op, pid, f"did not return in {timeout_s:g} s", timed_out=True)
+            )
     return final
 
 
@@ -166,8 +167,10 @@ def freeze(process: ProcessInfo, wait_s: float = 5.0) -> None:
         if current is None or current.stopped:
             return
         time.sleep(0.01)
-    raise SuspendError(f"PID {process.pid} ({process.short_title(40)}) did not stop within {wait_s:g} s after SIGSTOP",
-                       ExitCode.TRANSITION_FAILED)
+    raise SuspendError(
+        f"PID {process.pid} ({process.short_title(40)}) did not stop within {wait_s:g} s after SIGSTOP",
+        ExitCode.TRANSITION_FAILED,
+    )
 
 
 def thaw(frozen: FrozenProcess) -> bool:
@@ -202,8 +205,15 @@ class Transition:
         self.gone: set[int] = set()
 
     # one phase: the operation on every PID at once ------------------------------------------------
-    def _phase(self, op: str, pids: list[int], call: Callable[[int], None], timeout_s: float,
-               new_state: str, slow: bool = False) -> list[int]:
+    def _phase(
+        self,
+        op: str,
+        pids: list[int],
+        call: Callable[[int], None],
+        timeout_s: float,
+        new_state: str,
+        slow: bool = False,
+    ) -> list[int]:
         """Run one operation on `pids` in parallel; returns the PIDs that failed (their state re-read)."""
         if not pids:
             return []
@@ -277,8 +287,13 @@ class Transition:
         while True:
             self.result.lock_rounds += 1
             pending = self._pids_in("running")
-            failed = self._phase("lock", pending, lambda pid: self.backend.lock(pid, timeout_ms),
-                                 timeout_ms / 1000.0 + self.config.state_timeout_s, "locked")
+            failed = self._phase(
+                "lock",
+                pending,
+                lambda pid: self.backend.lock(pid, timeout_ms),
+                timeout_ms / 1000.0 + self.config.state_timeout_s,
+                "locked",
+            )
             if not failed:
                 return
             errors = "; ".join(self.result.record(pid).error for pid in failed)
@@ -296,20 +311,30 @@ class Transition:
                     f"could not lock every PID within CUDA_TOGGLE_LOCK_DEADLINE_S={self.config.lock_deadline_s:g} s "
                     f"({self.result.lock_rounds} rounds); last errors: {errors}"
                 )
-            logger.info("lock round {}: {} did not lock; unlocked the others, trying again",
-                        self.result.lock_rounds, failed)
+            logger.info(
+                "lock round {}: {} did not lock; unlocked the others, trying again",
+                self.result.lock_rounds,
+                failed,
+            )
             time.sleep(min(0.05 * self.result.lock_rounds, 0.5))
 
     def _unlock_for_retry(self) -> None:
-        failed = self._phase("unlock", self._pids_in("locked"), self.backend.unlock,
-                             self.config.state_timeout_s, "running")
+        failed = self._phase(
+            "unlock", self._pids_in("locked"), self.backend.unlock, self.config.state_timeout_s, "running"
+        )
         if failed:
             self.rollback_to_running()
             raise RolledBack(f"unlock of {failed} failed between lock rounds")
 
     def checkpoint_all(self) -> None:
-        failed = self._phase("checkpoint", self._pids_in("locked"), self.backend.checkpoint,
-                             self.config.op_timeout_s, "checkpointed", slow=True)
+        failed = self._phase(
+            "checkpoint",
+            self._pids_in("locked"),
+            self.backend.checkpoint,
+            self.config.op_timeout_s,
+            "checkpointed",
+            slow=True,
+        )
         if failed:
             errors = "; ".join(self.result.record(pid).error for pid in failed)
             self.rollback_to_running()
@@ -318,8 +343,14 @@ class Transition:
     def rollback_to_running(self) -> None:
         """Restore every checkpointed PID, then unlock every locked one; Inconsistent if that fails."""
         logger.warning("rolling back: every process back to running")
-        self._phase("restore", self._pids_in("checkpointed"), self.backend.restore,
-                    self.config.op_timeout_s, "locked", slow=True)
+        self._phase(
+            "restore",
+            self._pids_in("checkpointed"),
+            self.backend.restore,
+            self.config.op_timeout_s,
+            "locked",
+            slow=True,
+        )
         self._phase("unlock", self._pids_in("locked"), self.backend.unlock, self.config.state_timeout_s, "running")
         if not self.verify("running"):
             stuck = {pid: state for pid, state in self.states.items() if state != "running"}
@@ -342,23 +373,39 @@ class Transition:
     def resume(self) -> None:
         """Restore all, then unlock all. A restore that fails without leaving its PID `failed` is rolled
         back to a consistent suspend (the restored ones are checkpointed again), so it can be retried."""
-        failed = self._phase("restore", self._pids_in("checkpointed"), self.backend.restore,
-                             self.config.op_timeout_s, "locked", slow=True)
+        failed = self._phase(
+            "restore",
+            self._pids_in("checkpointed"),
+            self.backend.restore,
+            self.config.op_timeout_s,
+            "locked",
+            slow=True,
+        )
         if failed:
             errors = "; ".join(self.result.record(pid).error for pid in failed)
             stuck = self._pids_in("failed", "unknown")
             if stuck:
                 raise Inconsistent(f"restore failed and left {stuck} stuck ({errors})")
-            again = self._phase("checkpoint", self._pids_in("locked"), self.backend.checkpoint,
-                                self.config.op_timeout_s, "checkpointed", slow=True)
+            again = self._phase(
+                "checkpoint",
+                self._pids_in("locked"),
+                self.backend.checkpoint,
+                self.config.op_timeout_s,
+                "checkpointed",
+                slow=True,
+            )
             if again or not self.verify("checkpointed"):
-                raise Inconsistent(f"restore failed ({errors}) and the restored processes could not be "
-                                   "checkpointed again")
-            raise RolledBack(f"restore failed ({errors}); every process is checkpointed again: the server is "
-                             "still suspended, fix the cause and resume again")
+                raise Inconsistent(
+                    f"restore failed ({errors}) and the restored processes could not be checkpointed again"
+                )
+            raise RolledBack(
+                f"restore failed ({errors}); every process is checkpointed again: the server is "
+                "still suspended, fix the cause and resume again"
+            )
         for _ in range(3):  # an unlock that fails once is retried: every worker is restored by now
-            if not self._phase("unlock", self._pids_in("locked"), self.backend.unlock,
-                               self.config.state_timeout_s, "running"):
+            if not self._phase(
+                "unlock", self._pids_in("locked"), self.backend.unlock, self.config.state_timeout_s, "running"
+            ):
                 break
         if not self.verify("running"):
             stuck = {pid: state for pid, state in self.states.items() if state != "running"}

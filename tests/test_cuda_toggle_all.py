@@ -14,16 +14,7 @@ import pytest
 from entrypoint.config import SETTINGS
 from entrypoint.errors import TOGGLE_EXIT_CODES, ExitCode
 from entrypoint.runstate import ToolLock
-from tests.toggle_fixtures import (  # noqa: F401  (fixtures)
-    REPO,
-    SAFE_ENV,
-    fake_libcuda,
-    fake_tree,
-    fakegpu,
-    server_tag,
-    sleep_until,
-    toggle_env,
-)
+from tests.toggle_fixtures import REPO, SAFE_ENV, fakegpu, sleep_until
 
 
 def ops(env, *names: str) -> list[tuple[str, int]]:
@@ -287,10 +278,19 @@ def test_killed_tool_is_repaired_by_running(toggle_env, fake_tree):
     """A tool killed mid-suspend leaves the dispatcher frozen; `running` restores, unlocks and continues it."""
     tree = fake_tree()
     fakegpu.add_fault(tree.workers[1], "checkpoint", "hang", root=toggle_env.state_dir)
-    tool = subprocess.Popen([sys.executable, "-m", "entrypoint.cuda_toggle_all", "checkpointed"], cwd=REPO,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    sleep_until(lambda: ("checkpoint", tree.workers[0]) in ops(toggle_env, "checkpoint")
-                and any(r == "hang" for _, op, _, r in toggle_env.calls() if op == "checkpoint"), "the hang")
+    tool = subprocess.Popen(
+        [sys.executable, "-m", "entrypoint.cuda_toggle_all", "checkpointed"],
+        cwd=REPO,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    sleep_until(
+        lambda: (
+            ("checkpoint", tree.workers[0]) in ops(toggle_env, "checkpoint")
+            and any(r == "hang" for _, op, _, r in toggle_env.calls() if op == "checkpoint")
+        ),
+        "the hang",
+    )
     tool.kill()
     tool.wait()
     assert tree.status_letter(tree.dispatcher) == "T"
@@ -315,8 +315,13 @@ def test_signal_during_suspend_rolls_back(toggle_env, fake_tree, signum):
     """Ctrl-C or SIGTERM during a suspend finishes the phase, then rolls back: nothing is left split."""
     tree = fake_tree()
     fakegpu.add_fault(tree.workers[1], "checkpoint", "slow:1.5", root=toggle_env.state_dir)
-    tool = subprocess.Popen([sys.executable, "-m", "entrypoint.cuda_toggle_all", "checkpointed", "--json"],
-                            cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    tool = subprocess.Popen(
+        [sys.executable, "-m", "entrypoint.cuda_toggle_all", "checkpointed", "--json"],
+        cwd=REPO,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     sleep_until(lambda: ("checkpoint", tree.workers[0]) in ops(toggle_env, "checkpoint"), "a checkpoint")
     tool.send_signal(signum)
     out, err = tool.communicate(timeout=30)
@@ -331,8 +336,13 @@ def test_sigterm_during_resume_finishes_the_resume(toggle_env, fake_tree):
     tree = fake_tree()
     toggle_env.run("checkpointed")
     fakegpu.add_fault(tree.workers[1], "restore", "slow:1.5", root=toggle_env.state_dir)
-    tool = subprocess.Popen([sys.executable, "-m", "entrypoint.cuda_toggle_all", "running", "--json"],
-                            cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    tool = subprocess.Popen(
+        [sys.executable, "-m", "entrypoint.cuda_toggle_all", "running", "--json"],
+        cwd=REPO,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     sleep_until(lambda: ("restore", tree.workers[0]) in ops(toggle_env, "restore"), "a restore")
     tool.send_signal(signal.SIGTERM)
     out, err = tool.communicate(timeout=30)
@@ -422,7 +432,10 @@ def test_json_shapes(toggle_env, fake_tree):
     assert status["state"] == "checkpointed"
     assert all({"pid", "name", "state"} <= p.keys() for p in status["pids"])
     assert status["dispatchers"] == [{"pid": tree.dispatcher, "name": "VLLM::EngineCore", "frozen": True}]
-    assert [(g["index"], g["used_mib"], g["total_mib"]) for g in status["gpus"]] == [(0, 4, 81559), (1, 4, 81559)]
+    assert [(g["index"], g["used_mib"], g["total_mib"]) for g in status["gpus"]] == [
+        (0, 4, 81559),
+        (1, 4, 81559),
+    ]
     toggle_env.run("running")
 
 
@@ -435,9 +448,14 @@ def test_bad_environment_value_is_a_usage_error(toggle_env):
 def test_missing_backend_names_the_fix(toggle_env, fake_tree):
     """Without libcuda's checkpoint API and without the binary, the error says what to install."""
     fake_tree()
-    done = toggle_env.run("status", env={"CUDA_TOGGLE_LIBCUDA": "/nonexistent/libcuda.so.1",
-                                         "CUDA_CHECKPOINT_BIN": "no-such-cuda-checkpoint",
-                                         "CUDA_TOGGLE_BACKEND": "auto"})
+    done = toggle_env.run(
+        "status",
+        env={
+            "CUDA_TOGGLE_LIBCUDA": "/nonexistent/libcuda.so.1",
+            "CUDA_CHECKPOINT_BIN": "no-such-cuda-checkpoint",
+            "CUDA_TOGGLE_BACKEND": "auto",
+        },
+    )
     assert done.returncode == ExitCode.USAGE
     assert "install NVIDIA's cuda-checkpoint" in done.stderr
 
@@ -445,7 +463,16 @@ def test_missing_backend_names_the_fix(toggle_env, fake_tree):
 def test_help_documents_targets_options_env_and_exit_codes(toggle_env):
     """--help lists the targets, every environment variable and every exit code."""
     text = toggle_env.run("--help").stdout
-    for word in ["checkpointed", "running", "status", "--pid", "--backend", "--force", "--no-freeze", "--json"]:
+    for word in [
+        "checkpointed",
+        "running",
+        "status",
+        "--pid",
+        "--backend",
+        "--force",
+        "--no-freeze",
+        "--json",
+    ]:
         assert word in text
     for env in SETTINGS:
         assert env in text

@@ -50,7 +50,11 @@ class ToggleEnv:
         """Run the real `cuda-toggle-all` CLI (as `python -m`), capturing its output."""
         return subprocess.run(
             [sys.executable, "-m", "entrypoint.cuda_toggle_all", *args],
-            capture_output=True, text=True, timeout=timeout, cwd=REPO, env={**os.environ, **(env or {})},
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            cwd=REPO,
+            env={**os.environ, **(env or {})},
         )
 
     def run_json(self, *args: str, **kwargs) -> tuple[int, dict]:
@@ -113,9 +117,9 @@ def kill_hung_fakes(state_dir: Path) -> None:
     fake = str(FAKES_DIR / "cuda-checkpoint")
     for process in psutil.process_iter(["cmdline"]):
         with contextlib.suppress(psutil.Error):
-            if fake in " ".join(process.info["cmdline"] or []) and process.environ().get(
-                "FAKE_CUDA_STATE_DIR"
-            ) == str(state_dir):
+            if fake in " ".join(process.info["cmdline"] or []) and process.environ().get("FAKE_CUDA_STATE_DIR") == str(
+                state_dir
+            ):
                 process.kill()
 
 
@@ -152,14 +156,31 @@ def fake_tree(fake_gpu: Path, server_tag: str) -> Iterator[Callable[..., FakeTre
     kills it at teardown. The root's command line holds `server_tag`."""
     trees: list[FakeTree] = []
 
-    def start(workers: int = 2, mib: int = 1000, args: str = SAFE_ARGS, env: dict[str, str] | None = None,
-              title: str = VLLM_TITLE) -> FakeTree:
+    def start(
+        workers: int = 2,
+        mib: int = 1000,
+        args: str = SAFE_ARGS,
+        env: dict[str, str] | None = None,
+        title: str = VLLM_TITLE,
+    ) -> FakeTree:
         environ = {key: value for key, value in os.environ.items() if key not in SAFE_ENV}
         environ.update(SAFE_ENV if env is None else env)
         process = subprocess.Popen(
-            [sys.executable, str(FAKES_DIR / "fake_tree.py"), "--workers", str(workers), "--mib", str(mib),
-             "--root-title", f"{title} --tag {server_tag}", "--args", args],
-            stdout=subprocess.PIPE, text=True, env=environ,
+            [
+                sys.executable,
+                str(FAKES_DIR / "fake_tree.py"),
+                "--workers",
+                str(workers),
+                "--mib",
+                str(mib),
+                "--root-title",
+                f"{title} --tag {server_tag}",
+                "--args",
+                args,
+            ],
+            stdout=subprocess.PIPE,
+            text=True,
+            env=environ,
         )
         line = process.stdout.readline()
         assert line, "fake_tree.py exited before it was ready"

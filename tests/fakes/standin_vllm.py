@@ -93,9 +93,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--enable-sleep-mode", action="store_true")
     parser.add_argument("--disable-custom-all-reduce", action="store_true")
     # How the API server and EngineCore start their children (always written as --standin-x=value).
-    parser.add_argument(
-        "--standin-role", choices=("api", "engine", "worker"), default="api", help=argparse.SUPPRESS
-    )
+    parser.add_argument("--standin-role", choices=("api", "engine", "worker"), default="api", help=argparse.SUPPRESS)
     parser.add_argument("--standin-fd", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--standin-parent", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--standin-rank", type=int, default=0, help=argparse.SUPPRESS)
@@ -262,7 +260,7 @@ class Worker:
                 # Measured on real GPUs: a suspended worker that gets work segfaults.
                 log(self.who, "ERROR", f"CUDA call while {state}: segmentation fault")
                 os.kill(self.pid, signal.SIGSEGV)
-                time.sleep(1)  # the signal is delivered before this returns
+                time.sleep(1)  # not reached: a signal sent to oneself lands before kill() returns
             return
 
     def step(self, items: list[dict]) -> list[int]:
@@ -469,7 +467,7 @@ web = None
 
 
 class EngineDeadError(Exception):
-    pass
+    """EngineCore is gone (or going, on shutdown): requests get a 500 with this message."""
 
 
 @dataclass
@@ -499,8 +497,8 @@ class ApiServer:
         self.rpc_calls: dict[int, asyncio.Future] = {}
         self.rpc_ids = itertools.count(1)
         self.model_loaded = False
-        self.engine_alive = True
         self.shutting_down = False
+        self.stop_reason = ""  # why requests can no longer be served, once they cannot
         self.exit_code = 0
         self.requests_total = 0
         self.aborted_requests_total = 0
@@ -520,9 +518,7 @@ class ApiServer:
         self.engine, sock = start_child(self.argv, "engine")
         reader, self.engine_writer = await asyncio.open_unix_connection(sock=sock)
         self.spawn(self.read_engine(reader))
-        runner = web.AppRunner(
-            self.build_app(), access_log=None, handler_cancellation=True, shutdown_timeout=2
-        )
+        runner = web.AppRunner(self.build_app(), access_log=None, handler_cancellation=True, shutdown_timeout=2)
         await runner.setup()
         try:
             await web.TCPSite(runner, self.args.host, self.args.port).start()
@@ -545,6 +541,7 @@ class ApiServer:
     def request_shutdown(self) -> None:
         if not self.shutting_down:
             self.shutting_down = True
+            self.stop_reason = self.stop_reason or "The server is shutting down"
             log(self.who, "INFO", "shutting down")
             self.fail_in_flight()
             self.done.set()
@@ -603,9 +600,9 @@ class ApiServer:
         print(f"standin: ready (pid {os.getpid()}) on http://{self.args.host}:{self.args.port}", flush=True)
 
     async def on_engine_gone(self) -> None:
-        self.engine_alive = False
         if self.shutting_down:
             return
+        self.stop_reason = "Engine core died unexpectedly"
         deadline = time.monotonic() + 2
         while self.engine.poll() is None and time.monotonic() < deadline:
             await asyncio.sleep(0.01)
@@ -620,11 +617,11 @@ class ApiServer:
         self.in_flight.clear()
         for future in self.rpc_calls.values():
             if not future.done():
-                future.set_exception(EngineDeadError())
+                future.set_exception(EngineDeadError(self.stop_reason))
 
     def send_to_engine(self, **message: object) -> None:
-        if not self.engine_alive or self.shutting_down:
-            raise EngineDeadError()
+        if self.stop_reason:
+            raise EngineDeadError(self.stop_reason)
         self.engine_writer.write(json.dumps(message).encode() + b"\n")
 
     # -- talking to EngineCore ------------------------------------------------------------------
@@ -640,7 +637,7 @@ class ApiServer:
             while True:
                 item = await in_flight.tokens.get()
                 if item is ENGINE_DEAD:
-                    raise EngineDeadError()
+                    raise EngineDeadError(self.stop_reason)
                 yield item
                 if item[1]:
                     return
@@ -697,8 +694,8 @@ class ApiServer:
         except asyncio.CancelledError:
             self.log_access(request, 499)  # the client went away
             raise
-        except EngineDeadError:
-            response = error_response(500, "Engine core died unexpectedly", "EngineDeadError")
+        except EngineDeadError as error:
+            response = error_response(500, str(error), "EngineDeadError")
         self.log_access(request, response.status)
         return response
 
@@ -715,8 +712,8 @@ class ApiServer:
 
     def not_serving(self):
         """The error to answer with while the model is not usable, else None."""
-        if not self.engine_alive or self.shutting_down:
-            return error_response(500, "Engine core died unexpectedly", "EngineDeadError")
+        if self.stop_reason:
+            return error_response(500, self.stop_reason, "EngineDeadError")
         if not self.model_loaded:
             return error_response(503, "The model is still loading", "ServiceUnavailableError")
         return None
@@ -735,7 +732,7 @@ class ApiServer:
         return error_response(404, f"The model `{model}` does not exist.", "NotFoundError")
 
     async def health(self, request):
-        return web.Response(status=200 if self.engine_alive and not self.shutting_down else 503)
+        return web.Response(status=503 if self.stop_reason else 200)
 
     async def models(self, request):
         problem = self.not_serving()
@@ -797,9 +794,7 @@ class ApiServer:
         else:
             return error_response(400, "Expected 'prompt' (a string) or 'messages'", "BadRequestError")
         tokens = tokenize(text)
-        return web.json_response(
-            {"tokens": tokens, "count": len(tokens), "max_model_len": self.args.max_model_len}
-        )
+        return web.json_response({"tokens": tokens, "count": len(tokens), "max_model_len": self.args.max_model_len})
 
     async def detokenize(self, request):
         problem = self.not_serving()
@@ -869,9 +864,7 @@ class ApiServer:
         return web.json_response(reply.full(texts))
 
     async def stream_reply(self, request, reply: Reply, tokens, include_usage: bool):
-        response = web.StreamResponse(
-            headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"}
-        )
+        response = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"})
         await response.prepare(request)
 
         async def send_event(payload: object) -> None:
@@ -886,16 +879,8 @@ class ApiServer:
                     await send_event(reply.chunk(text, "length" if finished else None))
             if include_usage:
                 await send_event(reply.usage_chunk())
-        except EngineDeadError:
-            await send_event(
-                {
-                    "error": {
-                        "message": "Engine core died unexpectedly",
-                        "type": "EngineDeadError",
-                        "code": 500,
-                    }
-                }
-            )
+        except EngineDeadError as error:
+            await send_event({"error": {"message": str(error), "type": "EngineDeadError", "code": 500}})
         except ConnectionResetError:
             return response  # the client went away; closing `tokens` aborted the request
         await response.write(b"data: [DONE]\n\n")
@@ -993,8 +978,17 @@ def run_api_server(args: argparse.Namespace, argv: list[str]) -> int:
 
     started_at = time.monotonic()
     # Tools find vLLM by its command line; this is the one `python3 -m vllm.entrypoints...` shows.
+    # Real vLLM never retitles its API server, so its /proc/PID/environ stays readable (cuda-toggle-all
+    # checks the NCCL settings there); SPT_NOENV keeps setproctitle from overwriting it here too. It is
+    # dropped again at once so EngineCore and the workers clobber theirs, as vLLM's do.
+    os.environ["SPT_NOENV"] = "1"
     setproctitle.setproctitle(" ".join(["python3", "-m", "vllm.entrypoints.openai.api_server", *argv]))
-    return asyncio.run(ApiServer(args, argv, started_at).serve())
+    del os.environ["SPT_NOENV"]
+
+    async def serve() -> int:
+        return await ApiServer(args, argv, started_at).serve()  # its asyncio objects need the running loop
+
+    return asyncio.run(serve())
 
 
 def main(argv: list[str] | None = None) -> int:

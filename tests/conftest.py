@@ -1,0 +1,191 @@
+"""Fixtures shared by the tests: the fake GPU and the stand-in vLLM server (see tests/fakes/README.md)."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import psutil
+import pytest
+import requests
+
+FAKES_DIR = Path(__file__).resolve().parent / "fakes"
+STANDIN_VLLM = FAKES_DIR / "standin_vllm.py"
+STANDIN_MODEL = "standin-model"
+FAKE_GPU_COUNT = 2
+FAKE_GPU_TOTAL_MIB = 81559  # an H100 80GB
+FAKE_GPU_BASELINE_MIB = 4  # what nvidia-smi shows on an idle GPU
+
+sys.path.insert(0, str(FAKES_DIR))
+import fakegpu  # noqa: E402
+
+
+@pytest.fixture
+def fake_gpu(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """A fake machine with FAKE_GPU_COUNT GPUs; returns its state directory.
+
+    Sets FAKE_CUDA_STATE_DIR to it and puts tests/fakes first on PATH, so processes started by the test
+    find the fake `cuda-checkpoint` and `nvidia-smi`.
+    """
+    root = tmp_path / "fake-gpu"
+    gpus = [
+        (index, f"GPU-{uuid.UUID(int=index + 1)}", FAKE_GPU_TOTAL_MIB, FAKE_GPU_BASELINE_MIB)
+        for index in range(FAKE_GPU_COUNT)
+    ]
+    fakegpu.write_gpus(root, gpus)
+    monkeypatch.setenv("FAKE_CUDA_STATE_DIR", str(root))
+    monkeypatch.setenv("PATH", f"{FAKES_DIR}{os.pathsep}{os.environ.get('PATH', '')}")
+    return root
+
+
+def is_dead(process: psutil.Process) -> bool:
+    """Gone, or a zombie: orphans wait for PID 1 to reap them, which can take a second here."""
+    try:
+        return process.status() == psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return True
+
+
+def wait_until_dead(processes: list[psutil.Process], timeout: float = 5.0) -> list[psutil.Process]:
+    """Waits until every process is dead (see is_dead); returns those still alive after `timeout`."""
+    deadline = time.monotonic() + timeout
+    while (alive := [process for process in processes if not is_dead(process)]) and time.monotonic() < deadline:
+        time.sleep(0.01)
+    return alive
+
+
+def process_title(process: psutil.Process) -> str:
+    """The title setproctitle gave the process (its whole command line)."""
+    return " ".join(part for part in process.cmdline() if part)
+
+
+@dataclass
+class StandinServer:
+    """A running tests/fakes/standin_vllm.py: API server -> VLLM::EngineCore -> VLLM::Worker_TP*."""
+
+    process: subprocess.Popen
+    port: int
+    log_path: Path
+    family: list[psutil.Process] = field(default_factory=list)  # the tree, as of when it came up
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    @property
+    def pid(self) -> int:
+        return self.process.pid
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def get(self, path: str, timeout: float = 10, **kwargs) -> requests.Response:
+        return requests.get(self.url + path, timeout=timeout, **kwargs)
+
+    def post(self, path: str, json: object = None, timeout: float = 10, **kwargs) -> requests.Response:
+        return requests.post(self.url + path, json=json, timeout=timeout, **kwargs)
+
+    def engine_core(self) -> psutil.Process:
+        (engine,) = psutil.Process(self.pid).children()
+        return engine
+
+    def workers(self) -> list[psutil.Process]:
+        """The worker processes, in rank order (Worker_TP0 first)."""
+        return sorted(self.engine_core().children(), key=process_title)
+
+    def wait_until(self, ready: Callable[[], bool], what: str, timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        while not ready():
+            if self.process.poll() is not None:
+                pytest.fail(f"stand-in exited ({self.process.returncode}) before {what}:\n{self.log()}")
+            if time.monotonic() > deadline:
+                pytest.fail(f"stand-in not {what} after {timeout} s:\n{self.log()}")
+            time.sleep(0.02)
+
+    def answers_health(self) -> bool:
+        try:
+            return self.get("/health", timeout=1).status_code == 200
+        except requests.ConnectionError:
+            return False
+
+    def kill_tree(self) -> None:
+        family = list(self.family)
+        if self.process.poll() is None:
+            with contextlib.suppress(psutil.NoSuchProcess):
+                family += psutil.Process(self.pid).children(recursive=True)
+            self.process.kill()
+        self.process.wait(timeout=10)
+        for member in family:
+            with contextlib.suppress(psutil.NoSuchProcess):
+                member.send_signal(signal.SIGKILL)  # psutil refuses if the PID was reused meanwhile
+        wait_until_dead(family, timeout=10)
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+@pytest.fixture
+def standin_server(tmp_path: Path) -> Iterator[Callable[..., StandinServer]]:
+    """Factory: standin_server(*args, tensor_parallel_size=2, env=None, wait_ready=True, timeout=20)
+    starts the stand-in vLLM on a free port with `args` appended to the defaults (--model standin-model,
+    --tensor-parallel-size, --host 127.0.0.1, --port) and `env` added to os.environ; waits for its ready
+    line (or, with wait_ready=False, only for /health). Output goes to server.log_path. The whole process
+    tree is killed at teardown."""
+    started: list[StandinServer] = []
+
+    def start(
+        *args: str,
+        tensor_parallel_size: int = 2,
+        env: dict[str, str] | None = None,
+        wait_ready: bool = True,
+        timeout: float = 20.0,
+    ) -> StandinServer:
+        port = free_port()
+        log_path = tmp_path / f"standin-{port}.log"
+        command = [
+            sys.executable,
+            str(STANDIN_VLLM),
+            "--model",
+            STANDIN_MODEL,
+            "--tensor-parallel-size",
+            str(tensor_parallel_size),
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            *args,
+        ]
+        with log_path.open("wb") as log_file:
+            process = subprocess.Popen(
+                command, stdout=log_file, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})}
+            )
+        server = StandinServer(process, port, log_path)
+        started.append(server)
+        if wait_ready:
+            server.wait_until(lambda: "standin: ready (pid" in server.log(), "ready", timeout)
+        else:
+            server.wait_until(server.answers_health, "answering /health", timeout)
+        with contextlib.suppress(psutil.NoSuchProcess):
+            api_server = psutil.Process(process.pid)
+            server.family = [api_server, *api_server.children(recursive=True)]
+        return server
+
+    yield start
+    for server in started:
+        server.kill_tree()
+
+
+# cuda-toggle-all's fixtures (its environment over the fake GPU, fake vLLM process trees)
+from tests.toggle_fixtures import fake_libcuda, fake_tree, server_tag, toggle_env  # noqa: E402, F401

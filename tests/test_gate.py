@@ -1,0 +1,547 @@
+"""The gate (entrypoint/gate.py) in front of the stand-in vLLM on the fake GPU: real processes, real HTTP.
+
+The gate runs as a subprocess (`python -m entrypoint.gate`), the stand-in as its upstream; suspends and
+resumes go through the real library and the fake cuda-checkpoint.
+"""
+
+from __future__ import annotations
+
+import http.client
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+import psutil
+import pytest
+import requests
+
+from entrypoint.config import load_config
+from entrypoint.toggle import toggle
+from tests.conftest import STANDIN_MODEL, StandinServer, fakegpu, free_port
+
+REPO = Path(__file__).resolve().parent.parent
+TOGGLE_ALL_CLI = [sys.executable, "-m", "entrypoint.cuda_toggle_all"]
+# What a TP=2 vLLM must run with for cuda-toggle-all's safety checks to let it suspend (FACTS.md).
+# SPT_NOENV keeps setproctitle off the stand-in's environ, which the checks read in /proc/PID/environ.
+SAFE_ENV = {
+    "NCCL_P2P_DISABLE": "1",
+    "NCCL_SHM_DISABLE": "1",
+    "NCCL_NVLS_ENABLE": "0",
+    "VLLM_ALLREDUCE_USE_SYMM_MEM": "0",
+    "SPT_NOENV": "1",
+}
+# 1% of a fake H100 per worker: the host-RAM check must pass on a small CI machine.
+SAFE_ARGS = ("--disable-custom-all-reduce", "--gpu-memory-utilization", "0.01")
+DEV_ENDPOINTS = [
+    ("POST", "/sleep?level=1"),
+    ("POST", "/wake_up"),
+    ("GET", "/is_sleeping"),
+    ("POST", "/collective_rpc"),
+    ("POST", "/reset_prefix_cache"),
+    ("GET", "/server_info"),
+]
+
+
+def chat_body(prompt: str, max_tokens: int, stream: bool = False) -> dict:
+    return {
+        "model": STANDIN_MODEL,
+        "messages": [{"role": "user", "content": prompt}],
+        "temperature": 0,  # greedy: the same prompt gives the same words, before and after a suspend
+        "max_tokens": max_tokens,
+        "stream": stream,
+    }
+
+
+def stream_deltas(base_url: str, prompt: str, max_tokens: int, timeout: float = 30) -> list[str]:
+    """The content deltas of one streamed chat completion, in order; fails on anything but a clean stream."""
+    deltas: list[str] = []
+    body = chat_body(prompt, max_tokens, stream=True)
+    with requests.post(f"{base_url}/v1/chat/completions", json=body, stream=True, timeout=timeout) as response:
+        assert response.status_code == 200, response.text
+        assert response.headers["Content-Type"].startswith("text/event-stream")
+        for line in response.iter_lines():
+            if not line:
+                continue
+            assert line.startswith(b"data: "), line
+            if line == b"data: [DONE]":
+                return deltas
+            event = json.loads(line[len(b"data: ") :])
+            assert "error" not in event, event
+            deltas.append(event["choices"][0]["delta"].get("content", ""))
+    raise AssertionError(f"the stream ended without [DONE] after {deltas}")
+
+
+def chat_answer(base_url: str, prompt: str, max_tokens: int, timeout: float = 30) -> requests.Response:
+    return requests.post(f"{base_url}/v1/chat/completions", json=chat_body(prompt, max_tokens), timeout=timeout)
+
+
+def answer_text(response: requests.Response) -> str:
+    assert response.status_code == 200, response.text
+    return response.json()["choices"][0]["message"]["content"]
+
+
+def parse_metrics(text: str) -> dict[str, float]:
+    """Prometheus text -> {'name{labels}': value}."""
+    values = {}
+    for line in text.splitlines():
+        if line and not line.startswith("#"):
+            series, value = line.rsplit(" ", 1)
+            values[series] = float(value)
+    return values
+
+
+def series(name: str, **labels: str) -> str:
+    if not labels:
+        return name
+    return name + "{" + ",".join(f'{key}="{value}"' for key, value in labels.items()) + "}"
+
+
+def wait_until(condition: Callable[[], bool], what: str, timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+        time.sleep(0.02)
+
+
+@dataclass
+class Gate:
+    process: subprocess.Popen
+    port: int
+    log_path: Path
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def status(self) -> dict:
+        response = requests.get(self.url + "/gate/status", timeout=5)
+        assert response.status_code == 200, response.text
+        return response.json()
+
+    def metrics(self) -> dict[str, float]:
+        response = requests.get(self.url + "/gate/metrics", timeout=5)
+        assert response.status_code == 200, response.text
+        return parse_metrics(response.text)
+
+    def metric(self, name: str, **labels: str) -> float:
+        return self.metrics()[series(name, **labels)]
+
+    def wait_for_state(self, state: str, timeout: float = 10.0) -> dict:
+        wait_until(lambda: self.status()["state"] == state, f"the gate to report {state}", timeout)
+        return self.status()
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                self.process.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait(timeout=5)
+
+
+@pytest.fixture
+def run_dir(fake_gpu: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """The library's environment over the fake GPU (inherited by the gate and the CLI); returns RUN_DIR."""
+    run_dir = tmp_path / "run"
+    settings = {
+        "CUDA_TOGGLE_BACKEND": "cli",
+        "CUDA_TOGGLE_GPU_QUERY": "nvidia-smi",
+        "CUDA_TOGGLE_RUN_DIR": str(run_dir),
+        "CUDA_TOGGLE_SUPERVISOR_URL": "unix:///nonexistent",
+        "CUDA_TOGGLE_VERIFY_SLEEP_S": "0.05",
+        "CUDA_TOGGLE_PROGRESS_S": "1",
+        "CUDA_TOGGLE_BUSY_WAIT_S": "30",  # the test's own cuda-toggle-all waits for the gate's transition
+    }
+    for name, value in settings.items():
+        monkeypatch.setenv(name, value)
+    return run_dir
+
+
+@pytest.fixture
+def server(run_dir: Path, standin_server) -> Callable[..., StandinServer]:
+    """Factory: a stand-in vLLM the library can suspend; step_s sets the seconds per generated token."""
+
+    def start(*args: str, step_s: float = 0.01, env: dict[str, str] | None = None) -> StandinServer:
+        environ = {**SAFE_ENV, "STANDIN_STEP_S": str(step_s), **(env or {})}
+        return standin_server(*SAFE_ARGS, *args, env=environ)
+
+    return start
+
+
+@pytest.fixture
+def gate(run_dir: Path, tmp_path: Path) -> Iterator[Callable[..., Gate]]:
+    """Factory: gate(server, GATE_X=value, ...) starts the gate in front of `server`; stopped at teardown."""
+    started: list[Gate] = []
+
+    def start(upstream: StandinServer, **settings: str) -> Gate:
+        port = free_port()
+        log_path = tmp_path / f"gate-{port}.log"
+        environ = {
+            **os.environ,
+            "GATE_HOST": "127.0.0.1",
+            "GATE_PORT": str(port),
+            "GATE_UPSTREAM": upstream.url,
+            "GATE_SERVER_PID": str(upstream.pid),
+            "GATE_POLL_S": "0.1",
+            "GATE_BUSY_WAIT_S": "60",
+            **settings,
+        }
+        with log_path.open("wb") as log_file:
+            process = subprocess.Popen(
+                [sys.executable, "-m", "entrypoint.gate", "--verbose"],
+                cwd=REPO,
+                env=environ,
+                stdout=log_file,
+                stderr=subprocess.STDOUT,
+            )
+        running = Gate(process, port, log_path)
+        started.append(running)
+
+        def answers() -> bool:
+            if process.poll() is not None:
+                raise AssertionError(f"the gate exited ({process.returncode}):\n{running.log()}")
+            try:
+                return requests.get(running.url + "/gate/status", timeout=1).status_code == 200
+            except requests.ConnectionError:
+                return False
+
+        wait_until(answers, "the gate to answer", timeout=15)
+        return running
+
+    yield start
+    for running in started:
+        running.stop()
+
+
+def library_config():
+    return load_config().replace(busy_wait_s=30)
+
+
+def assert_server_healthy(upstream: StandinServer) -> None:
+    """No worker died, nothing stays frozen or suspended."""
+    assert upstream.process.poll() is None, upstream.log()
+    engine, workers = upstream.engine_core(), upstream.workers()
+    started_with = {member.pid for member in upstream.family} - {upstream.pid, engine.pid}
+    assert {w.pid for w in workers} == started_with, "a worker was replaced"
+    assert all(w.status() != psutil.STATUS_ZOMBIE for w in workers)
+    assert engine.status() != psutil.STATUS_STOPPED
+    assert all(fakegpu.read_state(w.pid) == "running" for w in workers)
+    log = upstream.log()
+    assert "segmentation fault" not in log and "died" not in log, log
+
+
+def assert_transitions_never_overlapped(fake_gpu: Path) -> None:
+    """Every suspend locked all its PIDs and checkpointed them before any restore, and every resume restored
+    and unlocked all before the next lock: two transitions at once would interleave or hit illegal states."""
+    calls = [(op, pid, result) for _, op, pid, result in fakegpu.read_calls(fake_gpu) if op != "get-state"]
+    assert all(result == "ok" for _, _, result in calls), calls
+    letters = "".join({"lock": "L", "checkpoint": "C", "restore": "R", "unlock": "U"}[op] for op, _, _ in calls)
+    runs = re.sub(r"(.)\1*", r"\1", letters)  # LLLCCCRRRUUU -> LCRU
+    assert re.fullmatch(r"(LCRU)*", runs), letters
+    assert runs, "nothing was suspended"
+
+
+def test_streams_survive_forced_suspend_resume_cycles(server, gate, fake_gpu):
+    """Four clients stream through the gate while the library and the CLI suspend: none fails or differs."""
+    upstream = server(step_s=0.02)
+    prompts = [f"client {index}: tell me a story" for index in range(4)]
+    reference = {prompt: stream_deltas(upstream.url, prompt, 25) for prompt in prompts}
+    front = gate(upstream)
+    stop = threading.Event()
+    completed: dict[str, int] = dict.fromkeys(prompts, 0)
+    failures: list[str] = []
+
+    def client(prompt: str) -> None:
+        while not stop.is_set():
+            try:
+                deltas = stream_deltas(front.url, prompt, 25)
+            except (AssertionError, requests.RequestException) as error:
+                failures.append(f"{prompt}: {error!r}")
+                return
+            if deltas != reference[prompt]:
+                failures.append(f"{prompt}: {deltas} != {reference[prompt]}")
+                return
+            completed[prompt] += 1
+
+    late_answers: list[str] = []
+    with ThreadPoolExecutor(max_workers=len(prompts) + 1) as pool:
+        clients = [pool.submit(client, prompt) for prompt in prompts]
+        for cycle in range(2):
+            time.sleep(0.3)
+            if cycle == 1:
+                done = subprocess.run([*TOGGLE_ALL_CLI, "checkpointed", "--pid", str(upstream.pid)],
+                                      capture_output=True, text=True, timeout=60, cwd=REPO)  # fmt: skip
+                assert done.returncode == 0, done.stderr
+            else:
+                toggle("checkpointed", library_config(), pid=upstream.pid)
+            # Sent while the server is suspended (or the gate is already resuming it): it must wait.
+            late = pool.submit(chat_answer, front.url, prompts[0], 25)
+            if cycle == 0:
+                toggle("running", library_config(), pid=upstream.pid)  # the gate may have resumed it first
+            late_answers.append(answer_text(late.result(timeout=30)))
+        stop.set()
+        for future in clients:
+            future.result(timeout=30)
+    assert not failures, failures
+    assert all(count >= 2 for count in completed.values()), completed
+    assert late_answers == ["".join(reference[prompts[0]])] * 2
+    assert_server_healthy(upstream)
+    assert_transitions_never_overlapped(fake_gpu)
+    metrics = front.metrics()
+    assert metrics[series("vllm_gate_waited_requests_total")] >= 2
+    assert metrics[series("vllm_gate_errors_total", reason="resume_failed")] == 0
+    assert metrics[series("vllm_gate_in_flight")] == 0
+
+
+def test_idle_server_is_suspended_and_the_next_request_wakes_it(server, gate, fake_gpu, run_dir):
+    """GATE_IDLE_SUSPEND_S=1: no suspend while a request streams, a suspend 1 s after, a request wakes it."""
+    upstream = server(step_s=0.025)
+    reference = stream_deltas(upstream.url, "wake me", 50)  # about 1.25 s of streaming
+    front = gate(upstream, GATE_IDLE_SUSPEND_S="1")
+    assert stream_deltas(front.url, "wake me", 50) == reference
+    assert front.metric("vllm_gate_transitions_total", transition="suspend", outcome="ok") == 0
+
+    status = front.wait_for_state("suspended", timeout=10)
+    assert status["last_suspend_s"] > 0 and status["last_error"] is None
+    assert (run_dir / "suspended.json").exists()
+    assert [fakegpu.read_state(w.pid) for w in upstream.workers()] == ["checkpointed"] * 2
+    assert upstream.engine_core().status() == psutil.STATUS_STOPPED
+    baseline = {index: mib for index, _, _, mib in fakegpu.read_gpus(fake_gpu)}
+    assert fakegpu.used_mib(fake_gpu) == baseline, "the GPUs were not handed back"
+
+    # max_tokens only cuts a greedy answer: the first 10 words are the reference's first 10.
+    assert answer_text(chat_answer(front.url, "wake me", 10)) == "".join(reference[:11])
+    status = front.status()
+    assert status["state"] == "running" and status["last_resume_s"] > 0
+    metrics = front.metrics()
+    assert metrics[series("vllm_gate_transitions_total", transition="suspend", outcome="ok")] >= 1
+    assert metrics[series("vllm_gate_transitions_total", transition="resume", outcome="ok")] == 1
+    assert metrics[series("vllm_gate_waited_requests_total")] == 1
+    assert "suspended in" in front.log() and "waited" in front.log()
+
+
+def test_dev_endpoints_and_unknown_paths_are_404_and_never_reach_vllm(server, gate):
+    """/sleep, /collective_rpc and the like (served upstream in dev mode) are 404; the API passes."""
+    upstream = server("--enable-sleep-mode", env={"VLLM_SERVER_DEV_MODE": "1"})
+    assert upstream.get("/is_sleeping").json() == {"is_sleeping": False}  # upstream does serve them
+    front = gate(upstream)
+    log_before = len(upstream.log())
+    sneaky = [
+        "/v1/../sleep",
+        "/v1/%2e%2e/sleep",
+        "//sleep",
+        "/health/",
+        "/gate/other",
+        "/docs",
+        "/openapi.json",
+    ]
+    for method, path in [*DEV_ENDPOINTS, *(("POST", path) for path in sneaky)]:
+        connection = http.client.HTTPConnection("127.0.0.1", front.port, timeout=5)  # sends the path as it is
+        connection.request(method, path, body=b"{}", headers={"Content-Type": "application/json"})
+        response = connection.getresponse()
+        body = json.loads(response.read())
+        connection.close()
+        assert response.status == 404, (path, body)
+        assert body["error"]["type"] == "NotFoundError", (path, body)
+    assert requests.post(front.url + "/gate/status", timeout=5).status_code == 404
+    access_log = upstream.log()[log_before:]
+    for name in (
+        "sleep",
+        "wake_up",
+        "collective_rpc",
+        "reset_prefix_cache",
+        "server_info",
+        "docs",
+        "openapi",
+    ):
+        assert name not in access_log, f"{name} reached the upstream:\n{access_log}"
+    assert upstream.get("/is_sleeping").json() == {"is_sleeping": False}
+
+    # What the gate forwards, and upstream's own status codes and bodies passing through.
+    assert requests.get(front.url + "/health", timeout=5).status_code == 200
+    assert requests.get(front.url + "/version", timeout=5).json() == upstream.get("/version").json()
+    assert "vllm:num_requests_running" in requests.get(front.url + "/metrics", timeout=5).text
+    tokens = requests.post(front.url + "/tokenize", json={"prompt": "hi"}, timeout=5).json()["tokens"]
+    detokenized = requests.post(front.url + "/detokenize", json={"tokens": tokens}, timeout=5)
+    assert detokenized.json() == {"prompt": "hi"}
+    assert requests.get(front.url + "/v1/models", timeout=5).json()["data"][0]["id"] == STANDIN_MODEL
+    unknown_model = requests.post(front.url + "/v1/chat/completions", json={**chat_body("x", 2), "model": "nope"})
+    assert unknown_model.status_code == 404 and "`nope` does not exist" in unknown_model.json()["error"]["message"]
+    bad_request = requests.post(front.url + "/v1/completions", json={"model": STANDIN_MODEL}, timeout=5)
+    assert bad_request.status_code == 400 and "'prompt' is required" in bad_request.text
+    ping = requests.get(front.url + "/ping", timeout=5)  # forwarded: the stand-in has no /ping (FastAPI's 404)
+    assert ping.status_code == 404 and ping.json() == {"detail": "Not Found"}
+    metrics = front.metrics()
+    assert metrics[series("vllm_gate_requests_total", path_class="blocked")] == len(DEV_ENDPOINTS) + len(sneaky) + 1
+
+
+def test_passive_paths_do_not_wake_and_waking_requests_share_one_resume(server, gate):
+    """/health, /metrics, /v1/models (+ GATE_PASSIVE_PATHS) answer while suspended; six chats share a resume."""
+    upstream = server()
+    reference = answer_text(chat_answer(upstream.url, "together", 12))
+    front = gate(upstream, GATE_PASSIVE_PATHS="/health,/metrics,/v1/models,/tokenize")
+    toggle("checkpointed", library_config(), pid=upstream.pid)
+    front.wait_for_state("suspended")
+    assert requests.get(front.url + "/health", timeout=5).status_code == 200
+    assert "vllm:num_requests_waiting" in requests.get(front.url + "/metrics", timeout=5).text
+    assert requests.get(front.url + "/v1/models", timeout=5).status_code == 200
+    assert requests.post(front.url + "/tokenize", json={"prompt": "hi"}, timeout=5).status_code == 200
+    time.sleep(0.3)  # several watcher ticks
+    status = front.status()
+    assert status["state"] == "suspended" and status["last_resume_s"] is None
+    assert [fakegpu.read_state(w.pid) for w in upstream.workers()] == ["checkpointed"] * 2
+    metrics = front.metrics()
+    assert metrics[series("vllm_gate_transitions_total", transition="resume", outcome="ok")] == 0
+    assert metrics[series("vllm_gate_requests_total", path_class="passive")] == 4
+    assert metrics[series("vllm_gate_waited_requests_total")] == 0
+
+    with ThreadPoolExecutor(max_workers=6) as pool:
+        answers = list(pool.map(lambda _: answer_text(chat_answer(front.url, "together", 12)), range(6)))
+    assert answers == [reference] * 6
+    metrics = front.metrics()
+    assert metrics[series("vllm_gate_transitions_total", transition="resume", outcome="ok")] == 1
+    assert metrics[series("vllm_gate_waited_requests_total")] == 6
+    assert metrics[series("vllm_gate_request_wait_seconds_count")] == 6
+    assert front.status()["waiting"] == 0
+    assert_server_healthy(upstream)
+
+
+def test_client_disconnect_aborts_the_upstream_request(server, gate):
+    """A client gone mid-stream aborts vLLM's request; one gone while waiting never reaches vLLM."""
+    upstream = server(step_s=0.05)
+    front = gate(upstream)
+
+    def upstream_counter(name: str) -> float:
+        return parse_metrics(upstream.get("/metrics").text)[name]
+
+    body = chat_body("a long story", 200, stream=True)  # 10 s of streaming
+    with requests.post(f"{front.url}/v1/chat/completions", json=body, stream=True, timeout=10) as response:
+        lines = response.iter_lines()
+        for _ in range(3):
+            next(lines)
+        assert front.status()["in_flight"] == 1
+    wait_until(lambda: upstream_counter("standin:aborted_requests_total") == 1, "the upstream abort", 5)
+    wait_until(lambda: front.status()["in_flight"] == 0, "in_flight back to 0", 5)
+
+    toggle("checkpointed", library_config(), pid=upstream.pid)
+    handed_over = upstream_counter("standin:requests_total")
+    with pytest.raises(requests.ReadTimeout):
+        chat_answer(front.url, "impatient", 4, timeout=0.3)  # gives up while the gate resumes
+    front.wait_for_state("running")
+    wait_until(lambda: front.status()["waiting"] == 0, "waiting back to 0", 5)
+    assert upstream_counter("standin:requests_total") == handed_over
+    assert front.metric("vllm_gate_transitions_total", transition="resume", outcome="ok") == 1
+    assert_server_healthy(upstream)
+
+
+def test_tool_suspend_while_requests_flow_is_seen_and_undone_by_the_gate(server, gate, fake_gpu):
+    """cuda-toggle-all suspends under streaming clients: the gate waits for it, then resumes for them."""
+    upstream = server(step_s=0.03)
+    prompts = [f"tool test {index}" for index in range(3)]
+    reference = {prompt: stream_deltas(upstream.url, prompt, 30) for prompt in prompts}
+    front = gate(upstream)
+    with ThreadPoolExecutor(max_workers=len(prompts)) as pool:
+        streams = [pool.submit(stream_deltas, front.url, prompt, 30) for prompt in prompts]
+        wait_until(lambda: front.status()["in_flight"] == len(prompts), "the streams to start", 5)
+        tool = subprocess.Popen([*TOGGLE_ALL_CLI, "checkpointed", "--pid", str(upstream.pid)], cwd=REPO,
+                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)  # fmt: skip
+        wait_until(lambda: front.status()["state"] in ("suspending", "suspended"), "the gate to see the tool", 10)
+        output, _ = tool.communicate(timeout=30)
+        assert tool.returncode == 0, output
+        results = {prompt: future.result(timeout=30) for prompt, future in zip(prompts, streams, strict=True)}
+    assert results == reference
+    status = front.wait_for_state("running")
+    assert status["last_resume_s"] > 0
+    assert front.metric("vllm_gate_transitions_total", transition="resume", outcome="ok") == 1
+    assert "request(s) in flight while the server is" in front.log()
+    assert_server_healthy(upstream)
+    assert_transitions_never_overlapped(fake_gpu)
+
+
+def test_failed_resume_answers_503_and_the_next_request_retries(server, gate):
+    """A resume that fails gives the waiting requests a 503 naming the failure; the next request resumes."""
+    upstream = server()
+    reference = answer_text(chat_answer(upstream.url, "retry", 6))
+    front = gate(upstream)
+    toggle("checkpointed", library_config(), pid=upstream.pid)
+    front.wait_for_state("suspended")
+    fakegpu.add_fault(upstream.workers()[0].pid, "restore", "error")
+    with ThreadPoolExecutor(max_workers=3) as pool:
+        failed = list(pool.map(lambda _: chat_answer(front.url, "retry", 6), range(3)))
+    for response in failed:
+        assert response.status_code == 503, response.text
+        message = response.json()["error"]["message"]
+        assert message.startswith("the model is suspended and resuming it failed: resume failed"), message
+    status = front.wait_for_state("suspended")
+    assert "resume failed" in status["last_error"]
+    assert [fakegpu.read_state(w.pid) for w in upstream.workers()] == ["checkpointed"] * 2
+
+    assert answer_text(chat_answer(front.url, "retry", 6)) == reference
+    status = front.status()
+    assert status["state"] == "running" and status["last_error"] is None
+    metrics = front.metrics()
+    assert metrics[series("vllm_gate_transitions_total", transition="resume", outcome="failed")] == 1
+    assert metrics[series("vllm_gate_transitions_total", transition="resume", outcome="ok")] == 1
+    assert metrics[series("vllm_gate_errors_total", reason="resume_failed")] == 3
+    assert_server_healthy(upstream)
+
+
+def test_gate_status_and_metrics_describe_state_and_traffic(server, gate):
+    """/gate/status has every field; /gate/metrics is Prometheus text; both follow a suspend and a stream."""
+    upstream = server(step_s=0.03)
+    started = time.time()
+    front = gate(upstream, GATE_IDLE_SUSPEND_S="600")
+    status = front.status()
+    assert set(status) == {"state", "since", "in_flight", "waiting", "last_suspend_s", "last_resume_s",
+                           "last_error", "idle_suspend_s"}  # fmt: skip
+    assert status["state"] == "running" and started - 1 <= status["since"] <= time.time()
+    assert (status["in_flight"], status["waiting"], status["idle_suspend_s"]) == (0, 0, 600)
+    assert (status["last_suspend_s"], status["last_resume_s"], status["last_error"]) == (None, None, None)
+
+    response = requests.get(front.url + "/gate/metrics", timeout=5)
+    assert response.headers["Content-Type"].startswith("text/plain; version=0.0.4")
+    families = re.findall(r"^# TYPE (\S+) (\S+)$", response.text, flags=re.MULTILINE)
+    assert {name for name, _ in families} >= {
+        "vllm_gate_requests_total", "vllm_gate_transitions_total", "vllm_gate_transition_seconds",
+        "vllm_gate_waited_requests_total", "vllm_gate_waited_seconds_total", "vllm_gate_request_wait_seconds",
+        "vllm_gate_in_flight", "vllm_gate_waiting", "vllm_gate_suspended",
+    }  # fmt: skip
+    metrics = parse_metrics(response.text)
+    assert metrics[series("vllm_gate_in_flight")] == 0 and metrics[series("vllm_gate_suspended")] == 0
+
+    toggle("checkpointed", library_config(), pid=upstream.pid)
+    status = front.wait_for_state("suspended")
+    assert status["since"] > started and status["last_suspend_s"] is None  # not the gate's own suspend
+    assert front.metric("vllm_gate_suspended") == 1
+    assert front.metric("vllm_gate_state", state="suspended") == 1
+
+    body = chat_body("status", 30, stream=True)
+    with requests.post(f"{front.url}/v1/chat/completions", json=body, stream=True, timeout=30) as stream:
+        lines = stream.iter_lines()  # one generator: dropping one closes the connection
+        next(lines)  # the first event arrives after the resume
+        status = front.status()
+        assert status["state"] == "running" and status["in_flight"] == 1
+        assert front.metric("vllm_gate_in_flight") == 1
+        for _ in lines:
+            pass
+    metrics = front.metrics()
+    assert metrics[series("vllm_gate_in_flight")] == 0 and metrics[series("vllm_gate_suspended")] == 0
+    assert metrics[series("vllm_gate_transitions_total", transition="resume", outcome="ok")] == 1
+    assert metrics[series("vllm_gate_transition_seconds_sum", transition="resume", outcome="ok")] > 0
+    assert metrics[series("vllm_gate_requests_total", path_class="waking")] == 1
+    assert metrics[series("vllm_gate_request_wait_seconds_bucket", le="+Inf")] == 1
+    assert metrics[series("vllm_gate_waited_seconds_total")] > 0
