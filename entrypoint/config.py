@@ -54,7 +54,25 @@ SETTINGS: dict[str, Setting] = {
         Setting("CUDA_TOGGLE_GPU_QUERY", "auto", "auto | nvml | nvidia-smi | none: GPU memory figures"),
         Setting("CUDA_TOGGLE_NVIDIA_SMI", "nvidia-smi", "the nvidia-smi binary (fallback to NVML)"),
         Setting("CUDA_TOGGLE_RAM_MARGIN_MIB", "2048", "host RAM kept free beyond the checkpointed memory"),
+        Setting(
+            "CUDA_TOGGLE_HOST_RAM_MIB",
+            "",
+            "host RAM available for checkpoints, instead of the measured MemAvailable (for VMs whose memory"
+            " grows on demand and so reads low)",
+        ),
         Setting("CUDA_TOGGLE_RESTORE_MARGIN_MIB", "256", "GPU memory kept free beyond what a restore needs"),
+        Setting(
+            "CUDA_TOGGLE_MODE",
+            "auto",
+            "plain | hybrid | auto: hybrid first puts vLLM to sleep (level 1: weights to host RAM, KV cache"
+            " dropped) and checkpoints only what remains; auto = hybrid when the server has sleep mode",
+        ),
+        Setting(
+            "CUDA_TOGGLE_SERVER_URL",
+            "",
+            "the vLLM server's own HTTP address for sleep mode (default: --host/--port of its command line)",
+        ),
+        Setting("CUDA_TOGGLE_SLEEP_TIMEOUT_S", "600", "timeout of vLLM's /sleep and /wake_up calls (s)"),
         Setting("CUDA_TOGGLE_PROGRESS_S", "5", "seconds between progress lines during long phases"),
     ]
 }
@@ -81,7 +99,11 @@ class Config:
     gpu_query: str
     nvidia_smi: str
     ram_margin_mib: int
+    host_ram_mib: int | None
     restore_margin_mib: int
+    mode: str
+    server_url: str
+    sleep_timeout_s: float
     progress_s: float
     sources: Mapping[str, str] = field(default_factory=dict, compare=False)
 
@@ -148,9 +170,15 @@ def load_config(environ: Mapping[str, str] | None = None) -> Config:
         ),
         nvidia_smi=get("CUDA_TOGGLE_NVIDIA_SMI"),
         ram_margin_mib=int(_number("CUDA_TOGGLE_RAM_MARGIN_MIB", get("CUDA_TOGGLE_RAM_MARGIN_MIB"), int, 0)),
+        host_ram_mib=int(_number("CUDA_TOGGLE_HOST_RAM_MIB", get("CUDA_TOGGLE_HOST_RAM_MIB"), int, 1))
+        if get("CUDA_TOGGLE_HOST_RAM_MIB")
+        else None,
         restore_margin_mib=int(
             _number("CUDA_TOGGLE_RESTORE_MARGIN_MIB", get("CUDA_TOGGLE_RESTORE_MARGIN_MIB"), int, 0)
         ),
+        mode=_choice("CUDA_TOGGLE_MODE", get("CUDA_TOGGLE_MODE"), ("auto", "plain", "hybrid")),
+        server_url=get("CUDA_TOGGLE_SERVER_URL"),
+        sleep_timeout_s=_number("CUDA_TOGGLE_SLEEP_TIMEOUT_S", get("CUDA_TOGGLE_SLEEP_TIMEOUT_S"), float, 1),
         progress_s=_number("CUDA_TOGGLE_PROGRESS_S", get("CUDA_TOGGLE_PROGRESS_S"), float, 0.1),
         sources=sources,
     )

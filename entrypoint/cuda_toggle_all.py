@@ -44,6 +44,12 @@ EPILOG = "\n\n".join(
     type=click.Choice(["auto", "cli", "driver"]),
     help="driver = libcuda API, cli = the cuda-checkpoint binary (env CUDA_TOGGLE_BACKEND).",
 )
+@click.option(
+    "--mode",
+    type=click.Choice(["auto", "plain", "hybrid"]),
+    help="hybrid: sleep vLLM (level 1) first, "
+    "then checkpoint what remains; auto: hybrid when the server has sleep mode (env CUDA_TOGGLE_MODE).",
+)
 @click.option("--force", is_flag=True, help="Go on despite the safety refusals (loudly).")
 @click.option("--no-freeze", is_flag=True, help="Do not SIGSTOP the dispatcher (VLLM::EngineCore) while suspended.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object on stdout.")
@@ -55,6 +61,7 @@ def cli(
     program: str | None,
     supervisor_url: str | None,
     backend: str | None,
+    mode: str | None,
     force: bool,
     no_freeze: bool,
     as_json: bool,
@@ -99,7 +106,13 @@ def cli(
             logger.info("\n" + status_table(result))
         else:
             result = toggle(
-                target, config, pid=pid, force=force, freeze_dispatcher=not no_freeze, backend_name=backend
+                target,
+                config,
+                pid=pid,
+                force=force,
+                freeze_dispatcher=not no_freeze,
+                backend_name=backend,
+                mode=mode,
             ).to_json()
             logger.info("\n" + toggle_table(result))
         if as_json:

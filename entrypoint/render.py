@@ -47,8 +47,8 @@ def toggle_table(result: dict) -> str:
     phases = ", ".join(f"{name} {seconds:.2f} s" for name, seconds in result["phases"].items())
     lines.append(
         f"{'ok' if result['ok'] else 'FAILED'}: -> {result['target']} in {result['seconds']:.2f} s"
-        f" ({phases or 'no change'}); backend {result['backend']}; lock rounds {result['lock_rounds']};"
-        f" server PID {result['root_pid']} ({result['root_how']})"
+        f" ({phases or 'no change'}); backend {result['backend']}, mode {result['mode']};"
+        f" lock rounds {result['lock_rounds']}; server PID {result['root_pid']} ({result['root_how']})"
     )
     if result["gpus_before"]:
         lines.append("GPU memory: " + _gpu_line(result["gpus_before"], result["gpus_after"] or result["gpus_before"]))

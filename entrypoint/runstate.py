@@ -98,6 +98,8 @@ class SuspendRecord:
     frozen: list[FrozenProcess] = field(default_factory=list)
     gpus: list[GpuRecord] = field(default_factory=list)
     complete: bool = False
+    mode: str = "plain"
+    server_url: str = ""
 
     @staticmethod
     def path(run_dir: str) -> Path:

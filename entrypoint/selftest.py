@@ -101,6 +101,7 @@ class Selftest:
         self.client = OpenAIClient(options.url)
         self.report = Report(url=options.url)
         self.suspended = False
+        self.mode = "plain"  # of the last suspend: plain, or hybrid (vLLM slept first)
 
     def step(self, name: str, began: float, detail: str, ok: bool = True) -> None:
         seconds = time.monotonic() - began
@@ -218,7 +219,10 @@ class Selftest:
             )
         released = sum(g.released_gb for g in self.report.gpus)
         per_gpu = released / len(self.report.gpus)
+        self.mode = result.mode
         figures = {
+            "mode": result.mode,
+            "sleep_s": round(result.phases.get("sleep", 0), 3),
             "suspend_s": round(result.seconds, 3),
             "checkpoint_s": round(result.phases.get("checkpoint", 0), 3),
             "released_gb_per_gpu": round(per_gpu, 3),
@@ -318,6 +322,7 @@ class Selftest:
         figures = {
             "resume_s": round(result.seconds, 3),
             "restore_s": round(result.phases.get("restore", 0), 3),
+            "wake_up_s": round(result.phases.get("wake_up", 0), 3),
             "resume_gb_s_per_gpu": round(per_gpu / result.seconds, 3) if result.seconds else None,
         }
         self.step(
@@ -364,10 +369,17 @@ class Selftest:
             )
         self.report.inflight_answer, self.report.inflight_seconds = answer.text, round(outcome["seconds"], 3)
         if answer.text != self.report.answer_before and not self.options.allow_different:
+            hint = ""
+            if self.mode == "hybrid" and not self.report.gate:
+                hint = (
+                    " (a hybrid suspend: vLLM schedules a request queued while it was suspended before "
+                    "/wake_up brings the weights back; send requests through the gate, which holds them "
+                    "until the wake-up, or use CUDA_TOGGLE_MODE=plain)"
+                )
             raise self.fail(
                 "request while suspended, answered",
                 began,
-                f"answered, but differently: {answer.text!r}",
+                f"answered, but differently: {answer.text!r}{hint}",
                 ExitCode.ANSWER_CHANGED,
             )
         self.step(

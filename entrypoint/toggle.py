@@ -20,6 +20,7 @@ from .errors import ExitCode, SuspendError
 from .gpus import GpuReading, read_gpus
 from .processes import ProcessInfo, describe, inherited_environ, walk_tree
 from .runstate import FrozenProcess, GpuRecord, SuspendRecord, ToolLock
+from .sleep_mode import SleepClient, SleepModeError, server_url
 from .transition import (
     Inconsistent,
     PidResult,
@@ -124,6 +125,7 @@ def toggle(
     force: bool = False,
     freeze_dispatcher: bool = True,
     backend_name: str | None = None,
+    mode: str | None = None,
 ) -> ToggleResult:
     """Move every CUDA process of the server to `target` (checkpointed or running).
 
@@ -135,7 +137,7 @@ def toggle(
         backend = select_backend(config, backend_name)
         observation = observe(config, backend, pid)
         if target == SUSPEND:
-            return _suspend(config, backend, observation, force, freeze_dispatcher, started)
+            return _suspend(config, backend, observation, force, freeze_dispatcher, started, mode or config.mode)
         return _resume(config, backend, observation, force, started)
 
 
@@ -145,8 +147,15 @@ def _fail(result: ToggleResult, message: str, code: ExitCode, started: float, st
     return SuspendError(message, code, result)
 
 
+def _sleep_client(config: Config, obs: Observation, record: SuspendRecord | None = None) -> SleepClient:
+    url = (
+        record.server_url if record and record.server_url else server_url(obs.process(obs.root.pid), config.server_url)
+    )
+    return SleepClient(url, config.sleep_timeout_s)
+
+
 def _suspend(
-    config: Config, backend: Backend, obs: Observation, force: bool, freeze_on: bool, started: float
+    config: Config, backend: Backend, obs: Observation, force: bool, freeze_on: bool, started: float, mode: str
 ) -> ToggleResult:
     dispatchers = obs.dispatchers if freeze_on else []
     dispatcher_pids = {p.pid for p in dispatchers}
@@ -197,6 +206,8 @@ def _suspend(
         limit = safety.cgroup_available_bytes()
         if limit is not None:
             available = min(available, limit)
+        if config.host_ram_mib is not None:
+            available = config.host_ram_mib * 2**20
         refusals += safety.host_memory_refusals(
             safety.memory_to_copy_mib(gpus, to_copy), available // 2**20, config.ram_margin_mib
         )
@@ -205,6 +216,41 @@ def _suspend(
         raise _fail(result, "refused, nothing changed: " + " | ".join(refusals), ExitCode.REFUSED, started, states)
     for reason in refusals:
         logger.warning("--force: going on despite: {}", reason)
+
+    client = _sleep_client(config, obs)
+    if mode != "plain" and not all(state == "checkpointed" for state in states.values()):
+        sleeping = client.is_sleeping() if not any(p.stopped for p in dispatchers) else None
+        if sleeping is None:
+            if mode == "hybrid":
+                raise _fail(
+                    result,
+                    f"refused, nothing changed: --mode hybrid, but {client.url} has no sleep mode "
+                    "(/is_sleeping): start vLLM with --enable-sleep-mode and VLLM_SERVER_DEV_MODE=1 (behind "
+                    "the gate), set CUDA_TOGGLE_SERVER_URL, or use --mode plain",
+                    ExitCode.REFUSED,
+                    started,
+                    states,
+                )
+            mode = "plain"
+        elif not sleeping:
+            began = time.monotonic()
+            try:
+                client.sleep(level=1)
+                result.phases["sleep"] = time.monotonic() - began
+                logger.info(
+                    "vLLM sleeps (level 1) after {:.2f} s: the checkpoint copies only what remains",
+                    result.phases["sleep"],
+                )
+                mode = "hybrid"
+            except SleepModeError as error:
+                logger.warning("sleep failed ({}): falling back to a plain suspend", error)
+                result.notes.append(f"sleep failed ({error}): plain suspend")
+                mode = "plain"
+        else:
+            mode = "hybrid"
+    else:
+        mode = "plain" if mode == "plain" else ((SuspendRecord.load(config.run_dir) or SuspendRecord(0, 0, "", 0)).mode)
+    result.mode = mode
 
     already_frozen = [p for p in dispatchers if p.stopped]
     result.dispatchers = [
@@ -217,6 +263,7 @@ def _suspend(
     known = {f.pid for f in record.frozen}
     record.frozen += [FrozenProcess(p.pid, p.create_time, p.title) for p in dispatchers if p.pid not in known]
     record.complete = False
+    record.mode, record.server_url = mode, client.url
     record.save(config.run_dir)  # before freezing: a crash from here on leaves what `running` needs to repair
 
     with SignalGuard() as guard:
@@ -233,6 +280,8 @@ def _suspend(
             except (RolledBack, Inconsistent) as failure:
                 _thaw_all(record, dispatchers)
                 SuspendRecord.clear(config.run_dir)
+                if mode == "hybrid":
+                    _wake(client, result)
                 code = ExitCode.TRANSITION_FAILED if isinstance(failure, RolledBack) else ExitCode.INCONSISTENT
                 hint = (
                     "every process is running again and the dispatcher continued"
@@ -354,6 +403,19 @@ def _resume(config: Config, backend: Backend, obs: Observation, force: bool, sta
                 )
         _thaw_all(record, obs.dispatchers)
         result.interrupted = guard.received
+        client = _sleep_client(config, obs, record)
+        if (record is not None and record.mode == "hybrid") or client.is_sleeping():
+            result.mode = "hybrid"
+            if not _wake(client, result):
+                SuspendRecord.clear(config.run_dir)
+                raise _fail(
+                    result,
+                    f"the CUDA processes run again but vLLM did not wake up: {result.notes[-1]}; "
+                    "run `cuda-toggle-all running` again",
+                    ExitCode.TRANSITION_FAILED,
+                    started,
+                    states,
+                )
     for entry in result.dispatchers:
         entry["frozen_after"] = bool(describe(entry["pid"]) and describe(entry["pid"]).stopped)
     SuspendRecord.clear(config.run_dir)
@@ -361,6 +423,20 @@ def _resume(config: Config, backend: Backend, obs: Observation, force: bool, sta
     _finish(result, states, started)
     result.ok = True
     return result
+
+
+def _wake(client: SleepClient, result: ToggleResult) -> bool:
+    """POST /wake_up (after the dispatcher runs again: the wake-up goes through it); False on failure."""
+    began = time.monotonic()
+    try:
+        client.wake_up()
+    except SleepModeError as error:
+        result.notes.append(f"wake-up failed: {error}")
+        logger.error("wake-up failed: {}", error)
+        return False
+    result.phases["wake_up"] = time.monotonic() - began
+    logger.info("vLLM woke up in {:.2f} s", result.phases["wake_up"])
+    return True
 
 
 @dataclass

@@ -44,6 +44,7 @@ class ToggleResult:
     root_pid: int | None = None
     root_how: str = ""
     backend: str = ""
+    mode: str = "plain"  # plain, or hybrid (vLLM slept at level 1 before the checkpoint)
     seconds: float = 0.0
     pids: list[PidResult] = field(default_factory=list)
     dispatchers: list[dict] = field(default_factory=list)  # {pid, name, frozen_before, frozen_after}
