@@ -33,7 +33,7 @@ def supervisor_proxy(url: str, timeout_s: float = 5.0) -> xmlrpc.client.ServerPr
 def supervisor_program_pid(url: str, program: str) -> int | None:
     """The PID supervisord reports for `program`; None when supervisord is not there.
 
-    Raises SuspendError when supervisord runs the program but it is not RUNNING: then matching
+    Raises SuspendError when supervisord runs the program but it is not running: then matching
     command lines would only find a process that is starting or dying.
     """
     if url.startswith("unix://") and not os.path.exists(url[len("unix://") :]):
@@ -46,7 +46,8 @@ def supervisor_program_pid(url: str, program: str) -> int | None:
     except (OSError, http.client.HTTPException, xmlrpc.client.ProtocolError) as error:
         logger.debug("supervisord at {} did not answer: {}", url, error)
         return None
-    if info.get("statename") != "RUNNING" or not info.get("pid"):
+    # STARTING only means younger than the program's startsecs: the process is there and is the server.
+    if info.get("statename") not in ("RUNNING", "STARTING") or not info.get("pid"):
         raise SuspendError(
             f"supervisord's program {program!r} is {info.get('statename')}, not RUNNING "
             f"({info.get('description', '')}): see `supervisorctl status {program}` and the server's log",

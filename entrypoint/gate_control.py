@@ -110,7 +110,8 @@ class PowerController:
         self.in_flight = 0
         self.waiting = 0
         self.idle_since = time.monotonic()
-        # Set from status() after a failed transition: the CUDA states say suspended though no record does.
+        # Set from status() after a failed transition, when the CUDA states say the workers must not get
+        # requests though no record may say so; cleared by the next transition that succeeds.
         self.believed_suspended = False
         self.retry_resume_after = 0.0
         self.last_suspend_s: float | None = None
@@ -242,7 +243,7 @@ class PowerController:
             self.last_resume_s = outcome.seconds
         past = "suspended" if outcome.transition == "suspend" else "resumed"
         if outcome.ok:
-            self.believed_suspended = outcome.transition == "suspend"
+            self.believed_suspended = False  # the record tells the truth again
             self.last_error = None
             extra = f" ({outcome.message})" if outcome.message else ""
             logger.info("{} in {:.2f} s (trigger: {}){}", past, outcome.seconds, outcome.trigger, extra)
