@@ -19,6 +19,8 @@ WAIT_TIMEOUT ?= 1800
 CLEANUP ?= 0
 # Extra arguments for `selftest` in `make test`.
 SELFTEST_ARGS ?=
+# Arguments for `make bench` (see `python -m benchmarks.bench_toggle --help`), e.g. BENCH_ARGS="--repetitions 5".
+BENCH_ARGS ?=
 
 SHELL_SCRIPTS := $(wildcard docker/*.sh scripts/*.sh) .ci/run
 # `wait`, and the same step inside `test` (written out there, not as a sub-make, so that `make -n test`
@@ -48,6 +50,10 @@ lint: $(VENV)/.installed ## Linters: ruff, shellcheck, hadolint, docker-compose 
 .PHONY: check
 check: lint ## The project's own tests and linters (what CI runs)
 	$(VENV)/bin/pytest -q
+
+.PHONY: bench
+bench: $(VENV)/.installed ## Benchmark on the fake GPU: tool overhead, parallel vs the seed (BENCH_ARGS=...)
+	$(VENV_PY) -m benchmarks.bench_toggle $(BENCH_ARGS)
 
 ##@ Container (host with Docker and two GPUs)
 

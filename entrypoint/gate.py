@@ -28,7 +28,8 @@ from .render import setup_logging
 
 CONTROLLER = web.AppKey("controller", PowerController)
 STATUS_PATH, METRICS_PATH = "/gate/status", "/gate/metrics"
-# How long shutdown lets the requests still streaming finish before it cuts them off.
+# How long shutdown lets the requests in flight finish before it cuts them off (supervisord's
+# stopwaitsecs is 10 s by default).
 SHUTDOWN_GRACE_S = 5.0
 
 
@@ -50,6 +51,9 @@ def build_app(gate: GateConfig, toggle_config: Config) -> web.Application:
         await forwarder.open()
         controller.start_watching()
 
+    async def on_shutdown(app: web.Application) -> None:  # after the gate stopped accepting connections
+        await forwarder.drain(SHUTDOWN_GRACE_S)
+
     async def on_cleanup(app: web.Application) -> None:
         await controller.close()
         await forwarder.close()
@@ -59,6 +63,7 @@ def build_app(gate: GateConfig, toggle_config: Config) -> web.Application:
     app.router.add_get(METRICS_PATH, gate_metrics, allow_head=False)
     app.router.add_route("*", "/{path:.*}", forwarder.handle)
     app.on_startup.append(on_startup)
+    app.on_shutdown.append(on_shutdown)
     app.on_cleanup.append(on_cleanup)
     app[CONTROLLER] = controller  # for embedding the gate in another aiohttp application
     return app
@@ -96,8 +101,12 @@ async def serve(gate: GateConfig, toggle_config: Config) -> None:
 
 def load_settings() -> tuple[GateConfig, Config]:
     gate = load_gate_config(os.environ)
-    # The gate waits for a transition of cuda-toggle-all rather than failing the requests behind it.
-    toggle_config = load_config().replace(busy_wait_s=gate.busy_wait_s)
+    toggle_config = load_config()
+    # The gate waits for a transition of cuda-toggle-all rather than failing the requests behind it, and
+    # the hybrid suspend calls vLLM's /sleep where the gate knows vLLM is (the only place it is served).
+    toggle_config = toggle_config.replace(
+        busy_wait_s=gate.busy_wait_s, server_url=toggle_config.server_url or gate.upstream
+    )
     return gate, toggle_config
 
 
@@ -105,7 +114,8 @@ EPILOG = "\n\n".join(
     [
         gate_settings_help(),
         "\b\nThe CUDA_TOGGLE_* variables of cuda-toggle-all (see cuda-toggle-all --help) set how the\n"
-        "gate suspends and resumes; it takes GATE_BUSY_WAIT_S instead of CUDA_TOGGLE_BUSY_WAIT_S.",
+        "gate suspends and resumes; it takes GATE_BUSY_WAIT_S instead of CUDA_TOGGLE_BUSY_WAIT_S, and\n"
+        "CUDA_TOGGLE_SERVER_URL defaults to GATE_UPSTREAM (where the hybrid suspend calls /sleep).",
         "\b\nServed by the gate itself:"
         "\n  GET /gate/status    JSON: state, since, in_flight, waiting, last_suspend_s, last_resume_s,"
         "\n                      last_error, idle_suspend_s"
@@ -132,8 +142,11 @@ def cli(print_config: bool, as_json: bool, verbose: bool) -> None:
         sys.exit(int(failure.exit_code))
     if print_config:
         rows = gate.describe() + toggle_config.describe()
-        rows = [(env, str(gate.busy_wait_s), "GATE_BUSY_WAIT_S") if env == "CUDA_TOGGLE_BUSY_WAIT_S" else
-                (env, value, source) for env, value, source in rows]  # fmt: skip
+        replaced = {
+            "CUDA_TOGGLE_BUSY_WAIT_S": (str(gate.busy_wait_s), "GATE_BUSY_WAIT_S"),
+            "CUDA_TOGGLE_SERVER_URL": (toggle_config.server_url, "environment or GATE_UPSTREAM"),
+        }
+        rows = [(env, *replaced.get(env, (value, source))) for env, value, source in rows]
         if as_json:
             click.echo(json.dumps({env: {"value": value, "from": source} for env, value, source in rows}))
         else:

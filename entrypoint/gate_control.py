@@ -182,23 +182,27 @@ class PowerController:
             return 0.0
         started = time.monotonic()
         self.waiting += 1
+        ending = "and went away"  # unless the loop below ends otherwise: the client disconnected
         try:
-            for _ in range(MAX_WAKE_ROUNDS):
-                if self.refresh() is Phase.RUNNING:
-                    break
+            rounds = 0
+            while self.refresh() is not Phase.RUNNING:
+                if rounds == MAX_WAKE_ROUNDS:
+                    ending = "and gets a 503: suspended again each time it was resumed"
+                    raise ResumeFailed(f"the server was suspended again {rounds} times while this request waited")
+                rounds += 1
                 # A transition of cuda-toggle-all in flight, or a suspended server: resume. The resume
                 # waits for the tool's lock, so a suspend by the tool finishes first and is then undone.
                 task = self.transition or self.start(Phase.RESUMING, "request")
                 outcome = await asyncio.shield(task)  # a client that goes away must not cancel it
                 if outcome.transition == "resume" and not outcome.ok:
+                    ending = "and gets a 503: the resume failed"
                     raise ResumeFailed(outcome.message)
-            else:
-                raise ResumeFailed(f"the server was suspended again {MAX_WAKE_ROUNDS} times while this request waited")
+            ending = "for the server to resume"
         finally:
             self.waiting -= 1
             waited_s = time.monotonic() - started
             self.metrics.record_wait(waited_s)
-        logger.info("{} waited {:.2f} s for the server to resume", label, waited_s)
+            logger.info("{} waited {:.2f} s {}", label, waited_s, ending)
         return waited_s
 
     # -- transitions -----------------------------------------------------------------------------

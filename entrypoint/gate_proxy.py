@@ -83,6 +83,7 @@ class Forwarder:
         self.metrics = metrics
         self.upstream = URL(gate.upstream)
         self.session: aiohttp.ClientSession | None = None
+        self.handlers: set[asyncio.Task] = set()  # requests being handled, for a bounded shutdown
 
     async def open(self) -> None:
         self.session = aiohttp.ClientSession(
@@ -98,7 +99,32 @@ class Forwarder:
         if self.session is not None:
             await self.session.close()
 
+    async def drain(self, grace_s: float) -> None:
+        """Let the requests in flight finish for up to grace_s, then cut them off (which aborts them upstream).
+
+        aiohttp's own graceful shutdown may wait for a long stream to its end; the supervisor would kill
+        the gate before that anyway.
+        """
+        if not self.handlers:
+            return
+        logger.info("letting {} request(s) finish for up to {:g} s", len(self.handlers), grace_s)
+        _, unfinished = await asyncio.wait(set(self.handlers), timeout=grace_s)
+        for task in unfinished:
+            task.cancel()
+        await asyncio.gather(*unfinished, return_exceptions=True)
+        if unfinished:
+            logger.warning("cut off {} request(s) still in flight", len(unfinished))
+
     async def handle(self, request: web.Request) -> web.StreamResponse:
+        task = asyncio.current_task()
+        if task is not None:
+            self.handlers.add(task)
+        try:
+            return await self.handle_tracked(request)
+        finally:
+            self.handlers.discard(task)
+
+    async def handle_tracked(self, request: web.Request) -> web.StreamResponse:
         path_class = classify(request.path, self.gate.passive_paths, self.gate.extra_paths)
         self.metrics.count_request(path_class)
         if path_class is PathClass.BLOCKED:

@@ -6,6 +6,8 @@ resumes go through the real library and the fake cuda-checkpoint.
 
 from __future__ import annotations
 
+import asyncio
+import gzip
 import http.client
 import json
 import os
@@ -23,8 +25,9 @@ from pathlib import Path
 import psutil
 import pytest
 import requests
+from aiohttp import web
 
-from entrypoint.config import load_config
+from entrypoint.config import Config, load_config
 from entrypoint.toggle import toggle
 from tests.conftest import STANDIN_MODEL, StandinServer, fakegpu, free_port
 
@@ -184,18 +187,19 @@ def server(run_dir: Path, standin_server) -> Callable[..., StandinServer]:
 
 @pytest.fixture
 def gate(run_dir: Path, tmp_path: Path) -> Iterator[Callable[..., Gate]]:
-    """Factory: gate(server, GATE_X=value, ...) starts the gate in front of `server`; stopped at teardown."""
+    """Factory: gate(server, GATE_X=value, ...) starts the gate in front of `server` (a StandinServer, or
+    the URL of another upstream); stopped at teardown."""
     started: list[Gate] = []
 
-    def start(upstream: StandinServer, **settings: str) -> Gate:
+    def start(upstream: StandinServer | str, **settings: str) -> Gate:
         port = free_port()
         log_path = tmp_path / f"gate-{port}.log"
         environ = {
             **os.environ,
             "GATE_HOST": "127.0.0.1",
             "GATE_PORT": str(port),
-            "GATE_UPSTREAM": upstream.url,
-            "GATE_SERVER_PID": str(upstream.pid),
+            "GATE_UPSTREAM": upstream if isinstance(upstream, str) else upstream.url,
+            "GATE_SERVER_PID": "" if isinstance(upstream, str) else str(upstream.pid),
             "GATE_POLL_S": "0.1",
             "GATE_BUSY_WAIT_S": "60",
             **settings,
@@ -227,7 +231,56 @@ def gate(run_dir: Path, tmp_path: Path) -> Iterator[Callable[..., Gate]]:
         running.stop()
 
 
-def library_config():
+@pytest.fixture
+def echo_upstream() -> Iterator[str]:
+    """A tiny real HTTP server that answers with what it received (headers, path, body), in a thread."""
+
+    async def echo(request: web.Request) -> web.StreamResponse:
+        received = {
+            "method": request.method,
+            "path_qs": request.raw_path,
+            "headers": [[name, value] for name, value in request.headers.items()],
+            "body": (await request.read()).decode(),
+        }
+        response = web.Response(body=gzip.compress(json.dumps(received).encode()), status=201)
+        response.headers["Content-Type"] = "application/json"
+        response.headers["Content-Encoding"] = "gzip"
+        response.headers.add("Set-Cookie", "a=1")
+        response.headers.add("Set-Cookie", "b=2")
+        response.headers["X-Upstream"] = "yes"
+        response.headers["Connection"] = "keep-alive, X-Hop"
+        response.headers["X-Hop"] = "must not pass"
+        return response
+
+    loop = asyncio.new_event_loop()
+    port = free_port()
+    ready = threading.Event()
+
+    async def serve() -> web.AppRunner:
+        app = web.Application()
+        app.router.add_route("*", "/{path:.*}", echo)
+        runner = web.AppRunner(app, access_log=None)
+        await runner.setup()
+        await web.TCPSite(runner, "127.0.0.1", port).start()
+        return runner
+
+    def run() -> None:
+        asyncio.set_event_loop(loop)
+        runner = loop.run_until_complete(serve())
+        ready.set()
+        loop.run_forever()
+        loop.run_until_complete(runner.cleanup())
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    assert ready.wait(10)
+    yield f"http://127.0.0.1:{port}"
+    loop.call_soon_threadsafe(loop.stop)
+    thread.join(10)
+
+
+def library_config() -> Config:
+    """The library's settings for calls the test makes itself; waits for a transition of the gate."""
     return load_config().replace(busy_wait_s=30)
 
 
@@ -389,7 +442,7 @@ def test_dev_endpoints_and_unknown_paths_are_404_and_never_reach_vllm(server, ga
     assert metrics[series("vllm_gate_requests_total", path_class="blocked")] == len(DEV_ENDPOINTS) + len(sneaky) + 1
 
 
-def test_passive_paths_do_not_wake_and_waking_requests_share_one_resume(server, gate):
+def test_passive_paths_do_not_wake_and_waking_requests_share_one_resume(server, gate, fake_gpu):
     """/health, /metrics, /v1/models (+ GATE_PASSIVE_PATHS) answer while suspended; six chats share a resume."""
     upstream = server()
     reference = answer_text(chat_answer(upstream.url, "together", 12))
@@ -409,6 +462,7 @@ def test_passive_paths_do_not_wake_and_waking_requests_share_one_resume(server, 
     assert metrics[series("vllm_gate_requests_total", path_class="passive")] == 4
     assert metrics[series("vllm_gate_waited_requests_total")] == 0
 
+    (fake_gpu / "speed_mib_per_s").write_text("800")  # a 1 s restore: all six requests arrive during it
     with ThreadPoolExecutor(max_workers=6) as pool:
         answers = list(pool.map(lambda _: answer_text(chat_answer(front.url, "together", 12)), range(6)))
     assert answers == [reference] * 6
@@ -421,7 +475,8 @@ def test_passive_paths_do_not_wake_and_waking_requests_share_one_resume(server, 
 
 
 def test_client_disconnect_aborts_the_upstream_request(server, gate):
-    """A client gone mid-stream aborts vLLM's request; one gone while waiting never reaches vLLM."""
+    """A client gone mid-stream (or mid non-streamed answer) aborts vLLM's request; one gone while waiting
+    for a resume never reaches vLLM."""
     upstream = server(step_s=0.05)
     front = gate(upstream)
 
@@ -435,6 +490,10 @@ def test_client_disconnect_aborts_the_upstream_request(server, gate):
             next(lines)
         assert front.status()["in_flight"] == 1
     wait_until(lambda: upstream_counter("standin:aborted_requests_total") == 1, "the upstream abort", 5)
+    wait_until(lambda: front.status()["in_flight"] == 0, "in_flight back to 0", 5)
+    with pytest.raises(requests.ReadTimeout):
+        chat_answer(front.url, "a long answer", 200, timeout=0.5)  # not streamed: 10 s until the first byte
+    wait_until(lambda: upstream_counter("standin:aborted_requests_total") == 2, "the second upstream abort", 5)
     wait_until(lambda: front.status()["in_flight"] == 0, "in_flight back to 0", 5)
 
     toggle("checkpointed", library_config(), pid=upstream.pid)
@@ -452,22 +511,23 @@ def test_tool_suspend_while_requests_flow_is_seen_and_undone_by_the_gate(server,
     """cuda-toggle-all suspends under streaming clients: the gate waits for it, then resumes for them."""
     upstream = server(step_s=0.03)
     prompts = [f"tool test {index}" for index in range(3)]
-    reference = {prompt: stream_deltas(upstream.url, prompt, 30) for prompt in prompts}
+    with ThreadPoolExecutor(max_workers=len(prompts)) as pool:  # 60 tokens: about 1.8 s per stream
+        references = pool.map(lambda prompt: stream_deltas(upstream.url, prompt, 60), prompts)
+        reference = dict(zip(prompts, references, strict=True))
     front = gate(upstream)
     with ThreadPoolExecutor(max_workers=len(prompts)) as pool:
-        streams = [pool.submit(stream_deltas, front.url, prompt, 30) for prompt in prompts]
-        wait_until(lambda: front.status()["in_flight"] == len(prompts), "the streams to start", 5)
-        tool = subprocess.Popen([*TOGGLE_ALL_CLI, "checkpointed", "--pid", str(upstream.pid)], cwd=REPO,
-                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)  # fmt: skip
-        wait_until(lambda: front.status()["state"] in ("suspending", "suspended"), "the gate to see the tool", 10)
-        output, _ = tool.communicate(timeout=30)
-        assert tool.returncode == 0, output
+        streams = [pool.submit(stream_deltas, front.url, prompt, 60) for prompt in prompts]
+        wait_until(lambda: front.status()["in_flight"] == len(prompts), "the streams to start", 10)
+        tool = subprocess.run([*TOGGLE_ALL_CLI, "checkpointed", "--pid", str(upstream.pid)],
+                              capture_output=True, text=True, timeout=60, cwd=REPO)  # fmt: skip
+        assert tool.returncode == 0, tool.stderr
         results = {prompt: future.result(timeout=30) for prompt, future in zip(prompts, streams, strict=True)}
     assert results == reference
+    # The gate saw the tool's suspend (its lock, then its record) with streams in flight, and resumed.
+    assert re.search(r"\d request\(s\) in flight while the server is (suspending|suspended)", front.log())
     status = front.wait_for_state("running")
     assert status["last_resume_s"] > 0
     assert front.metric("vllm_gate_transitions_total", transition="resume", outcome="ok") == 1
-    assert "request(s) in flight while the server is" in front.log()
     assert_server_healthy(upstream)
     assert_transitions_never_overlapped(fake_gpu)
 
@@ -479,7 +539,9 @@ def test_failed_resume_answers_503_and_the_next_request_retries(server, gate):
     front = gate(upstream)
     toggle("checkpointed", library_config(), pid=upstream.pid)
     front.wait_for_state("suspended")
-    fakegpu.add_fault(upstream.workers()[0].pid, "restore", "error")
+    first_worker, second_worker = upstream.workers()
+    fakegpu.add_fault(first_worker.pid, "restore", "error")
+    fakegpu.add_fault(second_worker.pid, "restore", "slow:1")  # all three requests arrive while it fails
     with ThreadPoolExecutor(max_workers=3) as pool:
         failed = list(pool.map(lambda _: chat_answer(front.url, "retry", 6), range(3)))
     for response in failed:
@@ -545,3 +607,76 @@ def test_gate_status_and_metrics_describe_state_and_traffic(server, gate):
     assert metrics[series("vllm_gate_requests_total", path_class="waking")] == 1
     assert metrics[series("vllm_gate_request_wait_seconds_bucket", le="+Inf")] == 1
     assert metrics[series("vllm_gate_waited_seconds_total")] > 0
+
+
+def test_headers_bodies_and_status_pass_through(echo_upstream, gate):
+    """End-to-end headers (not hop-by-hop ones), the raw query, the body, gzip and status pass unchanged."""
+    front = gate(echo_upstream)
+    response = requests.post(
+        front.url + "/v1/echo?x=1&y=%2F",
+        data=b'{"q": 1}',
+        headers={
+            "Authorization": "Bearer secret",
+            "Content-Type": "application/json",
+            "Accept-Encoding": "gzip",
+            "X-Custom": "kept",
+            "Connection": "keep-alive, X-Hop",
+            "X-Hop": "dropped",
+        },
+        timeout=10,
+    )
+    assert response.status_code == 201
+    assert response.headers["Content-Encoding"] == "gzip" and response.headers["X-Upstream"] == "yes"
+    assert response.raw.headers.getlist("Set-Cookie") == ["a=1", "b=2"]
+    assert "X-Hop" not in response.headers
+    received = response.json()  # requests undoes the gzip the upstream applied: the bytes passed as they were
+    headers = {name.lower(): value for name, value in received["headers"]}
+    assert (received["method"], received["path_qs"], received["body"]) == ("POST", "/v1/echo?x=1&y=%2F", '{"q": 1}')
+    assert headers["authorization"] == "Bearer secret" and headers["x-custom"] == "kept"
+    assert headers["content-type"] == "application/json" and headers["accept-encoding"] == "gzip"
+    assert "x-hop" not in headers and headers["x-forwarded-for"] == "127.0.0.1"
+    assert headers["host"] == echo_upstream.removeprefix("http://")
+
+    # A client that sends no Accept-Encoding (nor User-Agent) must not get the gate's own added upstream.
+    connection = http.client.HTTPConnection("127.0.0.1", front.port, timeout=10)
+    connection.putrequest("GET", "/v1/echo", skip_accept_encoding=True)
+    connection.endheaders()
+    received = json.loads(gzip.decompress(connection.getresponse().read()))
+    connection.close()
+    assert {name.lower() for name, _ in received["headers"]} == {
+        "host",
+        "x-forwarded-for",
+        "x-forwarded-proto",
+        "x-forwarded-host",
+    }
+
+
+def test_unreachable_upstream_is_a_502_naming_the_problem(gate):
+    """With nothing listening upstream (vLLM still starting, say), requests get a JSON 502 instead of hanging."""
+    front = gate(f"http://127.0.0.1:{free_port()}")
+    for response in (
+        requests.post(front.url + "/v1/chat/completions", json=chat_body("anyone?", 2), timeout=10),
+        requests.get(front.url + "/health", timeout=10),
+    ):
+        assert response.status_code == 502
+        assert response.json()["error"]["type"] == "BadGatewayError"
+    assert front.metric("vllm_gate_errors_total", reason="upstream_unreachable") == 2
+    assert front.status()["in_flight"] == 0
+
+
+def test_idle_suspend_is_hybrid_when_vllm_has_sleep_mode(server, gate, run_dir):
+    """With sleep mode, the idle suspend puts vLLM to sleep on its loopback address (never through the
+    gate's front), and the wake-on-request wakes it: the answer is the reference, not a sleeping model's."""
+    upstream = server("--enable-sleep-mode", env={"VLLM_SERVER_DEV_MODE": "1"})
+    reference = answer_text(chat_answer(upstream.url, "hybrid", 8))
+    front = gate(upstream, GATE_IDLE_SUSPEND_S="0.5")
+    front.wait_for_state("suspended")
+    assert json.loads((run_dir / "suspended.json").read_text())["mode"] == "hybrid"
+    assert requests.post(front.url + "/wake_up", timeout=5).status_code == 404  # still private
+
+    assert answer_text(chat_answer(front.url, "hybrid", 8)) == reference
+    assert upstream.get("/is_sleeping").json() == {"is_sleeping": False}
+    access_log = upstream.log()
+    assert '"POST /sleep?level=1 HTTP/1.1" 200' in access_log and '"POST /wake_up HTTP/1.1" 200' in access_log
+    assert front.metric("vllm_gate_requests_total", path_class="blocked") == 1
+    assert_server_healthy(upstream)

@@ -190,12 +190,14 @@ def test_print_config_shows_gate_and_library_settings(restore_logging, monkeypat
     """--print-config --json lists GATE_* and CUDA_TOGGLE_*; the gate's busy wait replaces the tool's."""
     monkeypatch.setenv("GATE_IDLE_SUSPEND_S", "120")
     monkeypatch.setenv("GATE_BUSY_WAIT_S", "42")
+    monkeypatch.delenv("CUDA_TOGGLE_SERVER_URL", raising=False)
     result = CliRunner().invoke(cli, ["--print-config", "--json"])
     assert result.exit_code == 0, result.output
     settings = json.loads(result.stdout)
     assert settings["GATE_IDLE_SUSPEND_S"] == {"value": "120", "from": "environment"}
     assert settings["GATE_PORT"] == {"value": "8000", "from": "default"}
     assert settings["CUDA_TOGGLE_BUSY_WAIT_S"]["value"] == "42.0"
+    assert settings["CUDA_TOGGLE_SERVER_URL"]["value"] == "http://127.0.0.1:8001"  # vLLM behind the gate
     assert "CUDA_TOGGLE_RUN_DIR" in settings
 
 

@@ -473,8 +473,8 @@ def load(args: argparse.Namespace) -> None:
                 {"suspend_s": round(down.seconds, 3), "resume_s": round(up.seconds, 3), "lock_rounds": down.lock_rounds}
             )
             log(
-                f"cycle {cycle}: suspend {down.seconds:.2f} s ({down.lock_rounds} lock rounds), resume {up.seconds:.2f} s;"
-                f" {clients.ok} answers so far, {len(clients.failed)} failed"
+                f"cycle {cycle}: suspend {down.seconds:.2f} s ({down.lock_rounds} lock rounds),"
+                f" resume {up.seconds:.2f} s; {clients.ok} answers so far, {len(clients.failed)} failed"
             )
             time.sleep(args.gap_s)
     after = tree_pids()
