@@ -22,7 +22,12 @@ class CliBackend:
     def _run(self, op: str, pid: int, args: list[str], timeout_s: float) -> str:
         command = [self.binary, *args, "--pid", str(pid)]
         try:
-            done = subprocess.run(command, capture_output=True, text=True, timeout=timeout_s, check=False)
+            # A session of its own: a Ctrl-C at the terminal goes to the tool's process group, and must not
+            # kill a checkpoint or restore half-way (the driver does not roll those back); the tool defers
+            # the signal and finishes or undoes the phase itself.
+            done = subprocess.run(
+                command, capture_output=True, text=True, timeout=timeout_s, check=False, start_new_session=True
+            )
         except subprocess.TimeoutExpired:
             raise BackendError(op, pid, f"{' '.join(command)} did not return in {timeout_s:g} s", timed_out=True)
         except OSError as error:

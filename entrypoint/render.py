@@ -36,11 +36,8 @@ def toggle_table(result: dict) -> str:
         if entry["error"]:
             lines.append(f"{'':>8}  error: {entry['error']}")
     for dispatcher in result["dispatchers"]:
-        state = "frozen" if dispatcher["frozen_after"] else "running"
-        lines.append(
-            f"{dispatcher['pid']:>8}  {'disp.':<6}  dispatcher {state} (SIGSTOP while suspended)"
-            f"  {dispatcher['name'][:40]}"
-        )
+        state = "frozen (SIGSTOP) while suspended" if dispatcher["frozen_after"] else "running"
+        lines.append(f"{dispatcher['pid']:>8}  {'disp.':<6}  dispatcher {state}  {dispatcher['name'][:40]}")
     for skipped in result["skipped"]:
         if not any(d["pid"] == skipped["pid"] for d in result["dispatchers"]):
             lines.append(f"{skipped['pid']:>8}  skipped: {skipped['reason']}  {skipped['name'][:60]}")
@@ -60,13 +57,15 @@ def toggle_table(result: dict) -> str:
 def status_table(status: dict) -> str:
     lines = [f"server PID {status['root_pid']} ({status['root_how']}), backend {status['backend']}: {status['state']}"]
     lines.append(f"{'PID':>8}  {'ROLE':<10}  {'STATE':<13}  PROCESS")
+    frozen = {d["pid"]: d["frozen"] for d in status["dispatchers"]}
     for entry in status["pids"]:
-        lines.append(f"{entry['pid']:>8}  {entry['role']:<10}  {entry['state']:<13}  {entry['name'][:60]}")
+        role = entry["role"] + (" (frozen)" if frozen.get(entry["pid"]) else "")
+        lines.append(f"{entry['pid']:>8}  {role:<10}  {entry['state']:<13}  {entry['name'][:60]}")
+    listed = {entry["pid"] for entry in status["pids"]}
     for dispatcher in status["dispatchers"]:
-        lines.append(
-            f"{dispatcher['pid']:>8}  {'dispatcher':<10}  {'FROZEN' if dispatcher['frozen'] else 'not frozen':<13}"
-            f"  {dispatcher['name'][:60]}"
-        )
+        if dispatcher["pid"] not in listed:  # frozen: its CUDA state is never asked
+            state = "FROZEN" if dispatcher["frozen"] else "not frozen"
+            lines.append(f"{dispatcher['pid']:>8}  {'dispatcher':<10}  {state:<13}  {dispatcher['name'][:60]}")
     for skipped in status["skipped"]:
         lines.append(f"{skipped['pid']:>8}  {'skipped':<10}  {skipped['reason']:<13}  {skipped['name'][:60]}")
     if status["gpus"]:

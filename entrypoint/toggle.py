@@ -97,15 +97,10 @@ def _new_result(
     result = ToggleResult(
         target=target, root_pid=observation.root.pid, root_how=observation.root.how, backend=backend.name
     )
+    dispatcher_pids = {p.pid for p in observation.dispatchers}
     for pid in transitioned:
-        result.pids.append(
-            PidResult(
-                pid,
-                observation.title(pid),
-                "worker" if pid in worker_pids else "cuda",
-                observation.states[pid],
-            )
-        )
+        role = "worker" if pid in worker_pids else "disp." if pid in dispatcher_pids else "cuda"
+        result.pids.append(PidResult(pid, observation.title(pid), role, observation.states[pid]))
     result.skipped = [{"pid": p.pid, "name": p.title, "reason": "stopped"} for p in observation.stopped]
     return result
 
@@ -278,6 +273,7 @@ def _suspend(
             try:
                 transition.suspend()
             except (RolledBack, Inconsistent) as failure:
+                result.interrupted = guard.received
                 _thaw_all(record, dispatchers)
                 SuspendRecord.clear(config.run_dir)
                 if mode == "hybrid":

@@ -326,9 +326,33 @@ def test_signal_during_suspend_rolls_back(toggle_env, fake_tree, signum):
     tool.send_signal(signum)
     out, err = tool.communicate(timeout=30)
     assert tool.returncode == ExitCode.TRANSITION_FAILED, err
-    assert "interrupted by " + signal.Signals(signum).name in json.loads(out)["error"]
+    result = json.loads(out)
+    assert "interrupted by " + signal.Signals(signum).name in result["error"]
+    assert result["interrupted"] == signal.Signals(signum).name
     assert_all(toggle_env, tree.cuda_pids, "running")
     assert tree.status_letter(tree.dispatcher) != "T"
+
+
+def test_terminal_ctrl_c_does_not_kill_a_checkpoint_half_way(toggle_env, fake_tree):
+    """Ctrl-C at a terminal reaches the whole process group: the cuda-checkpoint calls in flight must finish."""
+    tree = fake_tree()
+    fakegpu.add_fault(tree.workers[1], "checkpoint", "slow:1.5", root=toggle_env.state_dir)
+    tool = subprocess.Popen(
+        [sys.executable, "-m", "entrypoint.cuda_toggle_all", "checkpointed", "--json"],
+        cwd=REPO,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
+    sleep_until(lambda: ("checkpoint", tree.workers[0]) in ops(toggle_env, "checkpoint"), "a checkpoint")
+    os.killpg(tool.pid, signal.SIGINT)  # what the terminal does: the tool and all its children
+    out, err = tool.communicate(timeout=30)
+    result = json.loads(out)
+    assert tool.returncode == ExitCode.TRANSITION_FAILED, err
+    assert result["interrupted"] == "SIGINT" and "checkpoint failed" not in result["error"]
+    assert ("checkpoint", tree.workers[1]) in [(op, pid) for _, op, pid, r in toggle_env.calls() if r == "ok"]
+    assert_all(toggle_env, tree.cuda_pids, "running")
 
 
 def test_sigterm_during_resume_finishes_the_resume(toggle_env, fake_tree):

@@ -233,7 +233,7 @@ def start(args: argparse.Namespace) -> None:
     )
     log_path = WORK / "server.log"
     with log_path.open("ab") as log_file:
-        subprocess.Popen(
+        supervisord = subprocess.Popen(
             [str(REPO / "docker" / "entrypoint.sh"), *target.server_args(util, args.sleep_mode)],
             env=env,
             stdout=log_file,
@@ -242,11 +242,16 @@ def start(args: argparse.Namespace) -> None:
         )
     began = time.monotonic()
     log(f"server starting: {args.gb} GB per GPU (--gpu-memory-utilization {util:.3f}), sleep mode {args.sleep_mode}")
-    try:
-        OpenAIClient(f"http://127.0.0.1:{VLLM_PORT}").wait_ready("tiny", args.timeout, progress_s=15)
-    except TimeoutError as error:
-        print(log_path.read_text()[-6000:])
-        raise SystemExit(f"server did not start: {error}")
+    client = OpenAIClient(f"http://127.0.0.1:{VLLM_PORT}")
+    while True:  # in slices, so that a supervisord that exits at once is reported at once
+        try:
+            client.wait_ready("tiny", 10, progress_s=15)
+            break
+        except TimeoutError as error:
+            if supervisord.poll() is not None or time.monotonic() - began > args.timeout:
+                print(log_path.read_text()[-6000:])
+                raise SystemExit(f"server did not start (supervisord exit code {supervisord.poll()}): {error}")
+            log(f"waiting for the server: {time.monotonic() - began:.0f} s")
     seconds = time.monotonic() - began
     used = [gpu.used_mib for gpu in read_gpus(load_config()).gpus]
     log(f"server ready after {seconds:.1f} s; GPU memory used: {used} MiB")
