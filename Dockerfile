@@ -19,6 +19,7 @@ ENV DEBIAN_FRONTEND=noninteractive \
     VLLM_LAUNCHER=/usr/local/bin/run-vllm \
     VLLM_REAPER=/usr/local/bin/vllm-reaper \
     VLLM_ARGS_FILE=/run/vllm/args \
+    GATE_LAUNCHER=vllm-gate \
     VLLM_HEALTH_URL=http://127.0.0.1:8000/health
 
 # curl: the download below and the HEALTHCHECK.
@@ -36,18 +37,19 @@ RUN curl -fsSL --retry 5 -o /usr/local/bin/cuda-checkpoint \
     fi \
     && chmod 0755 /usr/local/bin/cuda-checkpoint
 
-# This package: cuda-toggle-all, selftest, and supervisor (a dependency). Only what pip needs is
-# copied; installed into the image's Python (the one vLLM runs on), not editable.
+# This package: cuda-toggle-all, selftest, vllm-gate (the [gate] extra: aiohttp, which vLLM has already)
+# and supervisor (a dependency). Only what pip needs is copied; installed into the image's Python (the
+# one vLLM runs on), not editable.
 COPY pyproject.toml README.md /tmp/vllm-cuda-suspend/
 COPY entrypoint/ /tmp/vllm-cuda-suspend/entrypoint/
 # PIP_BREAK_SYSTEM_PACKAGES: harmless where the interpreter is not marked externally managed, needed
 # where it is; the image's Python is the container's only Python.
 RUN PIP_BREAK_SYSTEM_PACKAGES=1 PIP_ROOT_USER_ACTION=ignore \
-        python3 -m pip install --no-cache-dir /tmp/vllm-cuda-suspend \
+        python3 -m pip install --no-cache-dir "/tmp/vllm-cuda-suspend[gate]" \
     && rm -rf /tmp/vllm-cuda-suspend
 
 # Fail the build here, not at the first suspend, if the tools cannot start.
-RUN cuda-toggle-all --help >/dev/null && selftest --help >/dev/null
+RUN cuda-toggle-all --help >/dev/null && selftest --help >/dev/null && vllm-gate --help >/dev/null
 
 COPY supervisord.conf /etc/supervisor/supervisord.conf
 COPY docker/entrypoint.sh /usr/local/bin/vllm-entrypoint
@@ -58,10 +60,12 @@ RUN chmod 0755 /usr/local/bin/vllm-entrypoint /usr/local/bin/run-vllm /usr/local
     && command -v supervisorctl >/dev/null \
     && command -v cuda-checkpoint >/dev/null
 
-# /health answers while the server is suspended too; loading (and the first download) takes minutes.
+# Port 8000 is the gate, which forwards /health to vLLM without waking it: vLLM answers /health while
+# suspended too. Loading (and the first download) takes minutes, during which the gate answers 502.
 HEALTHCHECK --interval=30s --timeout=10s --start-period=30m --retries=3 \
     CMD ["/bin/sh", "-c", "curl -fsS -o /dev/null \"$VLLM_HEALTH_URL\" || exit 1"]
 
+# The gate only: vLLM listens on 127.0.0.1:8001, inside the container.
 EXPOSE 8000
 
 # supervisord as PID 1 (it reaps orphans); the compose `command:` is the list of vLLM arguments.

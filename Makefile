@@ -55,6 +55,10 @@ check: lint ## The project's own tests and linters (what CI runs)
 bench: $(VENV)/.installed ## Benchmark on the fake GPU: tool overhead, parallel vs the seed (BENCH_ARGS=...)
 	$(VENV_PY) -m benchmarks.bench_toggle $(BENCH_ARGS)
 
+.PHONY: gpu-suite
+gpu-suite: ## On a machine with two GPUs and vLLM (no Docker): the GPU suite (tests/gpu/README.md)
+	bash tests/gpu/run_all.sh
+
 ##@ Container (host with Docker and two GPUs)
 
 .PHONY: build
@@ -70,7 +74,7 @@ down: ## Stop and remove the container (.cache/ with the model stays)
 	$(COMPOSE) down
 
 .PHONY: logs
-logs: ## Follow the container's log (supervisord and vLLM)
+logs: ## Follow the container's log (supervisord, the gate and vLLM)
 	$(COMPOSE) logs -f --tail=200
 
 .PHONY: wait
@@ -78,7 +82,7 @@ wait: ## Wait until /v1/models on localhost:HOST_PORT lists the model (WAIT_TIME
 	@$(WAIT_FOR_MODEL)
 
 .PHONY: test
-test: ## build, up, wait, then selftest in the container (CLEANUP=1: down afterwards)
+test: ## build, up, wait, then selftest in the container, through the gate (CLEANUP=1: down afterwards)
 	@status=0; \
 	{ $(COMPOSE) build && $(COMPOSE) up -d && { $(WAIT_FOR_MODEL); } \
 	  && $(COMPOSE) exec -T $(SERVICE) selftest $(SELFTEST_ARGS); } || status=$$?; \
@@ -87,16 +91,22 @@ test: ## build, up, wait, then selftest in the container (CLEANUP=1: down afterw
 	exit $$status
 
 .PHONY: suspend
-suspend: ## Suspend vLLM: checkpoint the CUDA state of all its workers to host RAM
+suspend: ## Suspend vLLM: sleep mode first (if on), then checkpoint all its workers' CUDA state to host RAM
 	$(COMPOSE) exec -T $(SERVICE) cuda-toggle-all checkpointed
 
 .PHONY: resume
-resume: ## Resume vLLM: restore all its workers to the GPUs
+resume: ## Resume vLLM: restore all its workers to the GPUs (and wake it up from sleep mode)
 	$(COMPOSE) exec -T $(SERVICE) cuda-toggle-all running
 
 .PHONY: status
 status: ## Show the CUDA state of vLLM's processes
 	$(COMPOSE) exec -T $(SERVICE) cuda-toggle-all status
+
+GATE_STATUS_URL = http://localhost:$(HOST_PORT)/gate/status
+
+.PHONY: gate-status
+gate-status: ## The gate's /gate/status: running/suspended, requests in flight, last suspend/resume seconds
+	@curl -fsS "$(GATE_STATUS_URL)" && echo
 
 ##@ Help
 

@@ -2,7 +2,8 @@
 
 What can run for real here does: hadolint, shellcheck and compose's own config parser on the files;
 docker/entrypoint.sh and docker/run-vllm.sh passing arguments to a program; supervisord with the image's
-supervisord.conf running the stand-in vLLM (tests/fakes/standin_vllm.py) and stopping it, suspended or not.
+supervisord.conf running the stand-in vLLM (tests/fakes/standin_vllm.py) behind the real gate, and stopping
+both, suspended or not.
 """
 
 from __future__ import annotations
@@ -52,7 +53,14 @@ REQUIRED_ENV = {
     "XDG_CACHE_HOME": "/root/.cache",
 }
 MAKE_TARGETS = ["venv", "lint", "check", "help", "build", "up", "down", "logs", "wait", "test"]
-MAKE_TARGETS += ["suspend", "resume", "status"]
+MAKE_TARGETS += ["suspend", "resume", "status", "gate-status"]
+# The gate's settings in the compose file (the vLLM side of GATE_UPSTREAM is the command's --host/--port).
+GATE_ENV = {
+    "GATE_UPSTREAM": "http://127.0.0.1:8001",
+    "GATE_IDLE_SUSPEND_S": "0",
+    "CUDA_TOGGLE_MODE": "auto",
+    "VLLM_SLEEP_MODE": "1",
+}
 # Arguments that break naive passing: blanks, quotes, glob and shell characters, an empty one, a newline.
 AWKWARD_ARGS = ["two words", "it's", 'say "hi"', "", "$HOME", "*", "a\nb", "--flag=x y", "  padded  "]
 
@@ -155,7 +163,7 @@ def test_compose_config_has_the_seed_setup_and_the_checkpoint_settings(empty_env
         str(REPO / ".cache"),
         "/root/.cache",
     )
-    for name, value in REQUIRED_ENV.items():
+    for name, value in {**REQUIRED_ENV, **GATE_ENV}.items():
         assert svc["environment"].get(name) == value, name
     command = " ".join(svc["command"])
     for expected in [
@@ -168,19 +176,46 @@ def test_compose_config_has_the_seed_setup_and_the_checkpoint_settings(empty_env
         "--tensor-parallel-size 2",
         "--disable-custom-all-reduce",
         "--enforce-eager",
-        "--host 0.0.0.0",
-        "--port 8000",
+        "--host 127.0.0.1",
+        "--port 8001",
     ]:
         assert expected in command, expected
+    assert "0.0.0.0" not in command  # vLLM is reachable only through the gate
+
+
+def option(args: list[str], name: str) -> str:
+    """The value of the last `name VALUE` or `name=VALUE` in args."""
+    values = [args[i + 1] for i, arg in enumerate(args[:-1]) if arg == name]
+    values += [arg.split("=", 1)[1] for arg in args if arg.startswith(name + "=")]
+    assert values, f"{name} missing from {args}"
+    return values[-1]
+
+
+def test_compose_publishes_the_gate_and_keeps_vllm_internal(empty_env_file: Path):
+    """The host port goes to the gate (8000); vLLM listens on loopback at GATE_UPSTREAM, nowhere else."""
+    from entrypoint.gate_config import GATE_SETTINGS
+
+    svc = service(compose_config(empty_env_file))
+    assert [(p["published"], p["target"]) for p in svc["ports"]] == [("8010", 8000)]
+    assert GATE_SETTINGS["GATE_PORT"].default == "8000"
+    assert GATE_SETTINGS["GATE_HOST"].default == "0.0.0.0"
+    command = svc["command"]
+    upstream = f"http://{option(command, '--host')}:{option(command, '--port')}"
+    assert upstream == svc["environment"]["GATE_UPSTREAM"] == GATE_SETTINGS["GATE_UPSTREAM"].default
+    assert option(command, "--host") == "127.0.0.1"
+    # Sleep mode is switched by VLLM_SLEEP_MODE in run-vllm.sh, not written into the command.
+    assert "--enable-sleep-mode" not in command
+    assert "VLLM_SERVER_DEV_MODE" not in svc["environment"]
 
 
 def test_compose_stop_grace_period_outlasts_supervisord_stopwaitsecs(empty_env_file: Path):
-    """Docker waits longer than supervisord's stopwaitsecs before it kills a (suspended) server."""
+    """Docker waits longer than supervisord stops the gate, then vLLM (one after the other), may take."""
     svc = service(compose_config(empty_env_file))
     hours, minutes, seconds = re.fullmatch(r"(?:(\d+)h)?(?:(\d+)m)?(?:(\d+)s)?", svc["stop_grace_period"]).groups()
     grace_s = int(hours or 0) * 3600 + int(minutes or 0) * 60 + int(seconds or 0)
-    stopwaitsecs = int(re.search(r"^stopwaitsecs=(\d+)$", (REPO / "supervisord.conf").read_text(), re.M)[1])
-    assert grace_s >= stopwaitsecs + 30
+    stopwaitsecs = re.findall(r"^stopwaitsecs=(\d+)$", (REPO / "supervisord.conf").read_text(), re.M)
+    assert len(stopwaitsecs) == 2  # gate, vllm
+    assert grace_s >= sum(map(int, stopwaitsecs)) + 30
 
 
 def test_compose_values_can_be_overridden_from_the_environment(empty_env_file: Path):
@@ -195,8 +230,14 @@ def test_compose_values_can_be_overridden_from_the_environment(empty_env_file: P
             GPU_MEMORY_UTILIZATION="0.5",
             MAX_MODEL_LEN="4096",
             VLLM_VERSION="v0.12.0",
+            VLLM_SLEEP_MODE="0",
+            GATE_IDLE_SUSPEND_S="600",
+            CUDA_TOGGLE_MODE="plain",
         )
     )
+    environment = svc["environment"]
+    assert (environment["VLLM_SLEEP_MODE"], environment["GATE_IDLE_SUSPEND_S"]) == ("0", "600")
+    assert environment["CUDA_TOGGLE_MODE"] == "plain"
     assert [p["published"] for p in svc["ports"]] == ["9000"]
     assert svc["build"]["args"] == {"VLLM_VERSION": "v0.12.0"}
     assert svc["image"].endswith(":v0.12.0")
@@ -251,12 +292,21 @@ def test_dockerfile_pins_cuda_checkpoint_to_a_commit():
 
 
 def test_dockerfile_fails_the_build_when_the_tools_cannot_start():
-    """The build runs `cuda-toggle-all --help` and `selftest --help`."""
-    assert re.search(r"^RUN cuda-toggle-all --help >/dev/null && selftest --help >/dev/null$", dockerfile(), re.M)
+    """The build runs `cuda-toggle-all --help`, `selftest --help` and `vllm-gate --help`."""
+    checks = "cuda-toggle-all --help >/dev/null && selftest --help >/dev/null && vllm-gate --help >/dev/null"
+    assert re.search(rf"^RUN {checks}$", dockerfile(), re.M)
+
+
+def test_dockerfile_exposes_only_the_gate():
+    """EXPOSE names port 8000 (the gate) alone, the HEALTHCHECK asks there, and the gate extra is installed."""
+    text = dockerfile()
+    assert re.findall(r"^EXPOSE (.+)$", text, re.M) == ["8000"]
+    assert '"/tmp/vllm-cuda-suspend[gate]"' in text
+    assert "VLLM_HEALTH_URL=http://127.0.0.1:8000/health" in text
 
 
 def test_dockerfile_has_a_healthcheck_on_health():
-    """HEALTHCHECK asks vLLM's /health, with a start period long enough for a model download."""
+    """HEALTHCHECK asks /health through the gate, with a start period long enough for a model download."""
     text = dockerfile()
     assert "HEALTHCHECK" in text
     assert re.search(r"^\s+VLLM_HEALTH_URL=http://127\.0\.0\.1:8000/health", text, re.M)
@@ -274,10 +324,14 @@ def test_dockerfile_env_matches_the_copied_files_and_the_tool_defaults():
     assert copies[env["VLLM_LAUNCHER"]] == "docker/run-vllm.sh"
     assert copies[env["VLLM_REAPER"]] == "docker/vllm-reaper.sh"
     assert copies[env["SUPERVISOR_CONF"]] == "supervisord.conf"
+    scripts = dict(re.findall(r'^([\w-]+) = "([\w.:]+)"$', (REPO / "pyproject.toml").read_text(), re.M))
+    assert scripts[env["GATE_LAUNCHER"]] == "entrypoint.gate:main"
     assert re.search(r'^ENTRYPOINT \["(\S+)"\]$', text, re.M)[1] in copies
     socket_url = f"unix://{env['SUPERVISOR_RUN_DIR']}/supervisord.sock"
     assert socket_url == SETTINGS["CUDA_TOGGLE_SUPERVISOR_URL"].default
-    assert "[program:vllm]" in (REPO / "supervisord.conf").read_text()
+    conf = (REPO / "supervisord.conf").read_text()
+    assert "[program:vllm]" in conf
+    assert re.search(r"^\[program:gate\]\ncommand=%\(ENV_GATE_LAUNCHER\)s$", conf, re.M)
     assert SETTINGS["CUDA_TOGGLE_PROGRAM"].default == "vllm"
 
 
@@ -299,7 +353,7 @@ def test_pip_installs_only_what_the_package_needs():
     text = dockerfile()
     assert "COPY pyproject.toml README.md /tmp/vllm-cuda-suspend/" in text
     assert "COPY entrypoint/ /tmp/vllm-cuda-suspend/entrypoint/" in text
-    assert re.search(r"pip install --no-cache-dir /tmp/vllm-cuda-suspend", text)
+    assert re.search(r'pip install --no-cache-dir "/tmp/vllm-cuda-suspend\[gate\]"', text)
     assert " -e " not in text
 
 
@@ -347,8 +401,9 @@ def argv_printer(tmp_path: Path) -> str:
     return f"{sys.executable} -u {script}"
 
 
-def pass_arguments(tmp_path: Path, server_cmd: str, args: list[str]) -> subprocess.CompletedProcess:
+def pass_arguments(tmp_path: Path, server_cmd: str, args: list[str], **extra_env: str) -> subprocess.CompletedProcess:
     env = clean_env(
+        **extra_env,
         SUPERVISOR_RUN_DIR=str(tmp_path / "run"),
         SUPERVISOR_CONF=str(REPO / "supervisord.conf"),
         SUPERVISORD_BIN="true",  # stands in for supervisord: entrypoint.sh's last step is `exec` of it
@@ -367,6 +422,77 @@ def test_compose_command_reaches_vllm_unchanged(tmp_path: Path, argv_printer: st
     assert result.returncode == 0, result.stderr
     assert json.loads(result.stdout) == args
     assert "run-vllm: exec" in result.stderr
+
+
+@pytest.fixture
+def argv_env_printer(tmp_path: Path) -> str:
+    """A VLLM_SERVER_CMD that prints its arguments and its VLLM_SERVER_DEV_MODE as JSON."""
+    script = tmp_path / "printargvenv.py"
+    script.write_text(
+        "import json, os, sys\n"
+        "print(json.dumps({'argv': sys.argv[1:], 'dev_mode': os.environ.get('VLLM_SERVER_DEV_MODE')}))\n"
+    )
+    return f"{sys.executable} -u {script}"
+
+
+@pytest.mark.parametrize("dot_env", ["", "VLLM_SLEEP_MODE=0\n"], ids=["default", "switched-off-in-.env"])
+def test_sleep_mode_is_on_by_default_and_off_with_the_switch(tmp_path: Path, argv_env_printer: str, dot_env: str):
+    """compose -> run-vllm.sh: vLLM gets --enable-sleep-mode and VLLM_SERVER_DEV_MODE=1, unless .env says
+    VLLM_SLEEP_MODE=0; the compose command's own arguments arrive unchanged either way."""
+    env_file = tmp_path / "dot.env"
+    env_file.write_text(dot_env)
+    svc = service(compose_config(env_file))
+    command, switch = svc["command"], svc["environment"]["VLLM_SLEEP_MODE"]
+    result = pass_arguments(tmp_path, argv_env_printer, command, VLLM_SLEEP_MODE=switch)
+    assert result.returncode == 0, result.stderr
+    started = json.loads(result.stdout)
+    if dot_env:
+        assert switch == "0"
+        assert started == {"argv": command, "dev_mode": None}
+        assert "sleep mode on" not in result.stderr
+    else:
+        assert switch == "1"
+        assert started == {"argv": [*command, "--enable-sleep-mode"], "dev_mode": "1"}
+        assert "VLLM_SLEEP_MODE=1: sleep mode on" in result.stderr
+
+
+def test_sleep_mode_flag_given_in_the_command_is_not_repeated(tmp_path: Path, argv_env_printer: str):
+    """An --enable-sleep-mode already in the arguments is kept once, in its place."""
+    args = ["--enable-sleep-mode", "--host", "127.0.0.1", "--port", "8001"]
+    result = pass_arguments(tmp_path, argv_env_printer, args, VLLM_SLEEP_MODE="1")
+    assert json.loads(result.stdout) == {"argv": args, "dev_mode": "1"}
+
+
+@pytest.mark.parametrize(
+    "args, accepted",
+    [
+        (["--host", "127.0.0.1"], True),
+        (["--host=127.0.0.2"], True),
+        (["--host", "localhost"], True),
+        (["--host", "::1"], True),
+        (["--host", "127.0.0.1", "--host", "0.0.0.0"], False),  # the last one counts, as in vLLM
+        (["--host", "0.0.0.0"], False),
+        (["--host=10.1.2.3"], False),
+        (["--host", ""], False),
+        (["--port", "8001"], False),  # no --host: vLLM listens on every interface
+    ],
+)
+def test_sleep_mode_refuses_vllm_outside_loopback(tmp_path: Path, argv_env_printer: str, args, accepted):
+    """With sleep mode on, run-vllm.sh starts vLLM only on a loopback address: its dev endpoints stay inside."""
+    result = pass_arguments(tmp_path, argv_env_printer, args, VLLM_SLEEP_MODE="1")
+    if accepted:
+        assert result.returncode == 0, result.stderr
+        assert json.loads(result.stdout)["dev_mode"] == "1"
+    else:
+        assert (result.returncode, result.stdout) == (2, "")
+        assert "VLLM_SLEEP_MODE=1 needs vLLM on loopback" in result.stderr
+
+
+def test_sleep_mode_switch_rejects_other_values(tmp_path: Path, argv_env_printer: str):
+    """VLLM_SLEEP_MODE is 0 or 1; anything else stops run-vllm.sh with a message naming both."""
+    result = pass_arguments(tmp_path, argv_env_printer, ["--host", "127.0.0.1"], VLLM_SLEEP_MODE="yes")
+    assert (result.returncode, result.stdout) == (2, "")
+    assert "VLLM_SLEEP_MODE=yes: use 1" in result.stderr
 
 
 def test_no_arguments_reach_vllm_as_none(tmp_path: Path, argv_printer: str):
@@ -430,6 +556,7 @@ def test_make_container_targets_run_the_documented_commands():
         "suspend": [f"docker compose exec -T {SERVICE} cuda-toggle-all checkpointed"],
         "resume": [f"docker compose exec -T {SERVICE} cuda-toggle-all running"],
         "status": [f"docker compose exec -T {SERVICE} cuda-toggle-all status"],
+        "gate-status": ['curl -fsS "http://localhost:8010/gate/status"'],
         "wait": ["scripts/wait-for-model.sh", "http://localhost:8010/v1/models", "qwen3-8b-awq"],
         "test": ["docker compose build", "docker compose up -d", "scripts/wait-for-model.sh"]
         + [f"docker compose exec -T {SERVICE} selftest", 'if [ "1" = 1 ]; then docker compose down'],
@@ -537,6 +664,11 @@ class Supervised:
     process: subprocess.Popen
     tmp: Path
     env: dict[str, str]
+    gate_port: int
+
+    @property
+    def gate_url(self) -> str:
+        return f"http://127.0.0.1:{self.gate_port}"
 
     @property
     def socket_url(self) -> str:
@@ -580,10 +712,21 @@ class Supervised:
         self.process.wait(timeout=10)
 
 
-def start_supervised(server_cmd: str, vllm_args: list[str], **extra_env: str) -> Supervised:
+def start_supervised(server_cmd: str, vllm_args: list[str], upstream_port: int = 0, **extra_env: str) -> Supervised:
+    """supervisord with the project's supervisord.conf: `vllm` runs server_cmd with vllm_args through
+    run-vllm.sh, `gate` the real gate (this Python's `-m entrypoint.gate`) in front of upstream_port."""
     # A short path of its own: a unix socket path must stay under 108 bytes.
     tmp = Path(tempfile.mkdtemp(prefix="sv-"))
+    gate_port = free_port()
     env = clean_env(
+        GATE_LAUNCHER=f"{sys.executable} -m entrypoint.gate",
+        GATE_HOST="127.0.0.1",
+        GATE_PORT=str(gate_port),
+        GATE_UPSTREAM=f"http://127.0.0.1:{upstream_port or free_port()}",
+        GATE_POLL_S="0.1",
+        # The library, as the gate uses it, finds the server through this supervisord.
+        CUDA_TOGGLE_SUPERVISOR_URL=f"unix://{tmp}/run/supervisord.sock",
+        CUDA_TOGGLE_RUN_DIR=str(tmp / "toggle"),
         PATH=f"{VENV_BIN}:{os.environ['PATH']}",
         SUPERVISOR_RUN_DIR=str(tmp / "run"),
         SUPERVISOR_CONF=str(REPO / "supervisord.conf"),
@@ -605,7 +748,7 @@ def start_supervised(server_cmd: str, vllm_args: list[str], **extra_env: str) ->
             stdin=subprocess.DEVNULL,
             start_new_session=True,
         )
-    supervised = Supervised(process, tmp, env)
+    supervised = Supervised(process, tmp, env, gate_port)
     try:
         wait_until(lambda: (tmp / "run" / "supervisord.sock").exists(), 30, "supervisord's socket")
     except BaseException:
@@ -624,10 +767,12 @@ def standin_args(port: int) -> list[str]:
 
 
 def start_standin() -> tuple[Supervised, int]:
+    """supervisord running the stand-in vLLM on a free loopback port, with sleep mode on as in the compose
+    file, behind the gate."""
     if not STANDIN.exists():
         pytest.fail(f"{STANDIN} is missing")
     port = free_port()
-    supervised = start_supervised(f"{sys.executable} {STANDIN}", standin_args(port))
+    supervised = start_supervised(f"{sys.executable} {STANDIN}", standin_args(port), port, VLLM_SLEEP_MODE="1")
     return supervised, port
 
 
@@ -642,13 +787,13 @@ def standin() -> Iterator[tuple[Supervised, int]]:
         shutil.rmtree(supervised.tmp, ignore_errors=True)
 
 
-def ensure_running(supervised: Supervised, port: int) -> int:
-    """Start `vllm` if a test stopped it; wait until it is RUNNING and serving. Returns its PID."""
-    if supervised.info()["statename"] in ("STOPPED", "EXITED", "FATAL"):
-        assert "started" in supervised.ctl("start", "vllm").stdout
-    wait_until(lambda: supervised.info()["statename"] == "RUNNING", 60, "vllm RUNNING")
-    wait_until(lambda: models_status(port) == 200, 60, "/v1/models answering 200")
-    return supervised.info()["pid"]
+def ensure_running(supervised: Supervised, port: int, program: str = "vllm") -> int:
+    """Start `program` if a test stopped it; wait until it is RUNNING and serving. Returns its PID."""
+    if supervised.info(program)["statename"] in ("STOPPED", "EXITED", "FATAL"):
+        assert "started" in supervised.ctl("start", program).stdout
+    wait_until(lambda: supervised.info(program)["statename"] == "RUNNING", 60, f"{program} RUNNING")
+    wait_until(lambda: models_status(port) == 200, 60, f"/v1/models answering 200 on port {port}")
+    return supervised.info(program)["pid"]
 
 
 def models_status(port: int) -> int | None:
@@ -656,6 +801,12 @@ def models_status(port: int) -> int | None:
         return requests.get(f"http://127.0.0.1:{port}/v1/models", timeout=2).status_code
     except requests.RequestException:
         return None
+
+
+def ensure_gate(supervised: Supervised, port: int) -> int:
+    """The server is up and the gate serves it; returns the gate's PID."""
+    ensure_running(supervised, port)
+    return ensure_running(supervised, supervised.gate_port, "gate")
 
 
 def engine_and_workers(pid: int) -> tuple[psutil.Process, list[psutil.Process]]:
@@ -717,6 +868,55 @@ def test_cuda_toggle_all_finds_the_supervised_server(standin):
     assert "supervisord" in root.how
 
 
+def test_sleep_calls_go_to_the_port_on_vllm_command_line(standin):
+    """The hybrid suspend finds vLLM's own address (for /sleep) in its command line: the internal port,
+    not the gate's; the gate's GATE_UPSTREAM is the same address."""
+    from entrypoint.processes import describe
+    from entrypoint.sleep_mode import SleepClient, server_url
+
+    supervised, port = standin
+    pid = ensure_running(supervised, port)
+    url = server_url(describe(pid), "")
+    assert url == f"http://127.0.0.1:{port}" == supervised.env["GATE_UPSTREAM"]
+    assert SleepClient(url, 10).is_sleeping() is False  # sleep mode is on: the endpoint answers there
+
+
+def test_supervisord_runs_the_gate_in_front_of_vllm(standin):
+    """Program `gate` runs next to `vllm`; requests to the gate's port reach the server and come back."""
+    supervised, port = standin
+    gate_pid = ensure_gate(supervised, port)
+    assert "entrypoint.gate" in title(psutil.Process(gate_pid))
+    status = supervised.ctl("status", "gate")
+    assert re.match(r"gate\s+RUNNING\s+pid \d+", status.stdout), status.stdout + status.stderr
+    models = requests.get(f"{supervised.gate_url}/v1/models", timeout=5)
+    assert [m["id"] for m in models.json()["data"]] == [SERVED_NAME]
+    assert requests.get(f"{supervised.gate_url}/health", timeout=5).status_code == 200  # the HEALTHCHECK
+    body = {"model": SERVED_NAME, "messages": [{"role": "user", "content": "hello"}], "max_tokens": 4}
+    chat = requests.post(f"{supervised.gate_url}/v1/chat/completions", json=body, timeout=30)
+    assert chat.status_code == 200, chat.text
+    assert chat.json()["choices"][0]["message"]["content"]
+    gate_status = requests.get(f"{supervised.gate_url}/gate/status", timeout=5).json()
+    assert (gate_status["state"], gate_status["idle_suspend_s"]) == ("running", 0)
+    supervised.wait_for_log("vllm-gate listening on http://127.0.0.1:")
+
+
+def test_gate_hides_the_dev_endpoints_that_sleep_mode_opens(standin):
+    """Sleep mode reaches vLLM (flag and VLLM_SERVER_DEV_MODE=1), its endpoints answer on the internal
+    port, and through the gate they are 404 and never forwarded."""
+    supervised, port = standin
+    pid = ensure_running(supervised, port)
+    ensure_gate(supervised, port)
+    api = psutil.Process(pid)
+    assert "--enable-sleep-mode" in title(api).split()
+    assert api.environ().get("VLLM_SERVER_DEV_MODE") == "1"
+    internal = f"http://127.0.0.1:{port}"
+    assert requests.get(f"{internal}/is_sleeping", timeout=5).json() == {"is_sleeping": False}
+    for method, path in [("POST", "/sleep?level=1"), ("GET", "/is_sleeping"), ("POST", "/collective_rpc")]:
+        response = requests.request(method, supervised.gate_url + path, timeout=5)
+        assert response.status_code == 404, (method, path, response.text)
+    assert requests.get(f"{internal}/is_sleeping", timeout=5).json() == {"is_sleeping": False}  # not forwarded
+
+
 def assert_all_gone(tree: list[psutil.Process], log: str) -> None:
     def survivors():
         return [f"{p.pid} {title(p)!r} {p.status()}" for p in tree if alive(p)]
@@ -754,6 +954,25 @@ def test_supervisorctl_stop_ends_a_suspended_server(standin):
     supervised.wait_for_log(f"vllm (pid {pid}) is stopping: sent SIGCONT", 10)
 
 
+def test_supervisorctl_stop_all_ends_the_gate_and_the_server():
+    """`supervisorctl stop all` stops the gate and vLLM: no process of either is left, the port is closed."""
+    supervised, port = start_standin()
+    try:
+        gate_pid = ensure_gate(supervised, port)
+        pid = supervised.info()["pid"]
+        engine_and_workers(pid)
+        tree = process_tree(pid) + process_tree(gate_pid)
+        result = supervised.ctl("stop", "all")
+        assert "gate: stopped" in result.stdout and "vllm: stopped" in result.stdout, result.stdout + result.stderr
+        assert_all_gone(tree, supervised.log())
+        assert supervised.info("gate")["statename"] == supervised.info()["statename"] == "STOPPED"
+        with pytest.raises(requests.ConnectionError):
+            requests.get(f"{supervised.gate_url}/health", timeout=5)
+    finally:
+        supervised.shutdown()
+        shutil.rmtree(supervised.tmp, ignore_errors=True)
+
+
 def test_container_stop_ends_a_suspended_server():
     """SIGTERM to supervisord (docker stop) with EngineCore stopped: supervisord exits, nothing survives."""
     supervised, port = start_standin()
@@ -762,7 +981,8 @@ def test_container_stop_ends_a_suspended_server():
         pid = supervised.info()["pid"]
         engine, _ = engine_and_workers(pid)
         supervised.wait_for_log("standin: ready")
-        tree = process_tree(pid)
+        gate_pid = ensure_gate(supervised, port)
+        tree = process_tree(pid) + process_tree(gate_pid)
         engine.suspend()
         supervised.process.terminate()
         assert supervised.process.wait(timeout=60) == 0
@@ -853,3 +1073,5 @@ def test_readme_covers_the_container_side():
     for flag in ["--disable-custom-all-reduce", "SYS_PTRACE", "seccomp=unconfined", "ipc: host"]:
         assert flag in readme, flag
     assert "CLEANUP=1 make test" in readme
+    for name in [*GATE_ENV, "VLLM_SLEEP_MODE=0", "--enable-sleep-mode", "VLLM_SERVER_DEV_MODE=1", "127.0.0.1:8001"]:
+        assert name in readme, name

@@ -228,6 +228,9 @@ def start(args: argparse.Namespace) -> None:
             "VLLM_ARGS_FILE": str(WORK / "vllm-args"),
             "VLLM_LAUNCHER": str(REPO / "docker" / "run-vllm.sh"),
             "VLLM_REAPER": str(REPO / "docker" / "vllm-reaper.sh"),
+            # supervisord.conf's program `gate` needs a command; the suite starts its own gate per step
+            # (gate_running), so the supervised one is a placeholder that holds no port.
+            "GATE_LAUNCHER": "sleep infinity",
             "VLLM_SERVER_CMD": target.server_command(),
         }
     )
