@@ -510,24 +510,7 @@ EPILOG = "\n\n".join(
     help="Write the JSON report here.",
 )
 @click.option("-v", "--verbose", is_flag=True)
-def cli(
-    url,
-    model,
-    timeout_s,
-    prompt,
-    max_tokens,
-    seed,
-    threshold_mib,
-    inflight,
-    inflight_wait_s,
-    allow_different,
-    cycles,
-    pid,
-    backend,
-    as_json,
-    report_file,
-    verbose,
-) -> None:
+def cli(as_json: bool, report_file: str | None, verbose: bool, **settings: object) -> None:
     """Prove suspend and resume on this server: models -> chat -> suspend -> resume -> chat.
 
     \b
@@ -546,21 +529,7 @@ def cli(
     except SuspendError as error:
         logger.error(error.message)
         raise SystemExit(int(error.exit_code))
-    options = Options(
-        url,
-        model,
-        timeout_s,
-        prompt,
-        max_tokens,
-        seed,
-        threshold_mib,
-        inflight,
-        inflight_wait_s,
-        allow_different,
-        cycles,
-        pid,
-        backend,
-    )
+    options = Options(**settings)
     report = Selftest(options, config).run()
     logger.info("\n" + render(report))
     data = report.to_json()

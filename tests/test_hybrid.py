@@ -1,0 +1,124 @@
+"""Hybrid suspend (vLLM sleep level 1, then checkpoint) against the stand-in's sleep mode."""
+
+from __future__ import annotations
+
+import json
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+import pytest
+import requests
+
+from entrypoint.errors import ExitCode
+from tests.toggle_fixtures import SAFE_ENV, fakegpu
+
+ARGS = ("--disable-custom-all-reduce", "--gpu-memory-utilization", "0.02")
+
+
+@pytest.fixture
+def sleepy_server(toggle_env, standin_server):
+    """A stand-in TP=2 vLLM with sleep mode and its dev endpoints (as the compose file starts vLLM)."""
+    return standin_server(*ARGS, "--enable-sleep-mode", env={**SAFE_ENV, "VLLM_SERVER_DEV_MODE": "1"})
+
+
+def sleeping(server) -> bool:
+    return server.get("/is_sleeping").json()["is_sleeping"]
+
+
+def greedy(server) -> str:
+    body = {
+        "model": "standin-model",
+        "messages": [{"role": "user", "content": "hi"}],
+        "max_tokens": 6,
+        "temperature": 0,
+    }
+    return server.post("/v1/chat/completions", json=body).json()["choices"][0]["message"]["content"]
+
+
+def test_auto_mode_sleeps_first_and_wakes_up_after(toggle_env, sleepy_server):
+    """With sleep mode, a suspend sleeps vLLM then checkpoints; the resume wakes it: same answer, 0 MiB."""
+    reference = greedy(sleepy_server)
+    code, down = toggle_env.run_json("checkpointed", "--pid", str(sleepy_server.pid))
+    assert code == 0, down
+    assert down["mode"] == "hybrid" and "sleep" in down["phases"]
+    assert set(toggle_env.used_mib().values()) == {4}
+    code, up = toggle_env.run_json("running", "--pid", str(sleepy_server.pid))
+    assert code == 0, up
+    assert up["mode"] == "hybrid" and "wake_up" in up["phases"]
+    assert not sleeping(sleepy_server)
+    assert greedy(sleepy_server) == reference
+
+
+def test_plain_mode_and_servers_without_sleep_mode(toggle_env, sleepy_server, standin_server):
+    """--mode plain never sleeps; auto on a server without sleep mode is plain; --mode hybrid there refuses."""
+    code, down = toggle_env.run_json("checkpointed", "--pid", str(sleepy_server.pid), "--mode", "plain")
+    assert code == 0 and down["mode"] == "plain" and "sleep" not in down["phases"]
+    assert toggle_env.run("running", "--pid", str(sleepy_server.pid)).returncode == 0
+
+    plain = standin_server(*ARGS, env=SAFE_ENV)
+    code, down = toggle_env.run_json("checkpointed", "--pid", str(plain.pid))
+    assert code == 0 and down["mode"] == "plain"
+    assert toggle_env.run("running", "--pid", str(plain.pid)).returncode == 0
+    code, down = toggle_env.run_json("checkpointed", "--pid", str(plain.pid), "--mode", "hybrid")
+    assert code == ExitCode.REFUSED and "--enable-sleep-mode" in down["error"]
+
+
+class RefusesToSleep(BaseHTTPRequestHandler):
+    """A vLLM-like endpoint that has sleep mode but whose /sleep fails."""
+
+    def do_GET(self):  # noqa: N802
+        self._answer(200, {"is_sleeping": False})
+
+    def do_POST(self):  # noqa: N802
+        self._answer(500, {"error": "sleep failed"})
+
+    def _answer(self, status, body):
+        data = json.dumps(body).encode()
+        self.send_response(status)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+
+    def log_message(self, *args):
+        pass
+
+
+def test_failed_sleep_falls_back_to_plain(toggle_env, sleepy_server):
+    """If /sleep fails, the suspend goes on as a plain one and says so."""
+    endpoint = ThreadingHTTPServer(("127.0.0.1", 0), RefusesToSleep)
+    threading.Thread(target=endpoint.serve_forever, daemon=True).start()
+    try:
+        url = f"http://127.0.0.1:{endpoint.server_address[1]}"
+        code, down = toggle_env.run_json(
+            "checkpointed", "--pid", str(sleepy_server.pid), env={"CUDA_TOGGLE_SERVER_URL": url}
+        )
+        assert code == 0 and down["mode"] == "plain"
+        assert any("sleep failed" in note for note in down["notes"])
+        assert set(toggle_env.used_mib().values()) == {4}
+        assert (
+            toggle_env.run("running", "--pid", str(sleepy_server.pid), env={"CUDA_TOGGLE_SERVER_URL": url}).returncode
+            == 0
+        )
+    finally:
+        endpoint.shutdown()
+
+
+def test_checkpoint_failure_after_sleep_rolls_back_and_wakes_up(toggle_env, sleepy_server):
+    """A checkpoint that fails after the sleep restores everything and wakes vLLM up again."""
+    reference = greedy(sleepy_server)
+    fakegpu.add_fault(sleepy_server.workers()[1].pid, "checkpoint", "error", root=toggle_env.state_dir)
+    code, down = toggle_env.run_json("checkpointed", "--pid", str(sleepy_server.pid))
+    assert code == ExitCode.TRANSITION_FAILED
+    assert down["mode"] == "hybrid" and "wake_up" in down["phases"]
+    assert not sleeping(sleepy_server)
+    assert greedy(sleepy_server) == reference
+
+
+def test_running_wakes_a_server_left_asleep(toggle_env, sleepy_server):
+    """`running` repairs a server left asleep (a tool killed between the sleep and the checkpoint)."""
+    assert requests.post(f"{sleepy_server.url}/sleep?level=1", timeout=10).status_code == 200
+    assert sleeping(sleepy_server)
+    code, up = toggle_env.run_json("running", "--pid", str(sleepy_server.pid))
+    assert code == 0 and up["mode"] == "hybrid" and "wake_up" in up["phases"]
+    assert not sleeping(sleepy_server)
