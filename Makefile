@@ -22,7 +22,7 @@ SELFTEST_ARGS ?=
 # Arguments for `make bench` (see `python -m benchmarks.bench_toggle --help`), e.g. BENCH_ARGS="--repetitions 5".
 BENCH_ARGS ?=
 
-SHELL_SCRIPTS := $(wildcard docker/*.sh scripts/*.sh) .ci/run
+SHELL_SCRIPTS := $(wildcard docker/*.sh scripts/*.sh tests/gpu/*.sh) .ci/run
 # `wait`, and the same step inside `test` (written out there, not as a sub-make, so that `make -n test`
 # only prints).
 WAIT_FOR_MODEL = scripts/wait-for-model.sh "http://localhost:$(HOST_PORT)/v1/models" "$(SERVED_MODEL_NAME)" "$(WAIT_TIMEOUT)" \

@@ -363,9 +363,11 @@ def test_pip_installs_only_what_the_package_needs():
 
 def shell_scripts() -> list[Path]:
     found = {REPO / ".ci" / "run"}
-    for folder in ("docker", "scripts"):
+    for folder in ("docker", "scripts", "tests/gpu"):
         for path in (REPO / folder).iterdir():
-            if path.suffix == ".sh" or path.read_text(errors="replace").startswith("#!/usr/bin/env bash"):
+            if path.suffix == ".sh" or (
+                path.suffix != ".py" and path.read_text(errors="replace").startswith("#!/usr/bin/env bash")
+            ):
                 found.add(path)
     return sorted(found)
 
