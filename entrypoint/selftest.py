@@ -433,7 +433,7 @@ def render(report: Report) -> str:
         )
     for number, cycle in enumerate(report.cycles, 1):
         lines.append(
-            f"cycle {number}: suspend {cycle['suspend_s']:.2f} s ({cycle['suspend_gb_s_per_gpu']} GB/s per GPU),"
+            f"cycle {number} ({cycle['mode']}): suspend {cycle['suspend_s']:.2f} s ({cycle['suspend_gb_s_per_gpu']} GB/s per GPU),"
             f" resume {cycle['resume_s']:.2f} s ({cycle['resume_gb_s_per_gpu']} GB/s per GPU),"
             f" {cycle['released_gb_per_gpu']:.2f} GB per GPU"
         )

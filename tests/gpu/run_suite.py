@@ -220,6 +220,19 @@ def start(args: argparse.Namespace) -> None:
     util = round(args.gb * MIB_PER_GB / min(totals), 3) if totals else 0.15
     (WORK / "sv").mkdir(parents=True, exist_ok=True)
     env = target.server_env(args.sleep_mode)
+    gate_launcher = "sleep infinity"
+    if args.container_like:
+        # As the compose file runs it: sleep mode switched on by run-vllm.sh (VLLM_SLEEP_MODE=1 adds
+        # --enable-sleep-mode and VLLM_SERVER_DEV_MODE=1), and the real gate as supervisord's program `gate`.
+        env.update(
+            {
+                "VLLM_SLEEP_MODE": "1",
+                "GATE_HOST": "127.0.0.1",
+                "GATE_PORT": str(GATE_PORT),
+                "GATE_UPSTREAM": f"http://127.0.0.1:{VLLM_PORT}",
+            }
+        )
+        gate_launcher = f"{sys.executable} -m entrypoint.gate"
     env.update(
         {
             "SUPERVISOR_RUN_DIR": str(WORK / "sv"),
@@ -228,9 +241,9 @@ def start(args: argparse.Namespace) -> None:
             "VLLM_ARGS_FILE": str(WORK / "vllm-args"),
             "VLLM_LAUNCHER": str(REPO / "docker" / "run-vllm.sh"),
             "VLLM_REAPER": str(REPO / "docker" / "vllm-reaper.sh"),
-            # supervisord.conf's program `gate` needs a command; the suite starts its own gate per step
-            # (gate_running), so the supervised one is a placeholder that holds no port.
-            "GATE_LAUNCHER": "sleep infinity",
+            # supervisord.conf's program `gate` needs a command; unless --container-like, the suite starts
+            # its own gate per step (gate_running), so the supervised one is a placeholder holding no port.
+            "GATE_LAUNCHER": gate_launcher,
             "VLLM_SERVER_CMD": target.server_command(),
         }
     )
@@ -259,7 +272,7 @@ def start(args: argparse.Namespace) -> None:
     used = [gpu.used_mib for gpu in read_gpus(load_config()).gpus]
     log(f"server ready after {seconds:.1f} s; GPU memory used: {used} MiB")
     save_step(
-        "start",
+        "start" if not args.container_like else "start-container-like",
         {
             "gb_target": args.gb,
             "util": util,
@@ -770,6 +783,11 @@ def main() -> None:
     p = sub.add_parser("start")
     p.add_argument("--gb", type=float, required=True, help="GB of GPU memory per GPU the server takes")
     p.add_argument("--sleep-mode", action="store_true")
+    p.add_argument(
+        "--container-like",
+        action="store_true",
+        help="the compose file's setup: sleep mode through VLLM_SLEEP_MODE=1, the gate under supervisord",
+    )
     p.add_argument("--timeout", type=float, default=400)
     p.set_defaults(func=start)
     sub.add_parser("stop").set_defaults(func=stop)
