@@ -323,7 +323,8 @@ class Selftest:
             "resume_s": round(result.seconds, 3),
             "restore_s": round(result.phases.get("restore", 0), 3),
             "wake_up_s": round(result.phases.get("wake_up", 0), 3),
-            "resume_gb_s_per_gpu": round(per_gpu / result.seconds, 3) if result.seconds else None,
+            # None when nothing was restored here: the gate had already woken the server for a request
+            "resume_gb_s_per_gpu": round(per_gpu / result.seconds, 3) if "restore" in result.phases else None,
         }
         self.step(
             f"resume #{cycle}",
@@ -432,11 +433,18 @@ def render(report: Report) -> str:
             )
         )
     for number, cycle in enumerate(report.cycles, 1):
-        lines.append(
-            f"cycle {number} ({cycle['mode']}): suspend {cycle['suspend_s']:.2f} s ({cycle['suspend_gb_s_per_gpu']} GB/s per GPU),"
-            f" resume {cycle['resume_s']:.2f} s ({cycle['resume_gb_s_per_gpu']} GB/s per GPU),"
-            f" {cycle['released_gb_per_gpu']:.2f} GB per GPU"
+        back = (
+            f"{cycle['resume_gb_s_per_gpu']} GB/s per GPU"
+            if cycle["resume_gb_s_per_gpu"] is not None
+            else "already resumed by the gate for a request"
         )
+        lines.append(
+            f"cycle {number} ({cycle['mode']}): {cycle['released_gb_per_gpu']:.2f} GB per GPU freed;"
+            f" suspend {cycle['suspend_s']:.2f} s ({cycle['suspend_gb_s_per_gpu']} GB/s per GPU),"
+            f" resume {cycle['resume_s']:.2f} s ({back})"
+        )
+    if any(cycle["mode"] == "hybrid" for cycle in report.cycles):
+        lines.append("hybrid: vLLM's sleep drops the KV cache, so its GB/s is memory freed per second, not copied")
     if report.resumed_after_failure:
         lines.append(f"after the failure: {report.resumed_after_failure}")
     lines.append(
