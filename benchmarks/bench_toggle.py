@@ -44,16 +44,9 @@ FAKES_DIR = REPO / "tests" / "fakes"
 sys.path.insert(0, str(FAKES_DIR))
 import fakegpu  # noqa: E402
 
-# A correctly configured TP vLLM (as tests/toggle_fixtures.py starts its fake trees): without these the
-# tool's safety checks refuse to suspend.
-SAFE_ENV = {
-    "NCCL_P2P_DISABLE": "1",
-    "NCCL_SHM_DISABLE": "1",
-    "NCCL_NVLS_ENABLE": "0",
-    "VLLM_ALLREDUCE_USE_SYMM_MEM": "0",
-}
-SAFE_ARGS = "--tensor-parallel-size 2 --disable-custom-all-reduce"
-VLLM_TITLE = "python3 -m vllm.entrypoints.openai.api_server"
+# A correctly configured TP vLLM, as the tests start their fake trees (the safety checks refuse otherwise).
+from tests.toggle_fixtures import SAFE_ARGS, SAFE_ENV, VLLM_TITLE  # noqa: E402
+
 GPU_TOTAL_MIB, GPU_BASELINE_MIB = 81559, 4  # an idle H100 80GB, as the tests' fake GPU
 PR_SET_PDEATHSIG = 1
 

@@ -14,7 +14,7 @@ from loguru import logger
 
 from .config import load_config, settings_help
 from .errors import TOGGLE_EXIT_CODES, SuspendError, exit_codes_help
-from .render import setup_logging, status_table, toggle_table
+from .render import print_settings, setup_logging, status_table, toggle_table
 from .toggle import TARGET_ALIASES, status, toggle
 
 EPILOG = "\n\n".join(
@@ -94,12 +94,7 @@ def cli(
         }
         config = config.replace(**changes)
         if target == "config":
-            rows = config.describe()
-            if as_json:
-                click.echo(json.dumps({env: {"value": value, "from": source} for env, value, source in rows}))
-            else:
-                for env, value, source in rows:
-                    click.echo(f"{env}={value}  ({source})")
+            print_settings(config.describe(), as_json)
             return
         if target == "status":
             result = status(config, pid=pid, backend_name=backend).to_json()

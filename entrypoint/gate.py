@@ -9,7 +9,6 @@ GATE_IDLE_SUSPEND_S. The gate serves /gate/status (JSON) and /gate/metrics (Prom
 from __future__ import annotations
 
 import asyncio
-import json
 import os
 import signal
 import sys
@@ -24,7 +23,7 @@ from .gate_config import GateConfig, gate_settings_help, load_gate_config
 from .gate_control import PowerController
 from .gate_metrics import CONTENT_TYPE, GateMetrics
 from .gate_proxy import Forwarder
-from .render import setup_logging
+from .render import print_settings, setup_logging
 
 CONTROLLER = web.AppKey("controller", PowerController)
 STATUS_PATH, METRICS_PATH = "/gate/status", "/gate/metrics"
@@ -146,12 +145,7 @@ def cli(print_config: bool, as_json: bool, verbose: bool) -> None:
             "CUDA_TOGGLE_BUSY_WAIT_S": (str(gate.busy_wait_s), "GATE_BUSY_WAIT_S"),
             "CUDA_TOGGLE_SERVER_URL": (toggle_config.server_url, "environment or GATE_UPSTREAM"),
         }
-        rows = [(env, *replaced.get(env, (value, source))) for env, value, source in rows]
-        if as_json:
-            click.echo(json.dumps({env: {"value": value, "from": source} for env, value, source in rows}))
-        else:
-            for env, value, source in rows:
-                click.echo(f"{env}={value}  ({source})")
+        print_settings([(env, *replaced.get(env, (value, source))) for env, value, source in rows], as_json)
         return
     try:
         asyncio.run(serve(gate, toggle_config))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import sys
 
 from loguru import logger
@@ -15,6 +16,15 @@ def setup_logging(verbose: bool = False) -> None:
         colorize=False,
         format="{time:HH:mm:ss.SSS} {level: <7} {message}",
     )
+
+
+def print_settings(rows: list[tuple[str, str, str]], as_json: bool) -> None:
+    """The settings in force, (variable, value, where it came from), as `config` / `--print-config` show them."""
+    if as_json:
+        print(json.dumps({env: {"value": value, "from": source} for env, value, source in rows}))
+    else:
+        for env, value, source in rows:
+            print(f"{env}={value}  ({source})")
 
 
 def _gpu_line(before: list[dict], after: list[dict]) -> str:

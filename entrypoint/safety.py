@@ -19,6 +19,8 @@ REQUIRED_NCCL_ENV = {
     "NCCL_SHM_DISABLE": "1",  # SHM transport: restore fails with `operation not supported`
     "NCCL_NVLS_ENABLE": "0",  # NVLink multicast memory cannot be checkpointed either
 }
+# The whole environment a TP server needs for suspend/resume (what the compose file sets; tests use it too).
+REQUIRED_SERVER_ENV = {**REQUIRED_NCCL_ENV, "VLLM_ALLREDUCE_USE_SYMM_MEM": "0"}
 CUSTOM_ALL_REDUCE_FLAGS = ("--disable-custom-all-reduce", "--disable_custom_all_reduce")
 
 

@@ -327,8 +327,9 @@ class Transition:
             self.rollback_to_running()
             raise RolledBack(f"unlock of {failed} failed between lock rounds")
 
-    def checkpoint_all(self) -> None:
-        failed = self._phase(
+    def _checkpoint_locked(self) -> list[int]:
+        """Checkpoint every locked PID at once; returns the ones that failed."""
+        return self._phase(
             "checkpoint",
             self._pids_in("locked"),
             self.backend.checkpoint,
@@ -336,6 +337,9 @@ class Transition:
             "checkpointed",
             slow=True,
         )
+
+    def checkpoint_all(self) -> None:
+        failed = self._checkpoint_locked()
         if failed:
             errors = "; ".join(self.result.record(pid).error for pid in failed)
             self.rollback_to_running()
@@ -387,14 +391,7 @@ class Transition:
             stuck = self._pids_in("failed", "unknown")
             if stuck:
                 raise Inconsistent(f"restore failed and left {stuck} stuck ({errors})")
-            again = self._phase(
-                "checkpoint",
-                self._pids_in("locked"),
-                self.backend.checkpoint,
-                self.config.op_timeout_s,
-                "checkpointed",
-                slow=True,
-            )
+            again = self._checkpoint_locked()
             if again or not self.verify("checkpointed"):
                 raise Inconsistent(
                     f"restore failed ({errors}) and the restored processes could not be checkpointed again"

@@ -17,18 +17,15 @@ from pathlib import Path
 import psutil
 import pytest
 
+from entrypoint.safety import REQUIRED_SERVER_ENV
+
 FAKES_DIR = Path(__file__).resolve().parent / "fakes"
 REPO = FAKES_DIR.parent.parent
 sys.path.insert(0, str(FAKES_DIR))
 import fakegpu  # noqa: E402
 
 # What a correctly configured TP=2 vLLM runs with (see FACTS.md); the safety checks refuse without it.
-SAFE_ENV = {
-    "NCCL_P2P_DISABLE": "1",
-    "NCCL_SHM_DISABLE": "1",
-    "NCCL_NVLS_ENABLE": "0",
-    "VLLM_ALLREDUCE_USE_SYMM_MEM": "0",
-}
+SAFE_ENV = dict(REQUIRED_SERVER_ENV)
 SAFE_ARGS = "--tensor-parallel-size 2 --disable-custom-all-reduce"
 VLLM_TITLE = "python3 -m vllm.entrypoints.openai.api_server"
 

@@ -46,6 +46,7 @@ from entrypoint.config import load_config  # noqa: E402
 from entrypoint.errors import SuspendError  # noqa: E402
 from entrypoint.gpus import read_gpus  # noqa: E402
 from entrypoint.openai_client import OpenAIClient  # noqa: E402
+from entrypoint.safety import REQUIRED_SERVER_ENV  # noqa: E402
 from entrypoint.toggle import RESUME, SUSPEND, status, toggle  # noqa: E402
 
 WORK = Path(os.environ.get("SUITE_WORK", "/tmp/gpu-suite"))
@@ -59,13 +60,7 @@ PROMPTS = [
     "Count from one to five.",
 ]
 # What TP=2 suspend/resume needs (FACTS.md); NVLS stays off on the device machine in any case.
-SAFE_ENV = {
-    "NCCL_P2P_DISABLE": "1",
-    "NCCL_SHM_DISABLE": "1",
-    "NCCL_NVLS_ENABLE": "0",
-    "VLLM_ALLREDUCE_USE_SYMM_MEM": "0",
-    "VLLM_ALLREDUCE_USE_FLASHINFER": "0",
-}
+SAFE_ENV = {**REQUIRED_SERVER_ENV, "VLLM_ALLREDUCE_USE_FLASHINFER": "0"}
 VLLM_ENV = {
     "VLLM_USE_FLASHINFER_SAMPLER": "0",
     "VLLM_NO_USAGE_STATS": "1",
