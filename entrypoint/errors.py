@@ -16,6 +16,7 @@ class ExitCode(IntEnum):
     TRANSITION_FAILED = 6  # the transition failed and was rolled back: every process is as before
     INCONSISTENT = 7  # failed and could not roll back: processes are in mixed or failed states
     BUSY = 8  # another cuda-toggle-all holds the lock
+    MEMORY_KEPT = 9  # every process read checkpointed, but a GPU kept the server's memory: undone
     # selftest only
     NOT_READY = 10  # the server did not become ready in time
     MODEL_NOT_SERVED = 11  # the model id is not listed by /v1/models
@@ -39,6 +40,7 @@ EXIT_CODE_MEANINGS = {
     ExitCode.TRANSITION_FAILED: "transition failed, rolled back",
     ExitCode.INCONSISTENT: "left inconsistent: could not roll back (restart the server)",
     ExitCode.BUSY: "busy: another cuda-toggle-all is running",
+    ExitCode.MEMORY_KEPT: "a GPU kept the server's memory after the checkpoint; undone, server running",
     ExitCode.NOT_READY: "server not ready in time",
     ExitCode.MODEL_NOT_SERVED: "model not served",
     ExitCode.CHAT_FAILED: "chat completion failed or empty",

@@ -19,14 +19,13 @@ from .discovery import ServerRoot, find_server
 from .errors import ExitCode, SuspendError
 from .gpus import GpuReading, read_gpus
 from .processes import ProcessInfo, describe, inherited_environ, walk_tree
+from .results import PidResult, ToggleResult
 from .runstate import FrozenProcess, GpuRecord, SuspendRecord, ToolLock
 from .sleep_mode import SleepClient, SleepModeError, server_url
 from .transition import (
     Inconsistent,
-    PidResult,
     RolledBack,
     SignalGuard,
-    ToggleResult,
     Transition,
     freeze,
     run_parallel,

@@ -13,7 +13,7 @@ import signal
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass
 
 from loguru import logger
 
@@ -21,49 +21,8 @@ from .backends import Backend, BackendError
 from .config import Config
 from .errors import ExitCode, SuspendError
 from .processes import ProcessInfo, describe, same_process
+from .results import ToggleResult
 from .runstate import FrozenProcess
-
-
-@dataclass
-class PidResult:
-    pid: int
-    name: str
-    role: str  # "worker" or "cuda" (a CUDA process that is not a GPU worker)
-    before: str | None
-    after: str | None = None
-    seconds: float = 0.0
-    error: str = ""
-
-
-@dataclass
-class ToggleResult:
-    target: str
-    ok: bool = False
-    exit_code: int = int(ExitCode.OK)
-    error: str = ""
-    root_pid: int | None = None
-    root_how: str = ""
-    backend: str = ""
-    mode: str = "plain"  # plain, or hybrid (vLLM slept at level 1 before the checkpoint)
-    seconds: float = 0.0
-    pids: list[PidResult] = field(default_factory=list)
-    dispatchers: list[dict] = field(default_factory=list)  # {pid, name, frozen_before, frozen_after}
-    skipped: list[dict] = field(default_factory=list)  # {pid, name, reason}
-    phases: dict[str, float] = field(default_factory=dict)
-    lock_rounds: int = 0
-    refusals: list[str] = field(default_factory=list)
-    forced: bool = False
-    interrupted: str = ""
-    gpus_before: list[dict] = field(default_factory=list)
-    gpus_after: list[dict] = field(default_factory=list)
-    gpu_source: str = ""
-    notes: list[str] = field(default_factory=list)
-
-    def record(self, pid: int) -> PidResult:
-        return next(r for r in self.pids if r.pid == pid)
-
-    def to_json(self) -> dict:
-        return asdict(self)
 
 
 class RolledBack(Exception):
