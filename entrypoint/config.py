@@ -72,6 +72,19 @@ SETTINGS: dict[str, Setting] = {
             "",
             "the vLLM server's own HTTP address for sleep mode (default: --host/--port of its command line)",
         ),
+        Setting(
+            "CUDA_TOGGLE_QUIESCE",
+            "auto",
+            "auto | scheduler | sigstop | none: what holds the requests while suspended. scheduler = vLLM's own"
+            " /pause or /sleep with mode=keep (vLLM >= 0.17, VLLM_SERVER_DEV_MODE=1); sigstop = freeze the"
+            " dispatcher (older vLLM, TP >= 2 only); auto = scheduler when the server has it, else sigstop",
+        ),
+        Setting(
+            "CUDA_TOGGLE_RESIDUAL_MIB",
+            "256",
+            "GPU memory a GPU of the server may still hold after a suspend for it to count as released (raise it"
+            " on a GPU shared with processes the tool cannot see)",
+        ),
         Setting("CUDA_TOGGLE_SLEEP_TIMEOUT_S", "600", "timeout of vLLM's /sleep and /wake_up calls (s)"),
         Setting("CUDA_TOGGLE_PROGRESS_S", "5", "seconds between progress lines during long phases"),
     ]
@@ -102,6 +115,8 @@ class Config:
     host_ram_mib: int | None
     restore_margin_mib: int
     mode: str
+    quiesce: str
+    residual_mib: int
     server_url: str
     sleep_timeout_s: float
     progress_s: float
@@ -177,6 +192,8 @@ def load_config(environ: Mapping[str, str] | None = None) -> Config:
             _number("CUDA_TOGGLE_RESTORE_MARGIN_MIB", get("CUDA_TOGGLE_RESTORE_MARGIN_MIB"), int, 0)
         ),
         mode=_choice("CUDA_TOGGLE_MODE", get("CUDA_TOGGLE_MODE"), ("auto", "plain", "hybrid")),
+        quiesce=_choice("CUDA_TOGGLE_QUIESCE", get("CUDA_TOGGLE_QUIESCE"), ("auto", "scheduler", "sigstop", "none")),
+        residual_mib=int(_number("CUDA_TOGGLE_RESIDUAL_MIB", get("CUDA_TOGGLE_RESIDUAL_MIB"), int, 0)),
         server_url=get("CUDA_TOGGLE_SERVER_URL"),
         sleep_timeout_s=_number("CUDA_TOGGLE_SLEEP_TIMEOUT_S", get("CUDA_TOGGLE_SLEEP_TIMEOUT_S"), float, 1),
         progress_s=_number("CUDA_TOGGLE_PROGRESS_S", get("CUDA_TOGGLE_PROGRESS_S"), float, 0.1),

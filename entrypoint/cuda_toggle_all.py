@@ -50,8 +50,14 @@ EPILOG = "\n\n".join(
     help="hybrid: sleep vLLM (level 1) first, "
     "then checkpoint what remains; auto: hybrid when the server has sleep mode (env CUDA_TOGGLE_MODE).",
 )
+@click.option(
+    "--quiesce",
+    type=click.Choice(["auto", "scheduler", "sigstop", "none"]),
+    help="What holds the requests while suspended: scheduler = vLLM's own /pause or /sleep (mode=keep), "
+    "sigstop = freeze the dispatcher (older vLLM, TP >= 2), none = nothing (env CUDA_TOGGLE_QUIESCE).",
+)
 @click.option("--force", is_flag=True, help="Go on despite the safety refusals (loudly).")
-@click.option("--no-freeze", is_flag=True, help="Do not SIGSTOP the dispatcher (VLLM::EngineCore) while suspended.")
+@click.option("--no-freeze", is_flag=True, help="The same as --quiesce none.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object on stdout.")
 @click.option("-v", "--verbose", is_flag=True, help="Debug logging.")
 def cli(
@@ -62,6 +68,7 @@ def cli(
     supervisor_url: str | None,
     backend: str | None,
     mode: str | None,
+    quiesce: str | None,
     force: bool,
     no_freeze: bool,
     as_json: bool,
@@ -72,11 +79,14 @@ def cli(
     TARGET is one of: checkpointed (alias suspend), running (alias resume), status, config.
 
     \b
-    checkpointed  freeze the dispatcher, lock every CUDA PID, checkpoint them all (in parallel),
-                  verify; refuses (nothing changed) when the server's settings would make the
-                  restore fail, or host RAM cannot hold the GPU memory.
-    running       check each GPU has room, restore every PID, unlock them all, verify, continue
-                  the dispatcher. Also repairs a dispatcher left frozen by a crashed run.
+    checkpointed  hold the requests (vLLM's scheduler pause or sleep with mode=keep; on older
+                  vLLM, freeze the dispatcher), lock every CUDA process of the server, checkpoint
+                  them all (in parallel), verify the states and that the GPUs gave the memory
+                  back; refuses (nothing changed) what would fail or could not be proven.
+    running       check each GPU has room, restore every process, unlock them all, let the
+                  requests go (resume or wake up vLLM, continue the dispatcher), then prove it:
+                  states, GPU memory back, vLLM's flags, a one-token completion. Also repairs
+                  what a crashed or killed run left behind.
     status        each process's CUDA state, whether the dispatcher is frozen, GPU memory.
     config        the settings in force (environment variables and defaults).
     """
@@ -108,6 +118,7 @@ def cli(
                 freeze_dispatcher=not no_freeze,
                 backend_name=backend,
                 mode=mode,
+                quiesce=quiesce,
             ).to_json()
             logger.info("\n" + toggle_table(result))
         if as_json:

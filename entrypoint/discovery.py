@@ -82,12 +82,63 @@ def matching_roots(patterns: tuple[str, ...]) -> list[psutil.Process]:
     return sorted(roots, key=lambda p: p.pid)
 
 
-def find_server(config: Config, pid: int | None = None) -> ServerRoot:
+def looks_like_vllm(pid: int) -> bool:
+    """The process's own command line or its descendants' titles say vLLM (an API server, EngineCore)."""
+    info = describe(pid)
+    if info is None:
+        return False
+    if "vllm" in info.title.lower():
+        return True
+    try:
+        return any("VLLM::" in " ".join(child.cmdline()) for child in psutil.Process(pid).children(recursive=True))
+    except (psutil.NoSuchProcess, psutil.AccessDenied):
+        return False
+
+
+def _checked_pid(pid: int, force: bool) -> ServerRoot:
+    """--pid PID: it must name a live vLLM server's root, not PID 1 or a tree of several servers."""
+    if pid <= 0:
+        raise SuspendError(f"--pid {pid} is not a process ID: give the PID of the vLLM server's root", ExitCode.USAGE)
+    if describe(pid) is None:
+        raise SuspendError(f"no process with PID {pid}: check the PID given with --pid", ExitCode.SERVER_NOT_FOUND)
+    if force:
+        return ServerRoot(pid, "--pid (forced)")
+    if pid == 1 or pid == os.getpid() or pid in ancestors_of(os.getpid()):
+        raise SuspendError(
+            f"--pid {pid} is an init process or an ancestor of this tool, whose tree holds every process (other "
+            "servers too): give the vLLM server's own PID (supervisorctl pid vllm), or --force",
+            ExitCode.USAGE,
+        )
+    if not looks_like_vllm(pid):
+        raise SuspendError(
+            f"PID {pid} is not a vLLM server (neither its command line nor its children's titles mention vLLM): "
+            "give the server's own PID, or --force to act on it anyway",
+            ExitCode.USAGE,
+        )
+    try:
+        nested = [c.pid for c in psutil.Process(pid).children(recursive=True) if _is_api_server(c)]
+    except (psutil.NoSuchProcess, psutil.AccessDenied):
+        nested = []
+    if nested:
+        raise SuspendError(
+            f"PID {pid}'s tree holds other vLLM servers ({nested}): give one server's PID, or --force",
+            ExitCode.USAGE,
+        )
+    return ServerRoot(pid, "--pid")
+
+
+def _is_api_server(process: psutil.Process) -> bool:
+    try:
+        cmdline = " ".join(process.cmdline())
+    except (psutil.NoSuchProcess, psutil.AccessDenied):
+        return False
+    return any(pattern in cmdline for pattern in ("vllm.entrypoints.openai.api_server", "vllm serve"))
+
+
+def find_server(config: Config, pid: int | None = None, *, force: bool = False) -> ServerRoot:
     """The root process of the server; SuspendError(SERVER_NOT_FOUND) with a hint otherwise."""
     if pid is not None:
-        if describe(pid) is None:
-            raise SuspendError(f"no process with PID {pid}: check the PID given with --pid", ExitCode.SERVER_NOT_FOUND)
-        return ServerRoot(pid, "--pid")
+        return _checked_pid(pid, force)
 
     supervised = supervisor_program_pid(config.supervisor_url, config.program)
     if supervised is not None:

@@ -79,7 +79,36 @@ def _query_nvidia_smi(binary: str) -> GpuReading:
         if line.strip():
             index, uuid, used, total = (part.strip() for part in line.split(","))
             gpus.append(GpuMemory(int(index), uuid, int(float(used)), int(float(total))))
-    return GpuReading("nvidia-smi", tuple(gpus))
+    return GpuReading("nvidia-smi", tuple(gpus), pids_mib=_compute_apps_mib(binary))
+
+
+def _compute_apps_mib(binary: str) -> dict[int, int]:
+    """Each process's GPU memory as nvidia-smi lists it; empty when it lists none or cannot say.
+
+    Inside a container's PID namespace the PIDs listed are the host's, so they match none of the server's:
+    the proof then falls back to the whole GPU's figure (see proof.py).
+    """
+    try:
+        done = subprocess.run(
+            [binary, "--query-compute-apps=pid,used_memory", "--format=csv,noheader,nounits"],
+            capture_output=True,
+            text=True,
+            timeout=30,
+            check=True,
+        )
+    except (OSError, subprocess.SubprocessError):
+        return {}
+    pids_mib: dict[int, int] = {}
+    for line in done.stdout.splitlines():
+        parts = [part.strip() for part in line.split(",")]
+        if len(parts) != 2:
+            continue
+        try:
+            pid, mib = int(parts[0]), int(float(parts[1]))
+        except ValueError:
+            continue
+        pids_mib[pid] = pids_mib.get(pid, 0) + mib
+    return pids_mib
 
 
 def read_gpus(config: Config) -> GpuReading:

@@ -100,6 +100,8 @@ class SuspendRecord:
     complete: bool = False
     mode: str = "plain"
     server_url: str = ""
+    quiesce: str = "none"  # what holds the requests: scheduler (vLLM's pause or sleep), sigstop, none
+    cuda_pids: list[FrozenProcess] = field(default_factory=list)  # every process checkpointed (identity)
 
     @staticmethod
     def path(run_dir: str) -> Path:
@@ -120,6 +122,7 @@ class SuspendRecord:
             return None
         data["frozen"] = [FrozenProcess(**item) for item in data.get("frozen", [])]
         data["gpus"] = [GpuRecord(**item) for item in data.get("gpus", [])]
+        data["cuda_pids"] = [FrozenProcess(**item) for item in data.get("cuda_pids", [])]
         return cls(**data)
 
     @classmethod

@@ -1,7 +1,12 @@
 """The library API: suspend, resume and status of a server's CUDA processes.
 
 Used by the `cuda-toggle-all` CLI, by `selftest`, and by the gate (never through a subprocess).
-Everything here observes, plans and refuses; the side effects happen in transition.py.
+This module carries out a plan (plan.py, pure) in order: it observes, asks the plan, writes the suspend
+record, quiesces the server (vLLM's own scheduler pause, or the SIGSTOP of a dispatcher on older vLLM),
+runs the CUDA transition (transition.py), and says "ok" only from what it reads back (proof.py).
+
+Suspend: record -> quiesce -> lock all -> checkpoint all -> verify states -> prove GPU memory released.
+Resume:  restore all -> unlock all -> verify states -> unquiesce -> prove memory back, flags, a completion.
 """
 
 from __future__ import annotations
@@ -15,51 +20,28 @@ from loguru import logger
 from . import safety
 from .backends import Backend, BackendError, select_backend
 from .config import Config
-from .discovery import ServerRoot, find_server
+from .discovery import find_server
 from .errors import ExitCode, SuspendError
 from .gpus import GpuReading, read_gpus
-from .processes import ProcessInfo, describe, inherited_environ, walk_tree
+from .plan import Observation, SuspendPlan, dispatcher_candidates, model_holders, plan_suspend
+from .processes import ProcessInfo, describe, inherited_environ, same_process, walk_tree
+from .proof import released_proof, returned_proof
 from .results import PidResult, ToggleResult
 from .runstate import FrozenProcess, GpuRecord, SuspendRecord, ToolLock
-from .sleep_mode import SleepClient, SleepModeError, server_url
-from .transition import (
-    Inconsistent,
-    RolledBack,
-    SignalGuard,
-    Transition,
-    freeze,
-    run_parallel,
-    thaw,
-)
+from .transition import Inconsistent, RolledBack, SignalGuard, Transition, freeze, run_parallel, thaw
+from .vllm_control import VllmControl, VllmControlError, server_url
 
 SUSPEND, RESUME = "checkpointed", "running"
 TARGET_ALIASES = {"checkpointed": SUSPEND, "suspend": SUSPEND, "running": RESUME, "resume": RESUME}
 
 
-@dataclass
-class Observation:
-    """What the server looks like right now: its tree, who is frozen, and every CUDA state."""
-
-    root: ServerRoot
-    tree: list[ProcessInfo]
-    states: dict[int, str]  # CUDA processes (not stopped) -> state
-    unreadable: dict[int, str]  # PIDs whose state could not be read -> error
-    stopped: list[ProcessInfo]
-    dispatchers: list[ProcessInfo]  # processes titled like the dispatcher (stopped or not)
-
-    def title(self, pid: int) -> str:
-        return next((p.title for p in self.tree if p.pid == pid), "?")
-
-    def process(self, pid: int) -> ProcessInfo:
-        return next(p for p in self.tree if p.pid == pid)
-
-
-def observe(config: Config, backend: Backend, pid: int | None) -> Observation:
-    root = find_server(config, pid)
+def observe(config: Config, backend: Backend, pid: int | None, *, force: bool = False) -> Observation:
+    """The server's tree, every CUDA state (stopped processes are never asked), GPU memory, and what its
+    HTTP endpoints answer."""
+    root = find_server(config, pid, force=force)
     tree = walk_tree(root.pid)
-    stopped = [p for p in tree if p.stopped]
-    for process in stopped:
-        if not process.matches(config.dispatcher):
+    for process in tree:
+        if process.stopped and not process.matches(config.dispatcher):
             logger.warning(
                 "PID {} ({}) is stopped: left out (a stopped process must never be locked)",
                 process.pid,
@@ -73,14 +55,15 @@ def observe(config: Config, backend: Backend, pid: int | None) -> Observation:
 
     outcomes = run_parallel("get-state", asked, ask, config.state_timeout_s)
     states, unreadable = {}, {}
-    for pid in asked:
-        if outcomes[pid].ok:
-            if answers.get(pid) is not None:
-                states[pid] = answers[pid]
-        elif describe(pid) is not None:
-            unreadable[pid] = outcomes[pid].error.message
-    dispatchers = [p for p in tree if p.matches(config.dispatcher)]
-    return Observation(root, tree, states, unreadable, stopped, dispatchers)
+    for asked_pid in asked:
+        if outcomes[asked_pid].ok:
+            if answers.get(asked_pid) is not None:
+                states[asked_pid] = answers[asked_pid]
+        elif describe(asked_pid) is not None:
+            unreadable[asked_pid] = outcomes[asked_pid].error.message
+    root_process = next(p for p in tree if p.pid == root.pid) if tree else describe(root.pid)
+    control = VllmControl(server_url(root_process, config.server_url), config.sleep_timeout_s)
+    return Observation(root.pid, root.how, tree, states, unreadable, read_gpus(config), control.capabilities())
 
 
 def _gpu_progress(config: Config):
@@ -90,25 +73,37 @@ def _gpu_progress(config: Config):
     return line
 
 
-def _new_result(
-    target: str, observation: Observation, backend: Backend, transitioned: list[int], worker_pids: set[int]
-) -> ToggleResult:
+def _new_result(target: str, obs: Observation, backend: Backend, pids: list[int], holders: list[int]) -> ToggleResult:
     result = ToggleResult(
-        target=target, root_pid=observation.root.pid, root_how=observation.root.how, backend=backend.name
+        target=target,
+        root_pid=obs.root_pid,
+        root_how=obs.root_how,
+        backend=backend.name,
+        server=obs.capabilities.to_json(),
+        gpus_before=obs.gpus.to_json(),
+        gpu_source=obs.gpus.source if obs.gpus.gpus else obs.gpus.problem,
     )
-    dispatcher_pids = {p.pid for p in observation.dispatchers}
-    for pid in transitioned:
-        role = "worker" if pid in worker_pids else "disp." if pid in dispatcher_pids else "cuda"
-        result.pids.append(PidResult(pid, observation.title(pid), role, observation.states[pid]))
-    result.skipped = [{"pid": p.pid, "name": p.title, "reason": "stopped"} for p in observation.stopped]
+    for pid in pids:
+        role = "model" if pid in holders else "context"
+        result.pids.append(
+            PidResult(pid, obs.title(pid), role, obs.states.get(pid), gpu_mib=obs.gpus.pids_mib.get(pid))
+        )
+    result.skipped = [{"pid": p.pid, "name": p.title, "reason": "stopped"} for p in obs.stopped]
     return result
 
 
 def _finish(result: ToggleResult, states: dict[int, str], started: float) -> ToggleResult:
     for record in result.pids:
         record.after = states.get(record.pid, "gone")
+    result.evidence.setdefault("states", {str(r.pid): r.after for r in result.pids})
     result.seconds = time.monotonic() - started
     return result
+
+
+def _fail(result: ToggleResult, message: str, code: ExitCode, started: float, states: dict[int, str]) -> SuspendError:
+    _finish(result, states, started)
+    result.ok, result.error, result.exit_code = False, message, int(code)
+    return SuspendError(message, code, result)
 
 
 def toggle(
@@ -120,181 +115,237 @@ def toggle(
     freeze_dispatcher: bool = True,
     backend_name: str | None = None,
     mode: str | None = None,
+    quiesce: str | None = None,
 ) -> ToggleResult:
     """Move every CUDA process of the server to `target` (checkpointed or running).
 
-    Returns the result when the server reached the target; raises SuspendError (with `.result`) otherwise.
+    Returns the result when the server reached the target and that was proven; raises SuspendError
+    (with `.result`) otherwise.
     """
     target = TARGET_ALIASES[target]
     started = time.monotonic()
     with ToolLock(config.run_dir, config.busy_wait_s, purpose=f"cuda-toggle-all {target}"):
         backend = select_backend(config, backend_name)
-        observation = observe(config, backend, pid)
+        obs = observe(config, backend, pid, force=force)
         if target == SUSPEND:
-            return _suspend(config, backend, observation, force, freeze_dispatcher, started, mode or config.mode)
-        return _resume(config, backend, observation, force, started)
+            requested_quiesce = quiesce or (config.quiesce if freeze_dispatcher else "none")
+            return _suspend(config, backend, obs, force, started, mode or config.mode, requested_quiesce)
+        return _resume(config, backend, obs, force, started)
 
 
-def _fail(result: ToggleResult, message: str, code: ExitCode, started: float, states: dict[int, str]) -> SuspendError:
-    _finish(result, states, started)
-    result.ok, result.error, result.exit_code = False, message, int(code)
-    return SuspendError(message, code, result)
+# the suspend record ---------------------------------------------------------------------------------------
+def _record_of(config: Config, obs: Observation) -> SuspendRecord | None:
+    """This server's suspend record; a record of another server (or an older one with this PID) is ignored."""
+    record = SuspendRecord.load(config.run_dir)
+    if record is None:
+        return None
+    root = next((p for p in obs.tree if p.pid == obs.root_pid), None)
+    if record.root_pid != obs.root_pid or (root is not None and abs(record.root_create_time - root.create_time) > 0.01):
+        logger.warning("the suspend record names another server (PID {}): ignored", record.root_pid)
+        return None
+    return record
 
 
-def _sleep_client(config: Config, obs: Observation, record: SuspendRecord | None = None) -> SleepClient:
-    url = (
-        record.server_url if record and record.server_url else server_url(obs.process(obs.root.pid), config.server_url)
-    )
-    return SleepClient(url, config.sleep_timeout_s)
+def _host_available_mib(config: Config) -> int:
+    if config.host_ram_mib is not None:
+        return config.host_ram_mib
+    available = psutil.virtual_memory().available
+    limit = safety.cgroup_available_bytes()
+    if limit is not None:
+        available = min(available, limit)
+    return available // 2**20
 
 
+# quiescing: what keeps work away from a process while it is not running -----------------------------------
+def _quiesce(plan: SuspendPlan, control: VllmControl, result: ToggleResult) -> None:
+    began = time.monotonic()
+    if plan.quiesce == "scheduler":
+        if plan.mode == "hybrid":
+            control.sleep(level=1)  # mode=keep: pauses the scheduler, weights to host RAM, KV cache dropped
+            result.phases["sleep"] = time.monotonic() - began
+            logger.info("vLLM sleeps (level 1, requests kept) after {:.2f} s", result.phases["sleep"])
+        else:
+            control.pause()
+            result.phases["pause"] = time.monotonic() - began
+            logger.info("vLLM's scheduler paused (requests kept) after {:.2f} s", result.phases["pause"])
+    elif plan.quiesce == "sigstop":
+        for process in plan.freeze:
+            if not process.stopped:
+                freeze(process)
+                logger.info("froze the dispatcher PID {} ({})", process.pid, process.short_title(40))
+        result.phases["freeze"] = time.monotonic() - began
+
+
+def _unquiesce(
+    control: VllmControl, record: SuspendRecord | None, dispatchers: list[ProcessInfo], result: ToggleResult
+) -> list[str]:
+    """Let work reach the server again: continue what we froze, wake vLLM up or resume its scheduler.
+
+    Whatever the record says, vLLM's own flags decide (a run killed mid-sleep left no complete record).
+    Returns the problems (empty when the server was let go).
+    """
+    problems = []
+    for pid in _thaw_all(record, dispatchers):
+        logger.info("continued the dispatcher PID {}", pid)
+        result.notes.append(f"continued the frozen dispatcher PID {pid}")
+    try:
+        # vLLM 0.20.2 answers is_sleeping true while merely paused too, so the flags cannot tell a sleep from a
+        # pause: the record says which we did; without one (a run killed early), a server with sleep mode
+        # gets /wake_up, which also resumes a paused scheduler.
+        paused, sleeping = control.is_paused(), control.is_sleeping()
+        slept = record.mode == "hybrid" if record is not None and record.quiesce == "scheduler" else sleeping
+        if (paused or sleeping) and slept:
+            began = time.monotonic()
+            control.wake_up()
+            result.phases["wake_up"] = time.monotonic() - began
+            result.notes.append("woke vLLM up (its scheduler runs again)")
+        elif paused or sleeping:
+            began = time.monotonic()
+            control.resume()
+            result.phases["resume_scheduler"] = time.monotonic() - began
+            result.notes.append("resumed vLLM's scheduler")
+    except VllmControlError as error:
+        problems.append(str(error))
+    return problems
+
+
+def _thaw_all(record: SuspendRecord | None, dispatchers: list[ProcessInfo]) -> list[int]:
+    """Continue every dispatcher we (or an earlier run) froze; returns the PIDs continued."""
+    frozen = {f.pid: f for f in (record.frozen if record else [])}
+    for process in dispatchers:
+        if process.stopped or process.pid in frozen:
+            frozen.setdefault(process.pid, FrozenProcess(process.pid, process.create_time, process.title))
+    return [pid for pid, f in frozen.items() if thaw(f)]
+
+
+def _vllm_flags(control: VllmControl) -> dict[str, bool | None]:
+    return {"is_paused": control.is_paused(), "is_sleeping": control.is_sleeping()}
+
+
+# suspend ----------------------------------------------------------------------------------------------------
 def _suspend(
-    config: Config, backend: Backend, obs: Observation, force: bool, freeze_on: bool, started: float, mode: str
+    config: Config, backend: Backend, obs: Observation, force: bool, started: float, mode: str, quiesce: str
 ) -> ToggleResult:
-    dispatchers = obs.dispatchers if freeze_on else []
-    dispatcher_pids = {p.pid for p in dispatchers}
-    moving = sorted(pid for pid in obs.states if pid not in dispatcher_pids)
-    workers = safety.workers_of(obs.tree, moving, config.worker)
-    result = _new_result(SUSPEND, obs, backend, moving, {w.pid for w in workers})
-    result.forced = force
-    states = {pid: obs.states[pid] for pid in moving}
-    if not moving:
+    record = _record_of(config, obs)
+    plan = plan_suspend(
+        obs,
+        quiesce=quiesce,
+        mode=mode,
+        dispatcher_titles=config.dispatcher,
+        read_environ=inherited_environ,
+        host_available_mib=_host_available_mib(config),
+        ram_margin_mib=config.ram_margin_mib,
+        record_mode=record.mode if record else None,
+    )
+    result = _new_result(SUSPEND, obs, backend, plan.checkpoint, plan.holders)
+    result.forced, result.quiesce, result.mode = force, plan.quiesce, plan.mode
+    result.dispatchers = [
+        {"pid": p.pid, "name": p.title, "frozen_before": p.stopped, "frozen_after": True} for p in plan.freeze
+    ]
+    states = {pid: obs.states[pid] for pid in plan.checkpoint}
+    if not plan.checkpoint:
         raise _fail(
             result,
-            f"no CUDA processes in the tree of PID {obs.root.pid} ({obs.root.how}): is the model "
+            f"no CUDA processes in the tree of PID {obs.root_pid} ({obs.root_how}): is the model "
             "loaded yet? (cuda-toggle-all status shows every process)",
             ExitCode.NO_CUDA_PROCESSES,
             started,
             states,
         )
-
-    refusals = []
-    if obs.unreadable:
-        refusals += [
-            f"cannot read the CUDA state of PID {p} ({obs.title(p)[:40]}): {e}; the container needs "
-            "SYS_PTRACE and seccomp=unconfined, and the tool must run as root"
-            for p, e in obs.unreadable.items()
-        ]
-    stuck = [pid for pid, state in states.items() if state == "failed"]
-    if stuck:
-        raise _fail(
-            result,
-            f"PID {stuck} is in CUDA state `failed` (a failed restore cannot be undone): restart the server",
-            ExitCode.INCONSISTENT,
-            started,
-            states,
-        )
-    if freeze_on and not dispatchers and len(workers) > 0:
-        refusals.append(
-            f"no dispatcher process titled {list(config.dispatcher)} in the server's tree: a request reaching a "
-            "suspended worker kills the server. Set CUDA_TOGGLE_DISPATCHER to the process that hands work to the "
-            "workers, or pass --no-freeze if nothing can send work while suspended"
-        )
-    refusals += safety.nccl_refusals(workers, inherited_environ)
-    refusals += safety.vllm_all_reduce_refusals(obs.tree, workers, inherited_environ)
-    gpus = read_gpus(config)
-    result.gpus_before, result.gpu_source = gpus.to_json(), gpus.source
-    to_copy = [pid for pid in moving if states[pid] != "checkpointed"]
-    if gpus.gpus and to_copy:
-        available = psutil.virtual_memory().available
-        limit = safety.cgroup_available_bytes()
-        if limit is not None:
-            available = min(available, limit)
-        if config.host_ram_mib is not None:
-            available = config.host_ram_mib * 2**20
-        refusals += safety.host_memory_refusals(
-            safety.memory_to_copy_mib(gpus, to_copy), available // 2**20, config.ram_margin_mib
-        )
-    result.refusals = refusals
-    if refusals and not force:
-        raise _fail(result, "refused, nothing changed: " + " | ".join(refusals), ExitCode.REFUSED, started, states)
-    for reason in refusals:
+    result.refusals = plan.refusals + plan.blockers
+    if plan.blockers:
+        raise _fail(result, "refused, nothing changed: " + " | ".join(plan.blockers), ExitCode.REFUSED, started, states)
+    if plan.refusals and not force:
+        raise _fail(result, "refused, nothing changed: " + " | ".join(plan.refusals), ExitCode.REFUSED, started, states)
+    for reason in plan.refusals:
         logger.warning("--force: going on despite: {}", reason)
+    control = VllmControl(obs.capabilities.url, config.sleep_timeout_s)
+    if all(state == "checkpointed" for state in states.values()):
+        result.notes.append("already checkpointed: nothing to do")
+        if record is not None:
+            result.quiesce, result.mode = record.quiesce, record.mode
+        result.evidence = {"vllm": _vllm_flags(control), "gpus": {"already": True}}
+        _finish(result, states, started)
+        result.ok = True
+        return result
 
-    client = _sleep_client(config, obs)
-    if mode != "plain" and not all(state == "checkpointed" for state in states.values()):
-        sleeping = client.is_sleeping() if not any(p.stopped for p in dispatchers) else None
-        if sleeping is None:
-            if mode == "hybrid":
+    root = obs.process(obs.root_pid)
+    record = SuspendRecord(obs.root_pid, root.create_time, backend.name, time.time())
+    record.frozen = [FrozenProcess(p.pid, p.create_time, p.title) for p in plan.freeze]
+    record.cuda_pids = [FrozenProcess(pid, obs.process(pid).create_time, obs.title(pid)) for pid in plan.checkpoint]
+    record.mode, record.quiesce, record.server_url = plan.mode, plan.quiesce, control.url
+    record.save(config.run_dir)  # before anything changes: a crash from here on leaves what `running` needs
+
+    with SignalGuard() as guard:
+        try:
+            _quiesce(plan, control, result)
+        except (VllmControlError, SuspendError) as error:
+            problems = _unquiesce(control, record, plan.freeze, result)
+            SuspendRecord.clear(config.run_dir)
+            message = getattr(error, "message", str(error))
+            raise _fail(
+                result,
+                f"suspend failed before any checkpoint: {message}"
+                + (f"; and letting the server go failed: {problems}" if problems else "; the server runs as before"),
+                ExitCode.INCONSISTENT if problems else ExitCode.TRANSITION_FAILED,
+                started,
+                states,
+            )
+        transition = Transition(config, backend, result, states, guard, _gpu_progress(config))
+        try:
+            if guard.received:
+                raise RolledBack(f"interrupted by {guard.received} while quiescing")
+            transition.suspend()
+            after = read_gpus(config)
+            proof = released_proof(obs.gpus, after, plan.checkpoint, config.residual_mib)
+            result.gpus_after = after.to_json()
+            result.evidence = {"gpus": proof.to_json(), "vllm": _vllm_flags(control)}
+            if not proof.ok and obs.gpus.gpus:
+                logger.error("the checkpoint did not free the server's GPU memory: {}", proof.failure())
+                transition.rollback_to_running()
+                problems = _unquiesce(control, record, plan.freeze, result)
+                SuspendRecord.clear(config.run_dir)
                 raise _fail(
                     result,
-                    f"refused, nothing changed: --mode hybrid, but {client.url} has no sleep mode "
-                    "(/is_sleeping): start vLLM with --enable-sleep-mode and VLLM_SERVER_DEV_MODE=1 (behind "
-                    "the gate), set CUDA_TOGGLE_SERVER_URL, or use --mode plain",
-                    ExitCode.REFUSED,
+                    f"every process read checkpointed, but {proof.failure()}: the suspend was undone and the "
+                    "server runs again"
+                    + (f" (letting it go failed: {problems})" if problems else "")
+                    + ". See `cuda-toggle-all status`; on a GPU shared with processes the tool cannot see, raise "
+                    "CUDA_TOGGLE_RESIDUAL_MIB",
+                    ExitCode.MEMORY_KEPT if not problems else ExitCode.INCONSISTENT,
                     started,
                     states,
                 )
-            mode = "plain"
-        elif not sleeping:
-            began = time.monotonic()
-            try:
-                client.sleep(level=1)
-                result.phases["sleep"] = time.monotonic() - began
-                logger.info(
-                    "vLLM sleeps (level 1) after {:.2f} s: the checkpoint copies only what remains",
-                    result.phases["sleep"],
-                )
-                mode = "hybrid"
-            except SleepModeError as error:
-                logger.warning("sleep failed ({}): falling back to a plain suspend", error)
-                result.notes.append(f"sleep failed ({error}): plain suspend")
-                mode = "plain"
-        else:
-            mode = "hybrid"
-    else:
-        mode = "plain" if mode == "plain" else ((SuspendRecord.load(config.run_dir) or SuspendRecord(0, 0, "", 0)).mode)
-    result.mode = mode
-
-    already_frozen = [p for p in dispatchers if p.stopped]
-    result.dispatchers = [
-        {"pid": p.pid, "name": p.title, "frozen_before": p.stopped, "frozen_after": True} for p in dispatchers
-    ]
-    record = SuspendRecord.load(config.run_dir)
-    if record is None or record.root_pid != obs.root.pid:
-        root = obs.process(obs.root.pid)
-        record = SuspendRecord(obs.root.pid, root.create_time, backend.name, time.time())
-    known = {f.pid for f in record.frozen}
-    record.frozen += [FrozenProcess(p.pid, p.create_time, p.title) for p in dispatchers if p.pid not in known]
-    record.complete = False
-    record.mode, record.server_url = mode, client.url
-    record.save(config.run_dir)  # before freezing: a crash from here on leaves what `running` needs to repair
-
-    with SignalGuard() as guard:
-        for process in dispatchers:
-            if process not in already_frozen:
-                freeze(process)
-                logger.info("froze the dispatcher PID {} ({})", process.pid, process.short_title(40))
-        if all(state == "checkpointed" for state in states.values()):
-            result.notes.append("already checkpointed: nothing to do")
-        else:
-            transition = Transition(config, backend, result, states, guard, _gpu_progress(config))
-            try:
-                transition.suspend()
-            except (RolledBack, Inconsistent) as failure:
-                result.interrupted = guard.received
-                _thaw_all(record, dispatchers)
-                SuspendRecord.clear(config.run_dir)
-                if mode == "hybrid":
-                    _wake(client, result)
-                code = ExitCode.TRANSITION_FAILED if isinstance(failure, RolledBack) else ExitCode.INCONSISTENT
-                hint = (
-                    "every process is running again and the dispatcher continued"
-                    if code == ExitCode.TRANSITION_FAILED
-                    else "restart the server (supervisorctl restart vllm)"
-                )
-                raise _fail(result, f"suspend failed: {failure}; {hint}", code, started, states)
+        except RolledBack as failure:
+            result.interrupted = guard.received
+            problems = _unquiesce(control, record, plan.freeze, result)
+            SuspendRecord.clear(config.run_dir)
+            hint = problems or "every process is running again and the server takes requests"
+            raise _fail(
+                result,
+                f"suspend failed: {failure}; {hint}",
+                ExitCode.INCONSISTENT if problems else ExitCode.TRANSITION_FAILED,
+                started,
+                states,
+            )
+        except Inconsistent as failure:
+            # Some process is not running: the requests stay held (paused or frozen) and the record stays, so
+            # that `cuda-toggle-all running` can finish the job; nothing may reach a checkpointed process.
+            result.interrupted = guard.received
+            raise _fail(
+                result,
+                f"suspend failed and could not be undone: {failure}; the requests stay held. Run "
+                "`cuda-toggle-all running`; if that fails too, restart the server (supervisorctl restart vllm)",
+                ExitCode.INCONSISTENT,
+                started,
+                states,
+            )
         result.interrupted = guard.received
 
-    after = read_gpus(config)
-    result.gpus_after = after.to_json()
-    before_by_uuid = gpus.by_uuid()
+    before_by_uuid = obs.gpus.by_uuid()
     record.gpus = [
         GpuRecord(
-            g.uuid,
-            g.index,
-            before_by_uuid[g.uuid].used_mib if g.uuid in before_by_uuid else g.used_mib,
-            g.used_mib,
+            g.uuid, g.index, before_by_uuid[g.uuid].used_mib if g.uuid in before_by_uuid else g.used_mib, g.used_mib
         )
         for g in after.gpus
     ]
@@ -305,54 +356,63 @@ def _suspend(
     return result
 
 
-def _thaw_all(record: SuspendRecord | None, dispatchers: list[ProcessInfo]) -> list[int]:
-    """Continue every dispatcher we (or an earlier run) froze; returns the PIDs continued."""
-    frozen = {f.pid: f for f in (record.frozen if record else [])}
-    for process in dispatchers:
-        if process.stopped or process.pid in frozen:
-            frozen.setdefault(process.pid, FrozenProcess(process.pid, process.create_time, process.title))
-    continued = [pid for pid, f in frozen.items() if thaw(f)]
-    for pid in continued:
-        logger.info("continued the dispatcher PID {}", pid)
-    return continued
+# resume -----------------------------------------------------------------------------------------------------
+def _dead_while_suspended(record: SuspendRecord | None) -> list[str]:
+    if record is None:
+        return []
+    return [f"PID {p.pid} ({p.title[:40]})" for p in record.cuda_pids if not same_process(p.pid, p.create_time)]
 
 
 def _resume(config: Config, backend: Backend, obs: Observation, force: bool, started: float) -> ToggleResult:
-    moving = sorted(obs.states)
-    workers = safety.workers_of(obs.tree, moving, config.worker)
-    result = _new_result(RESUME, obs, backend, moving, {w.pid for w in workers})
-    result.forced = force
-    states = dict(obs.states)
-    record = SuspendRecord.load(config.run_dir)
-    if record is not None and record.root_pid != obs.root.pid:
-        logger.info("the suspend record names PID {}, not this server: ignored", record.root_pid)
-        record = None
-    frozen = [p for p in obs.dispatchers if p.stopped]
-    result.dispatchers = [
-        {"pid": p.pid, "name": p.title, "frozen_before": p.stopped, "frozen_after": False} for p in obs.dispatchers
+    record = _record_of(config, obs)
+    holders = model_holders(obs)
+    dispatchers = dispatcher_candidates(obs, config.dispatcher, holders) or [
+        p for p in obs.stopped if p.matches(config.dispatcher)
     ]
+    moving = sorted(obs.states)
+    result = _new_result(RESUME, obs, backend, moving, holders)
+    result.forced = force
+    if record is not None:
+        result.quiesce, result.mode = record.quiesce, record.mode
+    result.dispatchers = [
+        {"pid": p.pid, "name": p.title, "frozen_before": p.stopped, "frozen_after": False}
+        for p in dispatchers
+        if p.stopped
+    ]
+    states = dict(obs.states)
+    control = VllmControl(
+        record.server_url if record and record.server_url else obs.capabilities.url, config.sleep_timeout_s
+    )
     if obs.unreadable:
         raise _fail(
             result,
             "cannot read the CUDA state of "
             + "; ".join(f"PID {p}: {e}" for p, e in obs.unreadable.items())
-            + ": the dispatcher stays frozen; fix the access "
-            "(SYS_PTRACE, root) and resume again",
+            + ": the server stays suspended (requests held); fix the access (SYS_PTRACE, root) and resume again",
             ExitCode.REFUSED,
             started,
             states,
         )
-    if not moving and not frozen:
+    dead = _dead_while_suspended(record)
+    if dead:
         raise _fail(
             result,
-            f"no CUDA processes in the tree of PID {obs.root.pid} ({obs.root.how})",
+            f"{', '.join(dead)} died while the server was suspended: the server cannot serve again; restart it "
+            "(supervisorctl restart vllm)",
+            ExitCode.INCONSISTENT,
+            started,
+            states,
+        )
+    if not moving and not result.dispatchers:
+        raise _fail(
+            result,
+            f"no CUDA processes in the tree of PID {obs.root_pid} ({obs.root_how})",
             ExitCode.NO_CUDA_PROCESSES,
             started,
             states,
         )
     stuck = [pid for pid, state in states.items() if state == "failed"]
     if stuck:
-        _thaw_all(record, obs.dispatchers)
         raise _fail(
             result,
             f"PID {stuck} is in CUDA state `failed` and cannot be restored: restart the server "
@@ -361,10 +421,8 @@ def _resume(config: Config, backend: Backend, obs: Observation, force: bool, sta
             started,
             states,
         )
-    gpus = read_gpus(config)
-    result.gpus_before, result.gpu_source = gpus.to_json(), gpus.source
     if any(state == "checkpointed" for state in states.values()):
-        refusals = safety.restore_refusals(record, gpus, config.restore_margin_mib)
+        refusals = safety.restore_refusals(record, obs.gpus, config.restore_margin_mib)
         result.refusals = refusals
         if refusals and not force:
             raise _fail(
@@ -379,7 +437,7 @@ def _resume(config: Config, backend: Backend, obs: Observation, force: bool, sta
 
     with SignalGuard() as guard:
         if all(state == "running" for state in states.values()):
-            result.notes.append("already running" + (": continued the frozen dispatcher" if frozen else ""))
+            result.notes.append("every CUDA process was running already")
         else:
             transition = Transition(config, backend, result, states, guard, _gpu_progress(config))
             try:
@@ -387,64 +445,77 @@ def _resume(config: Config, backend: Backend, obs: Observation, force: bool, sta
             except RolledBack as failure:
                 raise _fail(result, f"resume failed: {failure}", ExitCode.TRANSITION_FAILED, started, states)
             except Inconsistent as failure:
-                _thaw_all(record, obs.dispatchers)
-                SuspendRecord.clear(config.run_dir)
                 raise _fail(
                     result,
-                    f"resume failed: {failure}; restart the server (supervisorctl restart vllm)",
+                    f"resume failed: {failure}; the requests stay held. Restart the server "
+                    "(supervisorctl restart vllm)",
                     ExitCode.INCONSISTENT,
                     started,
                     states,
                 )
-        _thaw_all(record, obs.dispatchers)
+        began = time.monotonic()
+        problems = _unquiesce(control, record, dispatchers, result)
+        result.phases["unquiesce"] = time.monotonic() - began
         result.interrupted = guard.received
-        client = _sleep_client(config, obs, record)
-        if (record is not None and record.mode == "hybrid") or client.is_sleeping():
-            result.mode = "hybrid"
-            if not _wake(client, result):
-                SuspendRecord.clear(config.run_dir)
-                raise _fail(
-                    result,
-                    f"the CUDA processes run again but vLLM did not wake up: {result.notes[-1]}; "
-                    "run `cuda-toggle-all running` again",
-                    ExitCode.TRANSITION_FAILED,
-                    started,
-                    states,
-                )
     for entry in result.dispatchers:
-        entry["frozen_after"] = bool(describe(entry["pid"]) and describe(entry["pid"]).stopped)
+        now = describe(entry["pid"])
+        entry["frozen_after"] = bool(now and now.stopped)
+    if problems:
+        raise _fail(
+            result,
+            f"every CUDA process runs again, but vLLM was not let go: {'; '.join(problems)}. Run "
+            "`cuda-toggle-all running` again (the record is kept)",
+            ExitCode.INCONSISTENT,
+            started,
+            states,
+        )
+
+    after = read_gpus(config)
+    result.gpus_after = after.to_json()
+    released = {g.uuid: g.released_mib for g in (record.gpus if record else []) if g.released_mib > 0}
+    memory = returned_proof(obs.gpus, after, released)
+    flags = _vllm_flags(control)
+    result.evidence = {"gpus": memory.to_json(), "vllm": flags}
+    failures = []
+    if not memory.ok:
+        failures.append(memory.failure())
+    if obs.capabilities.reachable:
+        probe = control.probe(timeout_s=config.sleep_timeout_s)
+        result.evidence["probe"] = probe.to_json()
+        if not probe.ok:
+            failures.append(f"a one-token completion failed: {probe.error}")
+    else:  # nothing answers HTTP there, so nothing can send the server work either
+        result.notes.append(f"no HTTP server answers at {control.url}: no completion could prove the resume")
+    if flags["is_paused"] or flags["is_sleeping"]:
+        failures.append(f"vLLM still says {flags}")
+    if failures:
+        raise _fail(
+            result,
+            "every CUDA process runs again, but the server is not proven to serve: " + "; ".join(failures),
+            ExitCode.INCONSISTENT,
+            started,
+            states,
+        )
     SuspendRecord.clear(config.run_dir)
-    result.gpus_after = read_gpus(config).to_json()
     _finish(result, states, started)
     result.ok = True
     return result
 
 
-def _wake(client: SleepClient, result: ToggleResult) -> bool:
-    """POST /wake_up (after the dispatcher runs again: the wake-up goes through it); False on failure."""
-    began = time.monotonic()
-    try:
-        client.wake_up()
-    except SleepModeError as error:
-        result.notes.append(f"wake-up failed: {error}")
-        logger.error("wake-up failed: {}", error)
-        return False
-    result.phases["wake_up"] = time.monotonic() - began
-    logger.info("vLLM woke up in {:.2f} s", result.phases["wake_up"])
-    return True
-
-
+# status -----------------------------------------------------------------------------------------------------
 @dataclass
 class StatusResult:
     root_pid: int
     root_how: str
     backend: str
-    state: str  # running | checkpointed | locked | mixed
-    pids: list[dict] = field(default_factory=list)  # {pid, name, role, state}
+    state: str  # running | checkpointed | locked | mixed | none
+    pids: list[dict] = field(default_factory=list)  # {pid, name, role, state, gpu_mib}
     dispatchers: list[dict] = field(default_factory=list)  # {pid, name, frozen}
     skipped: list[dict] = field(default_factory=list)
     gpus: list[dict] = field(default_factory=list)
     gpu_source: str = ""
+    server: dict = field(default_factory=dict)  # what the server's endpoints answered
+    vllm: dict = field(default_factory=dict)  # is_paused, is_sleeping
     suspend_record: dict | None = None
 
     def to_json(self) -> dict:
@@ -452,42 +523,46 @@ class StatusResult:
 
 
 def status(config: Config, *, pid: int | None = None, backend_name: str | None = None) -> StatusResult:
-    """What every process of the server is, whether the dispatcher is frozen, and the GPUs' memory."""
+    """What every process of the server is, whether anything is frozen or paused, and the GPUs' memory."""
     backend = select_backend(config, backend_name)
-    obs = observe(config, backend, pid)
-    workers = {w.pid for w in safety.workers_of(obs.tree, sorted(obs.states), config.worker)}
-    dispatcher_pids = {p.pid for p in obs.dispatchers}
+    obs = observe(config, backend, pid, force=True)
+    holders = set(model_holders(obs))
+    frozen = [p for p in obs.stopped if p.matches(config.dispatcher)]
     pids = []
     for process in obs.tree:
         if process.pid in obs.states:
-            role = "worker" if process.pid in workers else "dispatcher" if process.pid in dispatcher_pids else "cuda"
-            pids.append({"pid": process.pid, "name": process.title, "role": role, "state": obs.states[process.pid]})
+            role = "model" if process.pid in holders else "context"
+            state = obs.states[process.pid]
         elif process.pid in obs.unreadable:
-            pids.append(
-                {
-                    "pid": process.pid,
-                    "name": process.title,
-                    "role": "unknown",
-                    "state": f"error: {obs.unreadable[process.pid]}",
-                }
-            )
-    distinct = {entry["state"] for entry in pids if entry["role"] != "dispatcher"}
+            role, state = "unknown", f"error: {obs.unreadable[process.pid]}"
+        else:
+            continue
+        pids.append(
+            {
+                "pid": process.pid,
+                "name": process.title,
+                "role": role,
+                "state": state,
+                "gpu_mib": obs.gpus.pids_mib.get(process.pid),
+            }
+        )
+    distinct = {entry["state"] for entry in pids}
     overall = distinct.pop() if len(distinct) == 1 else ("none" if not distinct else "mixed")
-    gpus = read_gpus(config)
-    record = SuspendRecord.load(config.run_dir)
+    record = _record_of(config, obs)
+    control = VllmControl(obs.capabilities.url, config.sleep_timeout_s)
     return StatusResult(
-        root_pid=obs.root.pid,
-        root_how=obs.root.how,
+        root_pid=obs.root_pid,
+        root_how=obs.root_how,
         backend=backend.name,
         state=overall,
         pids=pids,
-        dispatchers=[{"pid": p.pid, "name": p.title, "frozen": p.stopped} for p in obs.dispatchers],
-        skipped=[
-            {"pid": p.pid, "name": p.title, "reason": "stopped"} for p in obs.stopped if p.pid not in dispatcher_pids
-        ],
-        gpus=gpus.to_json(),
-        gpu_source=gpus.source if gpus.gpus else gpus.problem,
-        suspend_record=asdict(record) if record and record.root_pid == obs.root.pid else None,
+        dispatchers=[{"pid": p.pid, "name": p.title, "frozen": True} for p in frozen],
+        skipped=[{"pid": p.pid, "name": p.title, "reason": "stopped"} for p in obs.stopped if p not in frozen],
+        gpus=obs.gpus.to_json(),
+        gpu_source=obs.gpus.source if obs.gpus.gpus else obs.gpus.problem,
+        server=obs.capabilities.to_json(),
+        vllm=_vllm_flags(control),
+        suspend_record=asdict(record) if record else None,
     )
 
 

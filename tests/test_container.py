@@ -874,13 +874,13 @@ def test_sleep_calls_go_to_the_port_on_vllm_command_line(standin):
     """The hybrid suspend finds vLLM's own address (for /sleep) in its command line: the internal port,
     not the gate's; the gate's GATE_UPSTREAM is the same address."""
     from entrypoint.processes import describe
-    from entrypoint.sleep_mode import SleepClient, server_url
+    from entrypoint.vllm_control import VllmControl, server_url
 
     supervised, port = standin
     pid = ensure_running(supervised, port)
     url = server_url(describe(pid), "")
     assert url == f"http://127.0.0.1:{port}" == supervised.env["GATE_UPSTREAM"]
-    assert SleepClient(url, 10).is_sleeping() is False  # sleep mode is on: the endpoint answers there
+    assert VllmControl(url, 10).is_sleeping() is False  # sleep mode is on: the endpoint answers there
 
 
 def test_supervisord_runs_the_gate_in_front_of_vllm(standin):

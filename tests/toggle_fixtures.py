@@ -96,8 +96,9 @@ def toggle_env(
         "CUDA_TOGGLE_VERIFY_SLEEP_S": "0.05",
         "CUDA_TOGGLE_VERIFY_ATTEMPTS": "20",
         "CUDA_TOGGLE_LOCK_TIMEOUT_MS": "200",
-        "CUDA_TOGGLE_LOCK_DEADLINE_S": "5",
-        "CUDA_TOGGLE_STATE_TIMEOUT_S": "3",
+        # Generous: each call of the fakes starts a Python process, slow on a loaded 2-core machine.
+        "CUDA_TOGGLE_LOCK_DEADLINE_S": "20",
+        "CUDA_TOGGLE_STATE_TIMEOUT_S": "10",
         "CUDA_TOGGLE_OP_TIMEOUT_S": "10",
         "CUDA_TOGGLE_BUSY_WAIT_S": "0.5",
         "CUDA_TOGGLE_PROGRESS_S": "1",

@@ -1,0 +1,118 @@
+"""Did the GPUs give the server's memory back (suspend), and did it come back (resume)? Pure functions.
+
+How other tenants of a GPU are accounted for:
+- Where the GPU query lists the server's own PIDs (NVML or nvidia-smi outside a PID namespace), the
+  server's memory is known exactly: the suspend is proven when none of its PIDs holds memory any more,
+  and what other processes hold is left out of the sum.
+- Where it does not (inside a container, the listed PIDs are the host's), a GPU counts as the server's
+  when it held more than CUDA_TOGGLE_RESIDUAL_MIB before the suspend, and it must read at most that
+  much after it. A GPU shared with processes the tool cannot see needs that setting raised.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+from .gpus import GpuReading
+
+
+@dataclass
+class GpuProof:
+    index: int
+    uuid: str
+    used_before_mib: int
+    used_after_mib: int
+    limit_mib: int  # what the GPU may still hold for the check to pass
+    ok: bool
+
+    def to_json(self) -> dict:
+        return asdict(self)
+
+
+@dataclass
+class MemoryProof:
+    ok: bool
+    how: str  # "per-process" or "whole GPU"
+    gpus: list[GpuProof]
+    server_pids_left: dict[int, int]  # server PIDs still holding memory (per-process figures only)
+    problem: str = ""
+
+    def to_json(self) -> dict:
+        return {**asdict(self), "gpus": [gpu.to_json() for gpu in self.gpus]}
+
+    def failure(self) -> str:
+        if self.problem:
+            return self.problem
+        kept = [f"GPU{g.index} {g.used_before_mib} -> {g.used_after_mib} MiB (limit {g.limit_mib})" for g in self.gpus]
+        kept = [line for line, g in zip(kept, self.gpus, strict=True) if not g.ok]
+        parts = []
+        if self.server_pids_left:
+            parts.append(f"server PIDs still hold GPU memory: {self.server_pids_left} MiB")
+        if kept:
+            parts.append("GPU memory not released: " + ", ".join(kept))
+        return "; ".join(parts)
+
+
+def released_proof(before: GpuReading, after: GpuReading, server_pids: list[int], residual_mib: int) -> MemoryProof:
+    """The suspend's proof: the server's memory is gone from every GPU it used."""
+    if not before.gpus or not after.gpus:
+        return MemoryProof(False, "none", [], {}, f"GPU memory unknown ({after.problem or before.problem})")
+    after_by_uuid = after.by_uuid()
+    own_before = {pid: mib for pid, mib in before.pids_mib.items() if pid in server_pids}
+    if own_before:
+        left = {pid: mib for pid, mib in after.pids_mib.items() if pid in server_pids and mib > 0}
+        others_total = sum(g.used_mib for g in before.gpus) - sum(own_before.values())
+        proofs = []
+        for gpu in before.gpus:
+            now = after_by_uuid.get(gpu.uuid)
+            used_after = now.used_mib if now else 0
+            proofs.append(GpuProof(gpu.index, gpu.uuid, gpu.used_mib, used_after, gpu.used_mib, True))
+        total_after = sum(p.used_after_mib for p in proofs)
+        ok = not left and total_after <= max(0, others_total) + residual_mib
+        if not ok and not left:
+            for proof in proofs:
+                proof.ok = proof.used_after_mib <= residual_mib or proof.used_after_mib < proof.used_before_mib
+        return MemoryProof(ok, "per-process", proofs, left)
+    proofs = []
+    for gpu in before.gpus:
+        now = after_by_uuid.get(gpu.uuid)
+        used_after = now.used_mib if now else 0
+        server_gpu = gpu.used_mib > residual_mib
+        limit = residual_mib if server_gpu else max(residual_mib, gpu.used_mib)
+        proofs.append(GpuProof(gpu.index, gpu.uuid, gpu.used_mib, used_after, limit, used_after <= limit))
+    return MemoryProof(all(p.ok for p in proofs), "whole GPU", proofs, {})
+
+
+def returned_proof(before: GpuReading, after: GpuReading, released: dict[str, int], share: float = 0.9) -> MemoryProof:
+    """The resume's proof: each GPU holds again (at least `share` of) what the suspend released from it.
+
+    `released` maps a GPU's UUID to the MiB the suspend released there (from the suspend record).
+    """
+    if not released:
+        return MemoryProof(True, "not recorded", [], {}, "")
+    if not after.gpus:
+        return MemoryProof(False, "none", [], {}, f"GPU memory unknown ({after.problem})")
+    before_by_uuid, after_by_uuid = before.by_uuid(), after.by_uuid()
+    proofs = []
+    for uuid, mib in released.items():
+        was, now = before_by_uuid.get(uuid), after_by_uuid.get(uuid)
+        if now is None:
+            proofs.append(GpuProof(-1, uuid, was.used_mib if was else 0, 0, 0, False))
+            continue
+        floor = (was.used_mib if was else 0) + int(mib * share)
+        proofs.append(GpuProof(now.index, uuid, was.used_mib if was else 0, now.used_mib, floor, now.used_mib >= floor))
+    ok = all(p.ok for p in proofs)
+    return MemoryProof(
+        ok,
+        "whole GPU",
+        proofs,
+        {},
+        ""
+        if ok
+        else "GPU memory did not come back: "
+        + ", ".join(
+            f"GPU{p.index} {p.used_before_mib} -> {p.used_after_mib} MiB (expected >= {p.limit_mib})"
+            for p in proofs
+            if not p.ok
+        ),
+    )
