@@ -5,11 +5,12 @@ One script, three roles, the process tree of vLLM V1:
 
     python3 -m vllm.entrypoints.openai.api_server ARGS   the API server (aiohttp), the process started
       VLLM::EngineCore                                   schedules steps, sends each to every worker
-        VLLM::Worker_TP0 .. VLLM::Worker_TP{N-1}         compute their piece of every step
+        VLLM::Worker_TP0 .. VLLM::Worker_TP{N-1}         compute their piece of every step (TP >= 2)
 
-The workers are what cuda-checkpoint suspends, so they are the ones that behave like CUDA processes of
-the fake GPU: before every step a worker reads its state there; `locked` blocks it, `checkpointed` or
-`failed` kills it with SIGSEGV (what a request reaching a suspended real vLLM worker does).
+At TP=1 there are no workers: EngineCore holds the model and computes every step itself, as vLLM's
+does. Whatever computes is what cuda-checkpoint suspends, so it behaves like a CUDA process of the fake
+GPU: before every step it reads its state there; `locked` blocks it, `checkpointed` or `failed` kills it
+with SIGSEGV (what a request reaching a suspended real vLLM process does).
 
 Processes talk over socket pairs, one JSON message per line. Standard library, aiohttp (the API
 server only) and setproctitle: all three are in vLLM's image.
@@ -26,6 +27,8 @@ import http
 import itertools
 import json
 import os
+import random
+import re
 import resource
 import select
 import signal
@@ -35,6 +38,7 @@ import sys
 import time
 import uuid
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -55,11 +59,23 @@ SLEEP_RESIDUAL_FRACTION = 0.02  # what vLLM's sleep mode leaves on the GPU (CUDA
 LOCK_POLL_S = 0.01
 PR_SET_PDEATHSIG = 1
 HIDDEN_PREFIX = "--standin-"
+DEFAULT_VLLM_VERSION = "0.20.2"
+FIRST_VERSION_WHOSE_SLEEP_PAUSES = (0, 17)
 
 
 def env_float(name: str, default: float) -> float:
     value = os.environ.get(name, "")
     return float(value) if value.strip() else default
+
+
+def vllm_version() -> str:
+    return os.environ.get("STANDIN_VLLM_VERSION", "").strip() or DEFAULT_VLLM_VERSION
+
+
+def sleep_pauses_scheduler(version: str) -> bool:
+    """Since vLLM PR #34528 (first released in 0.17) sleep pauses the scheduler and takes a pause mode."""
+    major_minor = tuple(int(number) for number in re.findall(r"\d+", version)[:2])
+    return major_minor >= FIRST_VERSION_WHOSE_SLEEP_PAUSES
 
 
 def fake_cuda_enabled() -> bool:
@@ -106,6 +122,10 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
 # ---------------------------------------------------------------------------------------------------
 # The "model": deterministic, so tests can compare answers across suspend/resume.
 
+EOS_WORD = WORDS[-1]  # the word that plays the end-of-sequence token
+MIN_TOKENS_BEFORE_EOS = 20  # so short greedy answers run to max_tokens, and long ones stop somewhere
+MAX_LOGPROBS = 20  # vLLM's default max_logprobs
+
 
 def answer_key(kind: str, prompt: object, seed: object) -> str:
     """What a greedy answer depends on: the same key gives the same words (max_tokens only cuts them)."""
@@ -120,6 +140,24 @@ def step_piece(key: str, index: int, rank: int, salt: str) -> int:
 
 def combine_pieces(pieces: list[int]) -> str:
     return WORDS[sum(pieces) % len(WORDS)]
+
+
+def token_text(word: str, index: int) -> str:
+    return word if index == 0 else " " + word
+
+
+def candidate_logprobs(pieces: list[int], word: str, index: int, count: int) -> list[list]:
+    """The sampler's view of one position: [token, logprob] of the chosen word first (the most likely,
+    as greedy decoding picks it), then of `count - 1` other words, each less likely than the one before.
+    Derived from the workers' pieces, so a worker computing garbage changes them too."""
+    rng = random.Random(sum(pieces))
+    others = rng.sample([other for other in WORDS if other != word], min(count, len(WORDS)) - 1)
+    logprob = -rng.uniform(0.01, 0.5)
+    candidates = [[token_text(word, index), logprob]]
+    for other in others:
+        logprob -= rng.uniform(0.05, 1.5)
+        candidates.append([token_text(other, index), logprob])
+    return candidates
 
 
 def tokenize(text: str) -> list[int]:
@@ -217,16 +255,21 @@ def describe_exit(returncode: int | None) -> str:
 
 
 # ---------------------------------------------------------------------------------------------------
-# Worker: one tensor-parallel rank on its GPU of the fake machine.
+# Worker: one tensor-parallel rank on its GPU of the fake machine. At TP=1 EngineCore is the worker.
+
+
+class StepWhileAsleep(Exception):
+    """An older vLLM ran a step on offloaded weights: the engine dies (vLLM issues #15483, #28714)."""
 
 
 class Worker:
-    def __init__(self, rank: int, memory_utilization: float):
+    def __init__(self, rank: int, memory_utilization: float, who: str):
         self.rank = rank
         self.pid = os.getpid()
-        self.who = f"VllmWorker TP{rank}"
+        self.who = who
         self.memory_utilization = memory_utilization
         self.step_seconds = env_float("STANDIN_STEP_S", 0.005)
+        self.sleep_pauses_scheduler = sleep_pauses_scheduler(vllm_version())
         self.loaded_mib = 0
         self.asleep = False
 
@@ -264,6 +307,8 @@ class Worker:
             return
 
     def step(self, items: list[dict]) -> list[int]:
+        if self.asleep and not self.sleep_pauses_scheduler:
+            raise StepWhileAsleep("CUDA error: an illegal memory access was encountered (a step ran while asleep)")
         time.sleep(self.step_seconds)
         salt = self.garbage_reason()
         return [step_piece(item["key"], item["index"], self.rank, salt) for item in items]
@@ -288,9 +333,10 @@ class Worker:
 
 
 def run_worker(args: argparse.Namespace) -> int:
-    channel = become_child(args, f"VLLM::Worker_TP{args.standin_rank}")
+    rank = args.standin_rank
+    channel = become_child(args, f"VLLM::Worker_TP{rank}")
     resource.setrlimit(resource.RLIMIT_CORE, (0, 0))  # the SIGSEGV must not leave core files behind
-    worker = Worker(args.standin_rank, args.gpu_memory_utilization)
+    worker = Worker(rank, args.gpu_memory_utilization, f"VllmWorker TP{rank}")
     worker.load()
     channel.send(op="loaded")
     while True:
@@ -298,15 +344,41 @@ def run_worker(args: argparse.Namespace) -> int:
             message = channel.receive()
         except EOFError:
             return 0  # EngineCore is gone
-        channel.send(**worker.handle(message))
+        try:
+            reply = worker.handle(message)
+        except StepWhileAsleep as error:
+            log(worker.who, "ERROR", str(error))
+            return 1
+        channel.send(**reply)
 
 
 # ---------------------------------------------------------------------------------------------------
-# EngineCore: continuous batching; every step advances every active request on every worker.
+# Executors: how EngineCore runs a step. TP=1 computes in EngineCore itself (vLLM's UniProcExecutor);
+# TP>=2 sends each step to every worker process (vLLM's MultiprocExecutor).
 
 
 class WorkerDied(Exception):
     pass
+
+
+class LocalExecutor:
+    """TP=1: no worker processes; EngineCore holds the model on GPU 0 and computes every step."""
+
+    def __init__(self, args: argparse.Namespace):
+        self.worker = Worker(0, args.gpu_memory_utilization, "EngineCore")
+        self.handles: list = []  # nothing to watch besides the API server
+
+    def start(self) -> None:
+        self.worker.load()
+
+    def run(self, **message: object) -> list[dict]:
+        return [self.worker.handle(message)]
+
+    def on_readable(self, handle: object) -> None:
+        raise AssertionError("a local executor has no handles")
+
+    def stop(self) -> None:
+        pass
 
 
 @dataclass
@@ -319,119 +391,44 @@ class WorkerHandle:
         return self.channel.fileno()
 
 
-@dataclass
-class ActiveRequest:
-    request_id: str
-    key: str
-    max_tokens: int
-    generated: int = 0
+class MultiprocExecutor:
+    """TP>=2: one worker process per rank; every step goes to all of them."""
 
-
-class EngineCore:
-    who = "EngineCore"
-
-    def __init__(self, args: argparse.Namespace, argv: list[str], api: MessageChannel):
+    def __init__(self, args: argparse.Namespace, argv: list[str]):
         self.args = args
         self.argv = argv
-        self.api = api
-        self.workers: list[WorkerHandle] = []
-        self.active: dict[str, ActiveRequest] = {}  # insertion order = scheduling order
-        self.sleep_level = 0
+        self.handles: list[WorkerHandle] = []
 
-    def run(self) -> int:
-        try:
-            for rank in range(self.args.tensor_parallel_size):
-                process, sock = start_child(self.argv, "worker", f"--standin-rank={rank}")
-                self.workers.append(WorkerHandle(rank, process, MessageChannel(sock)))
-            self.gather()  # every worker reports its weights loaded
-            self.api.send(op="ready")
-            self.serve()
-        except WorkerDied as died:
-            log(self.who, "ERROR", f"{died}, shutting down executor.")
-            return 1
-        except EOFError:
-            return 0  # the API server is gone
-        finally:
-            for worker in self.workers:
-                if worker.process.poll() is None:
-                    worker.process.kill()
-                worker.process.wait()
-        return 0
+    def start(self) -> None:
+        for rank in range(self.args.tensor_parallel_size):
+            process, sock = start_child(self.argv, "worker", f"--standin-rank={rank}")
+            self.handles.append(WorkerHandle(rank, process, MessageChannel(sock)))
+        self.gather()  # every worker reports its weights loaded
 
-    def serve(self) -> None:
-        while True:
-            idle = not self.active
-            readable, _, _ = select.select([self.api, *self.workers], [], [], None if idle else 0)
-            for source in readable:
-                if source is self.api:
-                    self.api.pull()
-                else:
-                    self.pull_from(source)  # an idle worker only ever becomes readable by dying
-            while self.api.received:
-                self.handle(self.api.received.popleft())
-            if self.active:
-                self.step()
-
-    def handle(self, message: dict) -> None:
-        op = message["op"]
-        if op == "add":
-            request = ActiveRequest(message["id"], message["key"], message["max_tokens"])
-            self.active[request.request_id] = request
-            self.api.send(op="started", id=request.request_id)
-        elif op == "abort":
-            self.active.pop(message["id"], None)
-        elif op == "rpc":
-            result = self.rpc(message["method"], message.get("params") or {})
-            self.api.send(op="rpc_result", call_id=message["call_id"], result=result)
-
-    def rpc(self, method: str, params: dict) -> dict:
-        if method == "sleep" and not self.sleep_level:
-            self.broadcast(op="sleep")
-            self.gather()
-            self.sleep_level = int(params.get("level", 1))
-        elif method == "wake_up" and self.sleep_level:
-            self.broadcast(op="wake_up")
-            self.gather()
-            self.sleep_level = 0
-        elif method == "is_sleeping":
-            return {"is_sleeping": bool(self.sleep_level)}
-        return {}
-
-    def step(self) -> None:
-        batch = list(self.active.values())
-        self.broadcast(op="step", items=[{"key": r.key, "index": r.generated} for r in batch])
-        replies = self.gather()
-        for position, request in enumerate(batch):
-            word = combine_pieces([reply["pieces"][position] for reply in replies])
-            request.generated += 1
-            finished = request.generated >= request.max_tokens
-            text = word if request.generated == 1 else " " + word
-            self.api.send(op="token", id=request.request_id, text=text, finished=finished)
-            if finished:
-                del self.active[request.request_id]
-
-    def broadcast(self, **message: object) -> None:
-        for worker in self.workers:
+    def run(self, **message: object) -> list[dict]:
+        for worker in self.handles:
             try:
                 worker.channel.send(**message)
             except EOFError:
                 self.worker_died(worker)
+        return self.gather()
 
     def gather(self) -> list[dict]:
         """One reply from every worker, in rank order. Waits as long as a worker takes (a locked one
         blocks), but a worker that dies meanwhile takes the engine down."""
         replies: dict[int, dict] = {}
         while True:
-            for worker in self.workers:
+            for worker in self.handles:
                 if worker.rank not in replies and worker.channel.received:
                     replies[worker.rank] = worker.channel.received.popleft()
-            if len(replies) == len(self.workers):
-                return [replies[rank] for rank in range(len(self.workers))]
-            readable, _, _ = select.select(self.workers, [], [])
+            if len(replies) == len(self.handles):
+                return [replies[rank] for rank in range(len(self.handles))]
+            readable, _, _ = select.select(self.handles, [], [])
             for worker in readable:
-                self.pull_from(worker)
+                self.on_readable(worker)
 
-    def pull_from(self, worker: WorkerHandle) -> None:
+    def on_readable(self, worker: WorkerHandle) -> None:
+        """An idle worker only ever becomes readable by dying."""
         try:
             worker.channel.pull()
         except EOFError:
@@ -445,11 +442,210 @@ class EngineCore:
         how = describe_exit(worker.process.returncode)
         raise WorkerDied(f"Worker proc VllmWorker-{worker.rank} died unexpectedly ({how})")
 
+    def stop(self) -> None:
+        for worker in self.handles:
+            if worker.process.poll() is None:
+                worker.process.kill()
+            worker.process.wait()
+
+
+# ---------------------------------------------------------------------------------------------------
+# EngineCore: continuous batching; every step advances every running request on every worker.
+
+
+@dataclass
+class EngineRequest:
+    request_id: str
+    key: str
+    max_tokens: int
+    stops_at_eos: bool  # greedy and not ignore_eos
+    logprobs: int | None  # candidates to report per token (None: no logprobs)
+    generated: int = 0
+    recompute: bool = False  # preempted: its KV cache is gone, the next step recomputes it
+
+
+UNPAUSED, PAUSED_NEW, PAUSED_ALL = "unpaused", "paused_new", "paused_all"  # vLLM's PauseState
+PAUSE_MODES = ("abort", "wait", "keep")
+
+
+class EngineCore:
+    """Scheduling as vLLM 0.20.2's EngineCore (vllm/v1/engine/core.py): pause_scheduler(mode) holds new
+    requests (abort also finishes every request with "abort", wait keeps stepping until the running ones
+    finish, keep stops stepping); sleep(level, mode) pauses first, then sleeps the executor; wake_up wakes
+    it, then resumes. While paused no step runs, so no worker (no CUDA) is touched. Older vLLM (before
+    PR #34528) slept the executor without pausing: a step then ran on offloaded weights."""
+
+    who = "EngineCore"
+
+    def __init__(self, args: argparse.Namespace, argv: list[str], api: MessageChannel):
+        self.api = api
+        self.executor = LocalExecutor(args) if args.tensor_parallel_size == 1 else MultiprocExecutor(args, argv)
+        self.sleep_pauses_scheduler = sleep_pauses_scheduler(vllm_version())
+        self.running: dict[str, EngineRequest] = {}  # insertion order = scheduling order
+        self.waiting: dict[str, EngineRequest] = {}  # added while paused, or preempted
+        self.pause_state = UNPAUSED
+        self.sleep_level = 0
+        self.drain_waiters: list[tuple[int, Callable[[], dict]]] = []  # pause/sleep mode=wait callers
+
+    def run(self) -> int:
+        try:
+            self.executor.start()
+            self.api.send(op="ready")
+            self.serve()
+        except WorkerDied as died:
+            log(self.who, "ERROR", f"{died}, shutting down executor.")
+            return 1
+        except StepWhileAsleep as error:
+            log(self.who, "ERROR", f"EngineCore encountered a fatal error: {error}")
+            return 1
+        except EOFError:
+            return 0  # the API server is gone
+        finally:
+            self.executor.stop()
+        return 0
+
+    def serve(self) -> None:
+        while True:
+            timeout = 0 if self.can_step() else None
+            readable, _, _ = select.select([self.api, *self.executor.handles], [], [], timeout)
+            for source in readable:
+                if source is self.api:
+                    self.api.pull()
+                else:
+                    self.executor.on_readable(source)
+            while self.api.received:
+                self.handle(self.api.received.popleft())
+            self.schedule()
+            if self.can_step():
+                self.step()
+            self.answer_drain_waiters()
+
+    def can_step(self) -> bool:
+        return bool(self.running) and self.pause_state != PAUSED_ALL
+
+    def schedule(self) -> None:
+        if self.pause_state != UNPAUSED:
+            return  # every pause state holds new requests back
+        for request in self.waiting.values():
+            self.running[request.request_id] = request
+            self.api.send(op="started", id=request.request_id)
+        self.waiting.clear()
+
+    def handle(self, message: dict) -> None:
+        op = message["op"]
+        if op == "add":
+            request = EngineRequest(
+                message["id"], message["key"], message["max_tokens"], message["stops_at_eos"], message["logprobs"]
+            )
+            self.waiting[request.request_id] = request
+        elif op == "abort":
+            self.running.pop(message["id"], None)
+            self.waiting.pop(message["id"], None)
+        elif op == "rpc":
+            call_id = message["call_id"]
+            result = self.rpc(call_id, message["method"], message.get("params") or {})
+            if result is not None:
+                self.api.send(op="rpc_result", call_id=call_id, result=result)
+
+    def rpc(self, call_id: int, method: str, params: dict) -> dict | None:
+        """The result of a utility call, or None when it answers later (mode=wait)."""
+        if method == "pause":
+            return self.pause(call_id, params["mode"], preempt=False, then=dict)
+        if method == "resume":
+            self.pause_state = UNPAUSED
+        elif method == "is_paused":
+            return {"is_paused": self.pause_state != UNPAUSED}
+        elif method == "sleep":
+            level = int(params.get("level", 1))
+            if not self.sleep_pauses_scheduler:
+                self.sleep_executor(level)
+                return {}
+            return self.pause(call_id, params["mode"], preempt=True, then=lambda: self.sleep_executor(level))
+        elif method == "wake_up":
+            if self.sleep_level:
+                self.executor.run(op="wake_up")
+                self.sleep_level = 0
+            if self.sleep_pauses_scheduler:
+                self.pause_state = UNPAUSED
+        elif method == "is_sleeping":
+            paused = self.sleep_pauses_scheduler and self.pause_state != UNPAUSED
+            return {"is_sleeping": bool(self.sleep_level) or paused}
+        return {}
+
+    def pause(self, call_id: int, mode: str, preempt: bool, then: Callable[[], dict]) -> dict | None:
+        if mode == "abort":
+            for request in [*self.running.values(), *self.waiting.values()]:
+                self.api.send(op="token", id=request.request_id, text="", finish_reason="abort", logprobs=None)
+            self.running.clear()
+            self.waiting.clear()
+        if mode == "keep":
+            self.pause_state = PAUSED_ALL
+            if preempt:  # sleep drops the KV cache: running requests go back to waiting
+                for request in self.running.values():
+                    request.recompute = True
+                    self.api.send(op="preempted", id=request.request_id)
+                self.waiting = {**self.running, **self.waiting}
+                self.running.clear()
+        else:
+            self.pause_state = PAUSED_NEW
+        if mode == "wait" and self.running:
+            log(self.who, "INFO", "Waiting for in-flight requests to complete before pausing...")
+            self.drain_waiters.append((call_id, then))
+            return None
+        return then()
+
+    def answer_drain_waiters(self) -> None:
+        if self.running or not self.drain_waiters:
+            return
+        waiters, self.drain_waiters = self.drain_waiters, []
+        for call_id, then in waiters:
+            self.api.send(op="rpc_result", call_id=call_id, result=then())
+
+    def sleep_executor(self, level: int) -> dict:
+        if not self.sleep_level:
+            self.executor.run(op="sleep")
+        self.sleep_level = level
+        return {}
+
+    def step(self) -> None:
+        batch = list(self.running.values())
+        replies = self.executor.run(op="step", items=[{"key": r.key, "index": r.generated} for r in batch])
+        for position, request in enumerate(batch):
+            if request.request_id not in self.running:
+                continue  # aborted while the step ran (cannot happen yet: steps are synchronous)
+            pieces = [reply["pieces"][position] for reply in replies]
+            if request.recompute:
+                request.recompute = False  # this step rebuilt its KV cache; the next one continues
+                continue
+            self.emit_token(request, pieces)
+
+    def emit_token(self, request: EngineRequest, pieces: list[int]) -> None:
+        index = request.generated
+        word = combine_pieces(pieces)
+        request.generated += 1
+        at_eos = request.stops_at_eos and index >= MIN_TOKENS_BEFORE_EOS and word == EOS_WORD
+        if at_eos:
+            finish_reason = "stop"
+        elif request.generated >= request.max_tokens:
+            finish_reason = "length"
+        else:
+            finish_reason = None
+        logprobs = None
+        if request.logprobs is not None:
+            logprobs = candidate_logprobs(pieces, word, index, max(request.logprobs, 1))
+            if at_eos:
+                logprobs[0][0] = ""  # the end-of-sequence token decodes to nothing
+        text = "" if at_eos else token_text(word, index)
+        self.api.send(op="token", id=request.request_id, text=text, finish_reason=finish_reason, logprobs=logprobs)
+        if finish_reason:
+            del self.running[request.request_id]
+
 
 def run_engine(args: argparse.Namespace, argv: list[str]) -> int:
     api = become_child(args, "VLLM::EngineCore")
+    resource.setrlimit(resource.RLIMIT_CORE, (0, 0))  # at TP=1 EngineCore is what segfaults
     if fake_cuda_enabled():
-        fakegpu.register(os.getpid())  # vLLM's EngineCore holds a CUDA context too
+        fakegpu.register(os.getpid())  # vLLM's EngineCore holds a CUDA context (at TP=1, the model too)
 
     def exit_on_sigterm(signum: int, frame: object) -> None:
         raise SystemExit(0)  # unwinds through EngineCore.run, which kills the workers
@@ -476,6 +672,26 @@ class InFlight:
     started: bool = False  # EngineCore took it into its batch (else it is waiting)
 
 
+@dataclass(frozen=True)
+class TokenOutput:
+    """One step's output for a request: its text, why it finished (None: not yet) and its logprobs."""
+
+    text: str
+    finish_reason: str | None  # "length", "stop" (end-of-sequence) or "abort" (pause or sleep, mode abort)
+    logprobs: list | None  # [[token, logprob], ...], the chosen token first
+
+    @property
+    def counts(self) -> bool:
+        return self.finish_reason != "abort"  # an abort finishes a request without a token
+
+
+@dataclass(frozen=True)
+class Sampling:
+    max_tokens: int
+    stops_at_eos: bool
+    logprobs: int | None  # top candidates per token the client asked for (None: no logprobs)
+
+
 ENGINE_DEAD = object()  # queued to in-flight requests when EngineCore goes away
 
 
@@ -492,7 +708,11 @@ class ApiServer:
         self.argv = argv
         self.started_at = started_at
         self.served_names: list[str] = args.served_model_name or [args.model]
-        self.sleep_endpoints = args.enable_sleep_mode and os.environ.get("VLLM_SERVER_DEV_MODE") == "1"
+        self.vllm_version = vllm_version()
+        dev_mode = os.environ.get("VLLM_SERVER_DEV_MODE") == "1"
+        self.sleep_endpoints = args.enable_sleep_mode and dev_mode
+        self.sleep_pauses_scheduler = sleep_pauses_scheduler(self.vllm_version)
+        self.pause_endpoints = dev_mode and self.sleep_pauses_scheduler
         self.in_flight: dict[str, InFlight] = {}
         self.rpc_calls: dict[int, asyncio.Future] = {}
         self.rpc_ids = itertools.count(1)
@@ -575,17 +795,17 @@ class ApiServer:
         op = message["op"]
         if op == "ready":
             self.spawn(self.finish_loading())
-        elif op == "started":
+        elif op in ("started", "preempted"):
             if message["id"] in self.in_flight:
-                self.in_flight[message["id"]].started = True
+                self.in_flight[message["id"]].started = op == "started"
         elif op == "token":
             # A finished request leaves in_flight here, so whatever is still there when its handler
             # ends was cut short (client gone) and must be aborted in EngineCore.
             in_flight = self.in_flight.get(message["id"])
-            if message["finished"]:
+            if message["finish_reason"]:
                 self.in_flight.pop(message["id"], None)
             if in_flight is not None:
-                in_flight.tokens.put_nowait((message["text"], message["finished"]))
+                in_flight.tokens.put_nowait(TokenOutput(message["text"], message["finish_reason"], message["logprobs"]))
         elif op == "rpc_result":
             future = self.rpc_calls.get(message["call_id"])
             if future is not None and not future.done():
@@ -626,11 +846,18 @@ class ApiServer:
 
     # -- talking to EngineCore ------------------------------------------------------------------
 
-    async def generate(self, key: str, max_tokens: int):
-        """Yields (text, finished) per token. Closing it early aborts the request in EngineCore."""
+    async def generate(self, key: str, sampling: Sampling):
+        """Yields a TokenOutput per token. Closing it early aborts the request in EngineCore."""
         request_id = uuid.uuid4().hex
         in_flight = InFlight()
-        self.send_to_engine(op="add", id=request_id, key=key, max_tokens=max_tokens)
+        self.send_to_engine(
+            op="add",
+            id=request_id,
+            key=key,
+            max_tokens=sampling.max_tokens,
+            stops_at_eos=sampling.stops_at_eos,
+            logprobs=sampling.logprobs,
+        )
         self.in_flight[request_id] = in_flight
         self.requests_total += 1
         try:
@@ -639,7 +866,7 @@ class ApiServer:
                 if item is ENGINE_DEAD:
                     raise EngineDeadError(self.stop_reason)
                 yield item
-                if item[1]:
+                if item.finish_reason:
                     return
         finally:
             if self.in_flight.pop(request_id, None) is not None:
@@ -674,6 +901,10 @@ class ApiServer:
         app.router.add_get("/version", self.version)
         app.router.add_post("/tokenize", self.tokenize)
         app.router.add_post("/detokenize", self.detokenize)
+        if self.pause_endpoints:  # vLLM serves these only in dev mode, since 0.17 (rlhf/api_router.py)
+            app.router.add_post("/pause", self.pause)
+            app.router.add_post("/resume", self.resume)
+            app.router.add_get("/is_paused", self.is_paused)
         if self.sleep_endpoints:  # vLLM serves these only in dev mode
             app.router.add_post("/sleep", self.sleep)
             app.router.add_post("/wake_up", self.wake_up)
@@ -754,7 +985,7 @@ class ApiServer:
         return web.json_response({"object": "list", "data": data})
 
     async def version(self, request):
-        return web.json_response({"version": "0.0.0-standin"})
+        return web.json_response({"version": self.vllm_version})
 
     async def metrics(self, request):
         running = sum(1 for in_flight in self.in_flight.values() if in_flight.started)
@@ -845,6 +1076,12 @@ class ApiServer:
                 f"{max_tokens} in the completion)."
             )
             return error_response(400, message, "BadRequestError")
+        logprobs, problem = requested_logprobs(body, chat)
+        if problem:
+            return error_response(400, problem, "BadRequestError")
+        ignore_eos = body.get("ignore_eos", False)
+        if not isinstance(ignore_eos, bool):
+            return error_response(400, "ignore_eos must be a boolean", "BadRequestError")
         temperature = body.get("temperature")
         seed = body.get("seed")
         greedy = temperature == 0 or seed is not None  # vLLM's default temperature is 1.0: sampling
@@ -854,14 +1091,16 @@ class ApiServer:
             request_id=("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex,
             model=body.get("model") or self.served_names[0],
             prompt_tokens=prompt_tokens,
+            logprobs=logprobs,
         )
-        tokens = self.generate(key, max_tokens)
+        # Only greedy answers stop at the end-of-sequence word, so sampled ones keep their length.
+        tokens = self.generate(key, Sampling(max_tokens, greedy and not ignore_eos, logprobs))
         if body.get("stream"):
             include_usage = bool((body.get("stream_options") or {}).get("include_usage"))
             return await self.stream_reply(request, reply, tokens, include_usage)
         async with contextlib.aclosing(tokens):
-            texts = [text async for text, _ in tokens]
-        return web.json_response(reply.full(texts))
+            outputs = [output async for output in tokens]
+        return web.json_response(reply.full(outputs))
 
     async def stream_reply(self, request, reply: Reply, tokens, include_usage: bool):
         response = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"})
@@ -873,10 +1112,9 @@ class ApiServer:
         try:
             async with contextlib.aclosing(tokens):
                 if reply.chat:
-                    await send_event(reply.chunk("", None, role=True))
-                async for text, finished in tokens:
-                    reply.completion_tokens += 1
-                    await send_event(reply.chunk(text, "length" if finished else None))
+                    await send_event(reply.chunk(None, role=True))
+                async for output in tokens:
+                    await send_event(reply.chunk(output))
             if include_usage:
                 await send_event(reply.usage_chunk())
         except EngineDeadError as error:
@@ -886,6 +1124,31 @@ class ApiServer:
         await response.write(b"data: [DONE]\n\n")
         return response
 
+    async def pause(self, request):
+        problem = self.not_serving()
+        if problem is not None:
+            return problem
+        mode = request.query.get("mode", "abort")
+        if mode not in PAUSE_MODES:  # FastAPI's validation error for a Literal query parameter
+            message = "Input should be 'abort', 'wait' or 'keep'"
+            detail = [{"type": "literal_error", "loc": ["query", "mode"], "msg": message, "input": mode}]
+            return web.json_response({"detail": detail}, status=422)
+        await self.engine_rpc("pause", mode=mode)
+        return web.json_response({"status": "paused"})
+
+    async def resume(self, request):
+        problem = self.not_serving()
+        if problem is not None:
+            return problem
+        await self.engine_rpc("resume")
+        return web.json_response({"status": "resumed"})
+
+    async def is_paused(self, request):
+        problem = self.not_serving()
+        if problem is not None:
+            return problem
+        return web.json_response(await self.engine_rpc("is_paused"))
+
     async def sleep(self, request):
         problem = self.not_serving()
         if problem is not None:
@@ -893,7 +1156,13 @@ class ApiServer:
         level = request.query.get("level", "1")
         if level not in ("1", "2"):
             return error_response(400, "level must be 1 or 2", "BadRequestError")
-        await self.engine_rpc("sleep", level=int(level))
+        if not self.sleep_pauses_scheduler:
+            await self.engine_rpc("sleep", level=int(level))  # older vLLM: no mode, no pause
+            return web.Response(status=200)
+        mode = request.query.get("mode", "abort")  # vLLM 0.20.2: no mode means abort
+        if mode not in PAUSE_MODES:  # vLLM raises in EngineCore: the request fails with a 500
+            return error_response(500, f"Invalid pause mode: {mode}", "ValueError")
+        await self.engine_rpc("sleep", level=int(level), mode=mode)
         return web.Response(status=200)
 
     async def wake_up(self, request):
@@ -919,6 +1188,26 @@ class ApiServer:
         return handler
 
 
+def requested_logprobs(body: dict, chat: bool) -> tuple[int | None, str]:
+    """How many candidates per token the request wants (None: no logprobs), or why it is invalid."""
+    if chat:
+        wanted, count = body.get("logprobs") or False, body.get("top_logprobs")
+        if not isinstance(wanted, bool):
+            return None, "logprobs must be a boolean"
+        if count is not None and not wanted and count != 0:
+            return None, "when using `top_logprobs`, `logprobs` must be set to true."
+        if not wanted:
+            return None, ""
+        count = 0 if count is None else count
+    else:
+        count = body.get("logprobs")
+        if count is None:
+            return None, ""
+    if isinstance(count, bool) or not isinstance(count, int) or not 0 <= count <= MAX_LOGPROBS:
+        return None, f"logprobs must be an integer from 0 to {MAX_LOGPROBS}"
+    return count, ""
+
+
 @dataclass
 class Reply:
     """The OpenAI response shapes of one chat or text completion."""
@@ -927,7 +1216,9 @@ class Reply:
     request_id: str
     model: str
     prompt_tokens: int
+    logprobs: int | None = None  # candidates per token to report (None: no logprobs)
     completion_tokens: int = 0
+    text_offset: int = 0  # where the next token starts in the completion's text
     created: int = field(default_factory=lambda: int(time.time()))
 
     def envelope(self, object_kind: str, choices: list) -> dict:
@@ -941,28 +1232,53 @@ class Reply:
             "total_tokens": self.prompt_tokens + self.completion_tokens,
         }
 
-    def full(self, texts: list[str]) -> dict:
-        self.completion_tokens = len(texts)
-        text = "".join(texts)
+    def logprobs_of(self, outputs: list[TokenOutput]) -> dict | None:
+        """vLLM's logprobs of these tokens: the legacy completions shape, or the chat shape."""
+        if self.logprobs is None:
+            return None
+        outputs = [output for output in outputs if output.counts]
+        if self.chat:
+            return {"content": [chat_logprob(output.logprobs, self.logprobs) for output in outputs]}
+        shape = {"tokens": [], "token_logprobs": [], "top_logprobs": [], "text_offset": []}
+        for output in outputs:
+            (token, logprob), *_ = output.logprobs
+            shape["tokens"].append(token)
+            shape["token_logprobs"].append(logprob)
+            # vLLM lists the top candidates and the sampled token (here the same, greedy picks the top).
+            shape["top_logprobs"].append(dict(output.logprobs[: max(self.logprobs, 1)]))
+            shape["text_offset"].append(self.text_offset)
+            self.text_offset += len(output.text)
+        return shape
+
+    def full(self, outputs: list[TokenOutput]) -> dict:
+        self.completion_tokens = sum(1 for output in outputs if output.counts)
+        text = "".join(output.text for output in outputs)
         if self.chat:
             choice = {"index": 0, "message": {"role": "assistant", "content": text}}
             kind = "chat.completion"
         else:
             choice = {"index": 0, "text": text}
             kind = "text_completion"
-        choice.update(logprobs=None, finish_reason="length", stop_reason=None)
+        finish_reason = outputs[-1].finish_reason if outputs else "length"
+        choice.update(logprobs=self.logprobs_of(outputs), finish_reason=finish_reason, stop_reason=None)
         return {**self.envelope(kind, [choice]), "usage": self.usage()}
 
-    def chunk(self, text: str, finish_reason: str | None, role: bool = False) -> dict:
+    def chunk(self, output: TokenOutput | None, role: bool = False) -> dict:
+        """One streamed event: the assistant role first (chat), then one per token output."""
+        if output is None:
+            output = TokenOutput("", None, None)
+        if output.counts and not role:
+            self.completion_tokens += 1
+        logprobs = self.logprobs_of([output]) if output.counts and not role else None
         if self.chat:
-            delta = {"role": "assistant", "content": text} if role else {"content": text}
-            choice = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish_reason}
+            delta = {"role": "assistant", "content": output.text} if role else {"content": output.text}
+            choice = {"index": 0, "delta": delta, "logprobs": logprobs, "finish_reason": output.finish_reason}
             return self.envelope("chat.completion.chunk", [choice])
         choice = {
             "index": 0,
-            "text": text,
-            "logprobs": None,
-            "finish_reason": finish_reason,
+            "text": output.text,
+            "logprobs": logprobs,
+            "finish_reason": output.finish_reason,
             "stop_reason": None,
         }
         return self.envelope("text_completion", [choice])
@@ -970,6 +1286,15 @@ class Reply:
     def usage_chunk(self) -> dict:
         kind = "chat.completion.chunk" if self.chat else "text_completion"
         return {**self.envelope(kind, []), "usage": self.usage()}
+
+
+def chat_logprob(candidates: list, top: int) -> dict:
+    """One token of the chat completions logprobs shape."""
+
+    def entry(token: str, logprob: float) -> dict:
+        return {"token": token, "logprob": logprob, "bytes": list(token.encode())}
+
+    return {**entry(*candidates[0]), "top_logprobs": [entry(*candidate) for candidate in candidates[:top]]}
 
 
 def run_api_server(args: argparse.Namespace, argv: list[str]) -> int:
