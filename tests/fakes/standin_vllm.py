@@ -560,6 +560,8 @@ class EngineCore:
             if not self.sleep_pauses_scheduler:
                 self.sleep_executor(level)
                 return {}
+            if level == 0:  # pause only, no memory released (vLLM 0.20.2)
+                return self.pause(call_id, params["mode"], preempt=False, then=dict)
             return self.pause(call_id, params["mode"], preempt=True, then=lambda: self.sleep_executor(level))
         elif method == "wake_up":
             if self.sleep_level:
@@ -1154,8 +1156,8 @@ class ApiServer:
         if problem is not None:
             return problem
         level = request.query.get("level", "1")
-        if level not in ("1", "2"):
-            return error_response(400, "level must be 1 or 2", "BadRequestError")
+        if level not in ("0", "1", "2") or (level == "0" and not self.sleep_pauses_scheduler):
+            return error_response(400, "level must be 1 or 2 (or 0: pause only, since vLLM 0.17)", "BadRequestError")
         if not self.sleep_pauses_scheduler:
             await self.engine_rpc("sleep", level=int(level))  # older vLLM: no mode, no pause
             return web.Response(status=200)
