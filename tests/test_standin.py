@@ -439,6 +439,22 @@ def test_sleep_modes_at_tp1(fake_gpu, standin_server, mode):
     assert server.get("/is_paused").json() == {"is_paused": False}
 
 
+def test_sleep_level_0_pauses_without_releasing_memory(fake_gpu, standin_server):
+    """/sleep?level=0 only pauses the scheduler: memory stays, requests wait, /wake_up resumes them."""
+    server = standin_server("--enable-sleep-mode", env=DEV_MODE)
+    awake_mib = nvidia_smi_used_mib()
+    reference = chat(server)
+    assert server.post("/sleep?level=0&mode=keep").status_code == 200
+    assert server.get("/is_sleeping").json() == {"is_sleeping": True}
+    assert nvidia_smi_used_mib() == awake_mib
+    with ThreadPoolExecutor(1) as pool:
+        queued = pool.submit(chat, server)
+        assert stays_pending(queued)
+        assert server.post("/wake_up").status_code == 200
+        assert queued.result(timeout=10) == reference
+    assert server.get("/is_sleeping").json() == {"is_sleeping": False}
+
+
 @pytest.mark.parametrize("tensor_parallel_size", [1, 2])
 def test_older_vllm_has_no_pause_and_a_step_during_its_sleep_kills_the_engine(
     fake_gpu, standin_server, tensor_parallel_size
