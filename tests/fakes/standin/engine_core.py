@@ -293,8 +293,6 @@ class EngineCore:
         batch = list(self.running.values())
         replies = self.executor.run(op="step", items=[{"key": r.key, "index": r.generated} for r in batch])
         for position, request in enumerate(batch):
-            if request.request_id not in self.running:
-                continue  # aborted while the step ran (cannot happen yet: steps are synchronous)
             pieces = [reply["pieces"][position] for reply in replies]
             if request.recompute:
                 request.recompute = False  # this step rebuilt its KV cache; the next one continues
