@@ -139,14 +139,15 @@ def read_gpus(root: Path | None = None) -> list[tuple[int, str, int, int]]:
     return gpus
 
 
-def used_mib(root: Path | None = None) -> dict[int, int]:
-    """Memory in use per GPU index, as the fake nvidia-smi reports it."""
+def compute_apps(root: Path | None = None) -> list[tuple[int, int, int]]:
+    """(pid, gpu_index, mib) of every live process whose memory is on a GPU now, as nvidia-smi's
+    compute-apps query lists them: running or locked, or checkpointed with `kept`."""
     root = root or state_dir()
-    used = {index: baseline for index, _, _, baseline in read_gpus(root)}
     pids = root / "pids"
     if not pids.is_dir():
-        return used
-    for entry in pids.iterdir():
+        return []
+    apps = []
+    for entry in sorted(pids.iterdir(), key=lambda entry: entry.name):
         if not entry.name.isdigit():
             continue
         pid = int(entry.name)
@@ -155,9 +156,28 @@ def used_mib(root: Path | None = None) -> dict[int, int]:
         state = read_state(pid, root)
         on_gpu = state in ("running", "locked") or (state == "checkpointed" and (entry / "kept").exists())
         index, mib = gpu_holding(pid, root)
-        if on_gpu and index in used:
+        if on_gpu and index >= 0:
+            apps.append((pid, index, mib))
+    return apps
+
+
+def used_mib(root: Path | None = None) -> dict[int, int]:
+    """Memory in use per GPU index, as the fake nvidia-smi reports it."""
+    root = root or state_dir()
+    used = {index: baseline for index, _, _, baseline in read_gpus(root)}
+    for _, index, mib in compute_apps(root):
+        if index in used:
             used[index] += mib
     return used
+
+
+def process_name(pid: int) -> str:
+    """What nvidia-smi shows as process_name: the first word of the command line (its title)."""
+    try:
+        words = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").split()
+    except (FileNotFoundError, ProcessLookupError):
+        return "[Not Found]"
+    return words[0].decode(errors="replace") if words else "[Not Found]"
 
 
 def transfer_seconds(pid: int) -> float:
