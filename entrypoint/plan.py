@@ -5,9 +5,9 @@ GPU memory, what the server's HTTP endpoints answered) and returns a plan or the
 
 Roles come from facts, not titles: every process of the server's tree that has a CUDA context is
 checkpointed, whatever it is called; a process is a *model holder* when it holds GPU memory (per-process
-figures, where the GPU query can see the server's PIDs) or, without those figures, when it is a leaf of
-the tree's CUDA processes (vLLM's workers at TP>=2, EngineCore itself at TP=1, where it has no workers).
-A model holder is never stopped.
+figures, where the GPU query can see the server's PIDs) or when it is a leaf of the tree's CUDA processes
+(vLLM's workers at TP>=2, EngineCore itself at TP=1, where it has no workers). A model holder is never
+stopped.
 """
 
 from __future__ import annotations
@@ -48,11 +48,11 @@ class Observation:
 
 
 def model_holders(obs: Observation) -> list[int]:
-    """The CUDA processes that hold the model's GPU memory (see the module's docstring)."""
+    """The CUDA processes that hold (or may hold) the model's GPU memory: those the per-process figures show
+    holding memory, and the leaves of the tree's CUDA processes (the figures can miss processes: a PID
+    namespace, a GPU the query does not list). A process that may hold memory is never frozen."""
     cuda = set(obs.states) | {p.pid for p in obs.stopped if p.pid in obs.gpus.pids_mib}
-    seen = {pid: mib for pid, mib in obs.gpus.pids_mib.items() if pid in cuda}
-    if any(mib > 0 for mib in seen.values()):
-        return sorted(pid for pid, mib in seen.items() if mib > 0)
+    listed = {pid for pid, mib in obs.gpus.pids_mib.items() if pid in cuda and mib > 0}
     parents = {p.pid: p.ppid for p in obs.tree}
     has_cuda_descendant = set()
     for pid in cuda:
@@ -60,7 +60,7 @@ def model_holders(obs: Observation) -> list[int]:
         while parent in parents:
             has_cuda_descendant.add(parent)
             parent = parents.get(parent)
-    return sorted(pid for pid in cuda if pid not in has_cuda_descendant)
+    return sorted(listed | {pid for pid in cuda if pid not in has_cuda_descendant})
 
 
 def dispatcher_candidates(obs: Observation, titles: tuple[str, ...], holders: list[int]) -> list[ProcessInfo]:
