@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import re
 import sys
 import threading
 from collections.abc import Iterator
@@ -14,10 +15,19 @@ from loguru import logger
 
 from entrypoint.errors import ExitCode
 from entrypoint.gate import cli
-from entrypoint.gate_config import load_gate_config
+from entrypoint.gate_config import GATE_SETTINGS, load_gate_config
 from entrypoint.gate_control import Phase, phase_of_tool_run, tool_lock_purpose
+from entrypoint.gate_limits import FILES_BESIDES_CONNECTIONS
 from entrypoint.gate_metrics import GateMetrics
-from entrypoint.gate_paths import DEFAULT_PASSIVE_PATHS, OPTIONAL_PATHS, PRIVATE_PATHS, PathClass, RouteTable
+from entrypoint.gate_paths import (
+    DEFAULT_PASSIVE_PATHS,
+    OPTIONAL_PATHS,
+    OPTIONAL_ROUTES,
+    PRIVATE_PATHS,
+    PUBLIC_ROUTES,
+    PathClass,
+    RouteTable,
+)
 from entrypoint.runstate import ToolLock
 
 
@@ -181,3 +191,28 @@ def test_bad_environment_exits_2_naming_the_variable(restore_logging, monkeypatc
     result = CliRunner().invoke(cli, [])
     assert result.exit_code == ExitCode.USAGE
     assert "GATE_UPSTREAM='not a url'" in result.output
+
+
+GATE_DOC = (Path(__file__).resolve().parent.parent / "docs" / "gate.md").read_text()
+
+
+@pytest.mark.parametrize("route", PUBLIC_ROUTES + OPTIONAL_ROUTES, ids=lambda route: route.path)
+def test_every_forwarded_route_is_documented(route):
+    """docs/gate.md's "Public routes" names every route the gate forwards (by default or on request)."""
+    assert f"`{route.path}`" in GATE_DOC
+
+
+@pytest.mark.parametrize("path", PRIVATE_PATHS)
+def test_every_private_endpoint_is_documented_as_never_forwarded(path):
+    """docs/gate.md lists each admin/dev endpoint that the gate refuses even in GATE_EXTRA_PATHS."""
+    never = GATE_DOC[GATE_DOC.index("Never forwarded") : GATE_DOC.index("### What the gate answers itself")]
+    assert f"`{path}`" in never
+
+
+def test_compose_open_file_limit_fits_the_default_connection_limit():
+    """The compose file's nofile limit holds the default GATE_MAX_CONNECTIONS (two files each, plus a reserve)."""
+    compose = (Path(__file__).resolve().parent.parent / "docker-compose.yml").read_text()
+    found = re.search(r"ulimits:\n\s+nofile:\n\s+soft: (\d+)\n\s+hard: (\d+)", compose)
+    assert found, "docker-compose.yml sets no nofile ulimit"
+    needed = 2 * int(GATE_SETTINGS["GATE_MAX_CONNECTIONS"].default) + FILES_BESIDES_CONNECTIONS
+    assert int(found.group(1)) >= needed and int(found.group(2)) >= needed

@@ -192,3 +192,16 @@ def test_help_lists_every_variable_with_its_range(module, table):
         assert setting.env in text
         if setting.kind in NUMERIC_KINDS:
             assert setting.allowed in text, setting.env
+
+
+GATE_DOC = (REPO / "docs" / "gate.md").read_text()
+
+
+@pytest.mark.parametrize("setting", list(GATE_SETTINGS.values()), ids=list(GATE_SETTINGS))
+def test_every_gate_setting_is_in_the_gate_doc_with_its_default_and_range(setting):
+    """docs/gate.md's settings table has a row per GATE_* variable with the code's default and bounds."""
+    row = next((line for line in GATE_DOC.splitlines() if line.startswith(f"| `{setting.env}` |")), None)
+    assert row is not None, f"{setting.env} is not in docs/gate.md"
+    assert row.startswith(f"| `{setting.env}` | `{setting.default}` |")
+    if setting.kind in NUMERIC_KINDS:
+        assert f"| {setting.allowed} |" in row
