@@ -40,10 +40,14 @@ def _extra_paths(paths: tuple[str, ...]) -> tuple[str, ...]:
         if is_private(path):
             raise BadValue(
                 f"names {path}, one of vLLM's administration or development endpoints, which the gate never"
-                " forwards (call it inside the container, on vLLM's own address)"
+                " forwards (inside the container vLLM serves it on its own address)",
+                f"remove {path}",
             )
         if path not in OPTIONAL_PATHS:
-            raise BadValue(f"names {path}, which is not one of the public routes the gate can add")
+            raise BadValue(
+                f"names {path}, which is not one of the public routes the gate can add",
+                f"remove {path}; the routes it can add: {', '.join(OPTIONAL_PATHS)}",
+            )
     return paths
 
 

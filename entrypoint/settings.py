@@ -26,7 +26,11 @@ DAY_S = 86400.0
 
 
 class BadValue(ValueError):
-    """Raised by a Setting's `check`: the text says what is wrong with the value (after 'is ...' or 'has ...')."""
+    """Raised by a Setting's `check`: what is wrong with the value (it follows 'VAR=value '), and the fix."""
+
+    def __init__(self, problem: str, fix: str = ""):
+        super().__init__(problem)
+        self.fix = fix
 
 
 @dataclass(frozen=True)
@@ -87,7 +91,7 @@ class Setting:
             value = self._convert(stripped)
             return self.check(value) if self.check is not None else value
         except BadValue as problem:
-            raise self.error(text, str(problem)) from None
+            raise self.error(text, str(problem), problem.fix) from None
 
     def _convert(self, text: str) -> Any:
         if self.kind in NUMERIC_KINDS:
@@ -118,9 +122,10 @@ class Setting:
             raise BadValue("is out of range")
         return number
 
-    def error(self, text: str, problem: str) -> SuspendError:
+    def error(self, text: str, problem: str, fix: str = "") -> SuspendError:
         default = f"the default {self.default}" if self.default.strip() else "none"
-        fix = f"set {self.allowed}" if self.kind in NUMERIC_KINDS + ("choice", "bool") else "fix it"
+        if not fix:
+            fix = f"set {self.allowed}" if self.kind in NUMERIC_KINDS + ("choice", "bool") else "fix it"
         return SuspendError(f"{self.env}={text!r} {problem}: {fix}, or unset it for {default}", ExitCode.USAGE)
 
 

@@ -174,6 +174,14 @@ def test_gate_print_config_shows_both_tables():
     assert printed["CUDA_TOGGLE_SERVER_URL"]["value"] == "http://127.0.0.1:8001"
 
 
+def test_gate_refuses_a_private_endpoint_in_extra_paths_at_start():
+    """GATE_EXTRA_PATHS naming an admin endpoint stops the gate with exit 2, the endpoint and the fix."""
+    done = run_cli("gate", env={"GATE_EXTRA_PATHS": "/rerank,/v1/load_lora_adapter"})
+    assert done.returncode == ExitCode.USAGE
+    assert "GATE_EXTRA_PATHS='/rerank,/v1/load_lora_adapter' names /v1/load_lora_adapter" in done.stderr
+    assert "never forwards" in done.stderr and "remove /v1/load_lora_adapter, or unset it" in done.stderr
+
+
 def test_gate_refuses_nan_poll_before_listening():
     """GATE_POLL_S=nan stops the gate with exit 2 and one line naming it, before it listens."""
     done = run_cli("gate", env={"GATE_POLL_S": "nan"})
