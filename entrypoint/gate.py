@@ -18,6 +18,7 @@ import sys
 
 import click
 from aiohttp import web
+from aiohttp.http import SERVER_SOFTWARE
 from loguru import logger
 
 from .config import Config, load_config
@@ -53,6 +54,12 @@ def quiet_aiohttp_server_log() -> None:
     server_log.propagate = False
 
 
+async def name_the_server(request: web.Request, response: web.StreamResponse) -> None:
+    """The gate's own answers say `vllm-gate`, not aiohttp's and Python's versions; vLLM's keep its own."""
+    if response.headers.get("Server") == SERVER_SOFTWARE:  # aiohttp's default, set just before this hook
+        response.headers["Server"] = "vllm-gate"
+
+
 def build_app(gate: GateConfig, toggle_config: Config, limiter: ConnectionLimiter | None = None) -> web.Application:
     metrics = GateMetrics()
     controller = PowerController(gate, toggle_config, metrics)
@@ -85,6 +92,7 @@ def build_app(gate: GateConfig, toggle_config: Config, limiter: ConnectionLimite
     app.router.add_get(STATUS_PATH, gate_status, allow_head=False)
     app.router.add_get(METRICS_PATH, gate_metrics, allow_head=False)
     app.router.add_route("*", "/{path:.*}", forwarder.handle)
+    app.on_response_prepare.append(name_the_server)
     app.on_startup.append(on_startup)
     app.on_shutdown.append(on_shutdown)
     app.on_cleanup.append(on_cleanup)

@@ -891,3 +891,19 @@ def test_request_bodies_are_capped_each_and_in_total(echo_upstream, gate):
     assert requests.post(front.url + "/v1/completions", data=body, timeout=10).status_code == 201
     assert len(echo_upstream.received) == 3
     assert front.metric("vllm_gate_errors_total", reason="body_refused") == 3
+
+
+def test_nothing_refused_ever_reaches_the_upstream(echo_upstream, gate):
+    """Every private endpoint with every method, even listed in GATE_EXTRA_PATHS' neighbourhood, and every
+    kind of junk stays at the gate: the recording upstream gets only the one request that is served."""
+    front = gate(echo_upstream, GATE_EXTRA_PATHS="/rerank,/score")
+    methods = ("GET", "POST", "PUT", "DELETE", "PATCH")
+    private = [(method, path) for method in methods for _, path in DEV_ENDPOINTS]
+    junk = [("POST", "/v1/nope"), ("PUT", "/v1/chat/completions"), ("GET", "/rerank"), ("POST", "/pooling")]
+    for method, path in private + junk:
+        response = requests.request(method, front.url + path, json={"x": 1}, timeout=5)
+        assert response.status_code in (404, 405), (method, path, response.status_code)
+        assert "127.0.0.1" not in response.text and "aiohttp" not in response.headers.get("Server", "")
+    assert echo_upstream.received == []
+    assert requests.post(front.url + "/rerank", json={"query": "q"}, timeout=5).status_code == 201
+    assert [(r["method"], r["path_qs"]) for r in echo_upstream.received] == [("POST", "/rerank")]
