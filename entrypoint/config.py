@@ -7,29 +7,32 @@ import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
-from .errors import ExitCode, SuspendError
+from .settings import DAY_S, Setting, describe, parse_settings
+from .settings import settings_help as help_table
 
 DEFAULT_MATCH = ("vllm.entrypoints.openai.api_server", "vllm serve")
+MAX_MIB = 2**24  # 16 TiB: more memory than any one host has
 
 
-@dataclass(frozen=True)
-class Setting:
-    env: str
-    default: str
-    help: str
-
-
-# Every environment variable the tools read, with its default and meaning (shown by --help and `config`).
+# Every environment variable the tools read: one Setting row each (shown by --help and `config`; the
+# field of Config is the name without CUDA_TOGGLE_, lower-cased).
 SETTINGS: dict[str, Setting] = {
     s.env: s
     for s in [
-        Setting("CUDA_TOGGLE_BACKEND", "auto", "auto | cli | driver: how to talk to the CUDA driver"),
+        Setting(
+            "CUDA_TOGGLE_BACKEND",
+            "auto",
+            "how to talk to the CUDA driver",
+            "choice",
+            choices=("auto", "cli", "driver"),
+        ),
         Setting("CUDA_CHECKPOINT_BIN", "cuda-checkpoint", "the cuda-checkpoint binary (cli backend)"),
         Setting("CUDA_TOGGLE_LIBCUDA", "libcuda.so.1", "the CUDA driver library (driver backend)"),
         Setting(
             "CUDA_TOGGLE_MATCH",
             ",".join(DEFAULT_MATCH),
             "comma-separated command-line substrings that find the server when supervisord cannot",
+            "list",
         ),
         Setting(
             "CUDA_TOGGLE_SUPERVISOR_URL",
@@ -41,31 +44,93 @@ SETTINGS: dict[str, Setting] = {
             "CUDA_TOGGLE_DISPATCHER",
             "VLLM::EngineCore",
             "comma-separated titles of the processes that hand work to the workers: frozen (SIGSTOP) while suspended",
+            "list",
         ),
         Setting("CUDA_TOGGLE_WORKER", "VLLM::Worker", "title of the GPU worker processes"),
-        Setting("CUDA_TOGGLE_VERIFY_ATTEMPTS", "50", "verify loop: state reads until all reach the target"),
-        Setting("CUDA_TOGGLE_VERIFY_SLEEP_S", "0.2", "verify loop: seconds between reads"),
-        Setting("CUDA_TOGGLE_LOCK_TIMEOUT_MS", "500", "timeout of one lock round (ms)"),
-        Setting("CUDA_TOGGLE_LOCK_DEADLINE_S", "60", "give up locking (and roll back) after this many s"),
-        Setting("CUDA_TOGGLE_OP_TIMEOUT_S", "1800", "timeout of one checkpoint or restore call (s)"),
-        Setting("CUDA_TOGGLE_STATE_TIMEOUT_S", "15", "timeout of one get-state / unlock call (s)"),
+        Setting(
+            "CUDA_TOGGLE_VERIFY_ATTEMPTS",
+            "50",
+            "verify loop: state reads until all reach the target",
+            "int",
+            1,
+            10_000,
+        ),
+        Setting("CUDA_TOGGLE_VERIFY_SLEEP_S", "0.2", "verify loop: seconds between reads", "float", 0, 60, "seconds"),
+        Setting("CUDA_TOGGLE_LOCK_TIMEOUT_MS", "500", "timeout of one lock round", "int", 1, 600_000, "milliseconds"),
+        Setting(
+            "CUDA_TOGGLE_LOCK_DEADLINE_S",
+            "60",
+            "give up locking (and roll back) after this long",
+            "float",
+            0,
+            DAY_S,
+            "seconds",
+        ),
+        Setting(
+            "CUDA_TOGGLE_OP_TIMEOUT_S",
+            "1800",
+            "timeout of one checkpoint or restore call",
+            "float",
+            0.1,
+            DAY_S,
+            "seconds",
+        ),
+        Setting(
+            "CUDA_TOGGLE_STATE_TIMEOUT_S", "15", "timeout of one get-state / unlock call", "float", 0.1, 3600, "seconds"
+        ),
         Setting("CUDA_TOGGLE_RUN_DIR", "/run/cuda-toggle-all", "lock file and suspend record"),
-        Setting("CUDA_TOGGLE_BUSY_WAIT_S", "5", "how long a second cuda-toggle-all waits for the lock"),
-        Setting("CUDA_TOGGLE_GPU_QUERY", "auto", "auto | nvml | nvidia-smi | none: GPU memory figures"),
+        Setting(
+            "CUDA_TOGGLE_BUSY_WAIT_S",
+            "5",
+            "how long a second cuda-toggle-all waits for the lock",
+            "float",
+            0,
+            3600,
+            "seconds",
+        ),
+        Setting(
+            "CUDA_TOGGLE_GPU_QUERY",
+            "auto",
+            "where GPU memory figures come from",
+            "choice",
+            choices=("auto", "nvml", "nvidia-smi", "none"),
+        ),
         Setting("CUDA_TOGGLE_NVIDIA_SMI", "nvidia-smi", "the nvidia-smi binary (fallback to NVML)"),
-        Setting("CUDA_TOGGLE_RAM_MARGIN_MIB", "2048", "host RAM kept free beyond the checkpointed memory"),
+        Setting(
+            "CUDA_TOGGLE_RAM_MARGIN_MIB",
+            "2048",
+            "host RAM kept free beyond the checkpointed memory",
+            "int",
+            0,
+            MAX_MIB,
+            "MiB",
+        ),
         Setting(
             "CUDA_TOGGLE_HOST_RAM_MIB",
             "",
             "host RAM available for checkpoints, instead of the measured MemAvailable (for VMs whose memory"
             " grows on demand and so reads low)",
+            "int",
+            1,
+            MAX_MIB,
+            "MiB",
         ),
-        Setting("CUDA_TOGGLE_RESTORE_MARGIN_MIB", "256", "GPU memory kept free beyond what a restore needs"),
+        Setting(
+            "CUDA_TOGGLE_RESTORE_MARGIN_MIB",
+            "256",
+            "GPU memory kept free beyond what a restore needs",
+            "int",
+            0,
+            MAX_MIB,
+            "MiB",
+        ),
         Setting(
             "CUDA_TOGGLE_MODE",
             "auto",
-            "plain | hybrid | auto: hybrid first puts vLLM to sleep (level 1: weights to host RAM, KV cache"
-            " dropped) and checkpoints only what remains; auto = hybrid when the server has sleep mode",
+            "hybrid first puts vLLM to sleep (level 1: weights to host RAM, KV cache dropped) and checkpoints"
+            " only what remains; plain checkpoints everything; auto = hybrid when the server has sleep mode",
+            "choice",
+            choices=("auto", "plain", "hybrid"),
         ),
         Setting(
             "CUDA_TOGGLE_SERVER_URL",
@@ -75,18 +140,40 @@ SETTINGS: dict[str, Setting] = {
         Setting(
             "CUDA_TOGGLE_QUIESCE",
             "auto",
-            "auto | scheduler | sigstop | none: what holds the requests while suspended. scheduler = vLLM's own"
-            " /pause or /sleep with mode=keep (vLLM >= 0.17, VLLM_SERVER_DEV_MODE=1); sigstop = freeze the"
-            " dispatcher (older vLLM, TP >= 2 only); auto = scheduler when the server has it, else sigstop",
+            "what holds the requests while suspended. scheduler = vLLM's own /pause or /sleep with mode=keep"
+            " (vLLM >= 0.17, VLLM_SERVER_DEV_MODE=1); sigstop = freeze the dispatcher (older vLLM, TP >= 2 only);"
+            " none = nothing; auto = scheduler when the server has it, else sigstop",
+            "choice",
+            choices=("auto", "scheduler", "sigstop", "none"),
         ),
         Setting(
             "CUDA_TOGGLE_RESIDUAL_MIB",
             "256",
             "GPU memory a GPU of the server may still hold after a suspend for it to count as released (raise it"
             " on a GPU shared with processes the tool cannot see)",
+            "int",
+            0,
+            1048576,
+            "MiB",
         ),
-        Setting("CUDA_TOGGLE_SLEEP_TIMEOUT_S", "600", "timeout of vLLM's /sleep and /wake_up calls (s)"),
-        Setting("CUDA_TOGGLE_PROGRESS_S", "5", "seconds between progress lines during long phases"),
+        Setting(
+            "CUDA_TOGGLE_SLEEP_TIMEOUT_S",
+            "600",
+            "timeout of vLLM's /sleep and /wake_up calls",
+            "float",
+            1,
+            DAY_S,
+            "seconds",
+        ),
+        Setting(
+            "CUDA_TOGGLE_PROGRESS_S",
+            "5",
+            "time between progress lines during long phases",
+            "float",
+            0.1,
+            3600,
+            "seconds",
+        ),
     ]
 }
 
@@ -127,83 +214,15 @@ class Config:
 
     def describe(self) -> list[tuple[str, str, str]]:
         """(variable, value in force, where it came from) for every setting."""
-        rows = []
-        for env, setting in SETTINGS.items():
-            value = self.sources.get(env, setting.default)
-            rows.append((env, value, "environment" if env in self.sources else "default"))
-        return rows
-
-
-def _choice(env: str, value: str, choices: tuple[str, ...]) -> str:
-    value = value.strip().lower()
-    if value not in choices:
-        raise SuspendError(f"{env}={value!r} is not one of {', '.join(choices)}: fix or unset it", ExitCode.USAGE)
-    return value
-
-
-def _number(env: str, value: str, kind: type, minimum: float) -> float:
-    try:
-        number = kind(value)
-    except ValueError:
-        raise SuspendError(f"{env}={value!r} is not a {kind.__name__}: fix or unset it", ExitCode.USAGE)
-    if number < minimum:
-        raise SuspendError(f"{env}={value!r} must be at least {minimum}: fix or unset it", ExitCode.USAGE)
-    return number
-
-
-def _list(value: str) -> tuple[str, ...]:
-    return tuple(item.strip() for item in value.split(",") if item.strip())
+        return describe(SETTINGS.values(), self.sources)
 
 
 def load_config(environ: Mapping[str, str] | None = None) -> Config:
-    """Parse the environment (os.environ by default) into a Config; a bad value raises SuspendError."""
-    environ = os.environ if environ is None else environ
-    sources = {env: environ[env] for env in SETTINGS if environ.get(env, "") != ""}
-
-    def get(env: str) -> str:
-        return sources.get(env, SETTINGS[env].default)
-
-    return Config(
-        backend=_choice("CUDA_TOGGLE_BACKEND", get("CUDA_TOGGLE_BACKEND"), ("auto", "cli", "driver")),
-        cuda_checkpoint_bin=get("CUDA_CHECKPOINT_BIN"),
-        libcuda=get("CUDA_TOGGLE_LIBCUDA"),
-        match=_list(get("CUDA_TOGGLE_MATCH")),
-        supervisor_url=get("CUDA_TOGGLE_SUPERVISOR_URL"),
-        program=get("CUDA_TOGGLE_PROGRAM"),
-        dispatcher=_list(get("CUDA_TOGGLE_DISPATCHER")),
-        worker=get("CUDA_TOGGLE_WORKER"),
-        verify_attempts=int(_number("CUDA_TOGGLE_VERIFY_ATTEMPTS", get("CUDA_TOGGLE_VERIFY_ATTEMPTS"), int, 1)),
-        verify_sleep_s=_number("CUDA_TOGGLE_VERIFY_SLEEP_S", get("CUDA_TOGGLE_VERIFY_SLEEP_S"), float, 0),
-        lock_timeout_ms=int(_number("CUDA_TOGGLE_LOCK_TIMEOUT_MS", get("CUDA_TOGGLE_LOCK_TIMEOUT_MS"), int, 1)),
-        lock_deadline_s=_number("CUDA_TOGGLE_LOCK_DEADLINE_S", get("CUDA_TOGGLE_LOCK_DEADLINE_S"), float, 0),
-        op_timeout_s=_number("CUDA_TOGGLE_OP_TIMEOUT_S", get("CUDA_TOGGLE_OP_TIMEOUT_S"), float, 0.1),
-        state_timeout_s=_number("CUDA_TOGGLE_STATE_TIMEOUT_S", get("CUDA_TOGGLE_STATE_TIMEOUT_S"), float, 0.1),
-        run_dir=get("CUDA_TOGGLE_RUN_DIR"),
-        busy_wait_s=_number("CUDA_TOGGLE_BUSY_WAIT_S", get("CUDA_TOGGLE_BUSY_WAIT_S"), float, 0),
-        gpu_query=_choice(
-            "CUDA_TOGGLE_GPU_QUERY", get("CUDA_TOGGLE_GPU_QUERY"), ("auto", "nvml", "nvidia-smi", "none")
-        ),
-        nvidia_smi=get("CUDA_TOGGLE_NVIDIA_SMI"),
-        ram_margin_mib=int(_number("CUDA_TOGGLE_RAM_MARGIN_MIB", get("CUDA_TOGGLE_RAM_MARGIN_MIB"), int, 0)),
-        host_ram_mib=int(_number("CUDA_TOGGLE_HOST_RAM_MIB", get("CUDA_TOGGLE_HOST_RAM_MIB"), int, 1))
-        if get("CUDA_TOGGLE_HOST_RAM_MIB")
-        else None,
-        restore_margin_mib=int(
-            _number("CUDA_TOGGLE_RESTORE_MARGIN_MIB", get("CUDA_TOGGLE_RESTORE_MARGIN_MIB"), int, 0)
-        ),
-        mode=_choice("CUDA_TOGGLE_MODE", get("CUDA_TOGGLE_MODE"), ("auto", "plain", "hybrid")),
-        quiesce=_choice("CUDA_TOGGLE_QUIESCE", get("CUDA_TOGGLE_QUIESCE"), ("auto", "scheduler", "sigstop", "none")),
-        residual_mib=int(_number("CUDA_TOGGLE_RESIDUAL_MIB", get("CUDA_TOGGLE_RESIDUAL_MIB"), int, 0)),
-        server_url=get("CUDA_TOGGLE_SERVER_URL"),
-        sleep_timeout_s=_number("CUDA_TOGGLE_SLEEP_TIMEOUT_S", get("CUDA_TOGGLE_SLEEP_TIMEOUT_S"), float, 1),
-        progress_s=_number("CUDA_TOGGLE_PROGRESS_S", get("CUDA_TOGGLE_PROGRESS_S"), float, 0.1),
-        sources=sources,
-    )
+    """Parse the environment (os.environ by default) into a Config; a bad value raises SuspendError(USAGE)."""
+    values, sources = parse_settings(SETTINGS.values(), os.environ if environ is None else environ)
+    return Config(**values, sources=sources)
 
 
 def settings_help() -> str:
-    lines = ["\b", "Environment variables (default):"]
-    for setting in SETTINGS.values():
-        lines.append(f"  {setting.env} ({setting.default})")
-        lines.append(f"      {setting.help}")
-    return "\n".join(lines)
+    """The CUDA_TOGGLE_* variables for --help."""
+    return help_table(SETTINGS.values())

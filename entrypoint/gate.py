@@ -9,18 +9,23 @@ GATE_IDLE_SUSPEND_S. The gate serves /gate/status (JSON) and /gate/metrics (Prom
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import logging
 import os
 import signal
+import socket
 import sys
 
 import click
 from aiohttp import web
+from aiohttp.http import SERVER_SOFTWARE
 from loguru import logger
 
 from .config import Config, load_config
 from .errors import ExitCode, SuspendError
 from .gate_config import GateConfig, gate_settings_help, load_gate_config
 from .gate_control import PowerController
+from .gate_limits import ConnectionLimiter, ensure_open_file_limit
 from .gate_metrics import CONTENT_TYPE, GateMetrics
 from .gate_proxy import Forwarder
 from .render import print_settings, setup_logging
@@ -32,7 +37,30 @@ STATUS_PATH, METRICS_PATH = "/gate/status", "/gate/metrics"
 SHUTDOWN_GRACE_S = 5.0
 
 
-def build_app(gate: GateConfig, toggle_config: Config) -> web.Application:
+class OneLineLog(logging.Handler):
+    """aiohttp's server log (a malformed request, a client speaking TLS to plain HTTP) as one line, without
+    the traceback aiohttp attaches: bad input from outside is not a bug of the gate."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        error = record.exc_info[1] if record.exc_info else None
+        detail = " ".join(f"{type(error).__name__}: {error}".split())[:300] if error else ""
+        level = "DEBUG" if record.levelno < logging.WARNING else "WARNING"
+        logger.log(level, "{}{}", record.getMessage(), f": {detail}" if detail else "")
+
+
+def quiet_aiohttp_server_log() -> None:
+    server_log = logging.getLogger("aiohttp.server")
+    server_log.handlers = [OneLineLog()]
+    server_log.propagate = False
+
+
+async def name_the_server(request: web.Request, response: web.StreamResponse) -> None:
+    """The gate's own answers say `vllm-gate`, not aiohttp's and Python's versions; vLLM's keep its own."""
+    if response.headers.get("Server") == SERVER_SOFTWARE:  # aiohttp's default, set just before this hook
+        response.headers["Server"] = "vllm-gate"
+
+
+def build_app(gate: GateConfig, toggle_config: Config, limiter: ConnectionLimiter | None = None) -> web.Application:
     metrics = GateMetrics()
     controller = PowerController(gate, toggle_config, metrics)
     forwarder = Forwarder(gate, controller, metrics)
@@ -41,6 +69,8 @@ def build_app(gate: GateConfig, toggle_config: Config) -> web.Application:
         return web.json_response(controller.status_json())
 
     async def gate_metrics(request: web.Request) -> web.Response:
+        if limiter is not None:
+            metrics.errors["connection_refused"] = limiter.refused
         text = metrics.render(
             phase=controller.refresh().value, in_flight=controller.in_flight, waiting=controller.waiting
         )
@@ -57,10 +87,12 @@ def build_app(gate: GateConfig, toggle_config: Config) -> web.Application:
         await controller.close()
         await forwarder.close()
 
-    app = web.Application(client_max_size=gate.max_request_mib * 2**20)
+    middlewares = [limiter.track_busy] if limiter is not None else []
+    app = web.Application(client_max_size=gate.max_request_mib * 2**20, middlewares=middlewares)
     app.router.add_get(STATUS_PATH, gate_status, allow_head=False)
     app.router.add_get(METRICS_PATH, gate_metrics, allow_head=False)
     app.router.add_route("*", "/{path:.*}", forwarder.handle)
+    app.on_response_prepare.append(name_the_server)
     app.on_startup.append(on_startup)
     app.on_shutdown.append(on_shutdown)
     app.on_cleanup.append(on_cleanup)
@@ -68,25 +100,48 @@ def build_app(gate: GateConfig, toggle_config: Config) -> web.Application:
     return app
 
 
-async def serve(gate: GateConfig, toggle_config: Config) -> None:
-    app = build_app(gate, toggle_config)
-    # handler_cancellation: a client that disconnects cancels its handler, which aborts the upstream request.
-    runner = web.AppRunner(app, handler_cancellation=True, access_log=None, shutdown_timeout=SHUTDOWN_GRACE_S)
-    await runner.setup()
+def listening_socket(host: str, port: int) -> socket.socket:
     try:
-        try:
-            await web.TCPSite(runner, gate.host, gate.port).start()
-        except OSError as error:  # the port is taken, or the address is not this machine's
-            raise SuspendError(
-                f"cannot listen on {gate.host}:{gate.port}: {error}; set GATE_HOST and GATE_PORT",
-                ExitCode.USAGE,
-            ) from None
+        infos = socket.getaddrinfo(host or None, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+        family, kind, proto, _, address = infos[0]
+        listener = socket.socket(family, kind, proto)
+        listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        listener.bind(address)
+    except OSError as error:  # the port is taken, or the address is not this machine's
+        raise SuspendError(
+            f"cannot listen on {host}:{port}: {error}; set GATE_HOST and GATE_PORT", ExitCode.USAGE
+        ) from None
+    listener.listen(1024)
+    listener.setblocking(False)
+    return listener
+
+
+async def serve(gate: GateConfig, toggle_config: Config) -> None:
+    ensure_open_file_limit(gate.max_connections)
+    quiet_aiohttp_server_log()
+    limiter = ConnectionLimiter(gate.max_connections)
+    app = build_app(gate, toggle_config, limiter)
+    # handler_cancellation: a client that disconnects cancels its handler, which aborts the upstream request.
+    runner = web.AppRunner(
+        app,
+        handler_cancellation=True,
+        access_log=None,
+        shutdown_timeout=SHUTDOWN_GRACE_S,
+        keepalive_timeout=gate.keepalive_s,
+    )
+    listener = listening_socket(gate.host, gate.port)
+    await runner.setup()
+    accepting: asyncio.Task | None = None
+    try:
+        limiter.factory = runner.server  # aiohttp's protocol factory: the limiter hands it each connection
+        accepting = asyncio.get_running_loop().create_task(limiter.serve(listener))
         logger.info(
-            "vllm-gate listening on http://{}:{}, forwarding to {} (idle suspend: {})",
+            "vllm-gate listening on http://{}:{}, forwarding to {} (idle suspend: {}; at most {} connections)",
             gate.host,
             gate.port,
             gate.upstream,
             f"{gate.idle_suspend_s:g} s" if gate.idle_suspend_s else "off",
+            gate.max_connections,
         )
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
@@ -95,6 +150,11 @@ async def serve(gate: GateConfig, toggle_config: Config) -> None:
         await stop.wait()
         logger.info("vllm-gate stopping")
     finally:
+        if accepting is not None:  # no new connections; the open ones finish below
+            accepting.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await accepting
+        listener.close()
         await runner.cleanup()
 
 
@@ -117,7 +177,7 @@ EPILOG = "\n\n".join(
         "CUDA_TOGGLE_SERVER_URL defaults to GATE_UPSTREAM (where the hybrid suspend calls /sleep).",
         "\b\nServed by the gate itself:"
         "\n  GET /gate/status    JSON: state, since, in_flight, waiting, last_suspend_s, last_resume_s,"
-        "\n                      last_error, idle_suspend_s"
+        "\n                      last_failure_at (details of a failure are in the gate's log)"
         "\n  GET /gate/metrics   Prometheus text",
     ]
 )
@@ -130,8 +190,12 @@ EPILOG = "\n\n".join(
 def cli(print_config: bool, as_json: bool, verbose: bool) -> None:
     """Forward requests to vLLM, wake it on request, suspend it when idle, keep its internals private.
 
-    Forwards /v1/... (every method) and /health, /metrics, /version, /tokenize, /detokenize, /ping,
-    /load; answers 404 to everything else (vLLM's /sleep, /wake_up, /collective_rpc and the like).
+    Forwards vLLM's public API only: each known route with its methods (/v1/chat/completions,
+    /v1/completions, /v1/embeddings, /v1/responses, /v1/audio/..., /v1/models, /tokenize, /detokenize,
+    /health, /metrics, /version, /ping, /load; more with GATE_EXTRA_PATHS). vLLM's admin and dev
+    endpoints (/v1/load_lora_adapter, /sleep, /wake_up, /collective_rpc, ...) are never forwarded.
+    Unknown paths get 404, wrong methods 405, unparsable JSON 400, WebSocket /v1/realtime 501, all
+    without waking a suspended server. The rules: docs/gate.md, "Public routes".
     """
     setup_logging(verbose)
     try:

@@ -116,7 +116,7 @@ class PowerController:
         self.retry_resume_after = 0.0
         self.last_suspend_s: float | None = None
         self.last_resume_s: float | None = None
-        self.last_error: str | None = None
+        self.last_failure_at: float | None = None  # time.time() of the last transition that failed
         self.phase = self.observe()
         self.since = time.time()
         self.watcher: asyncio.Task | None = None
@@ -149,6 +149,8 @@ class PowerController:
                 self.idle_since = time.monotonic()  # the idle period starts when the server is back
 
     def status_json(self) -> dict:
+        """Served on the public port: states and timings only. What failed, and why, is in the log
+        (and `cuda-toggle-all status` inside the container): no PIDs, process titles or settings here."""
         return {
             "state": self.refresh().value,
             "since": self.since,
@@ -156,8 +158,7 @@ class PowerController:
             "waiting": self.waiting,
             "last_suspend_s": self.last_suspend_s,
             "last_resume_s": self.last_resume_s,
-            "last_error": self.last_error,
-            "idle_suspend_s": self.gate.idle_suspend_s,
+            "last_failure_at": self.last_failure_at,
         }
 
     # -- requests --------------------------------------------------------------------------------
@@ -231,6 +232,8 @@ class PowerController:
             logger.opt(exception=error).error("{} raised unexpectedly", transition)
             message = f"{transition} failed: {type(error).__name__}: {error}"
             outcome = TransitionOutcome(transition, trigger, False, time.monotonic() - started, message)
+        # A step after a resume that succeeded (e.g. warming the model up before requests go on) belongs
+        # here: the requests waiting in admit() are let go only when this task ends.
         try:
             await self.account(outcome)
         finally:
@@ -248,11 +251,11 @@ class PowerController:
         past = "suspended" if outcome.transition == "suspend" else "resumed"
         if outcome.ok:
             self.believed_suspended = False  # the record tells the truth again
-            self.last_error = None
+            self.last_failure_at = None
             extra = f" ({outcome.message})" if outcome.message else ""
             logger.info("{} in {:.2f} s (trigger: {}){}", past, outcome.seconds, outcome.trigger, extra)
             return
-        self.last_error = outcome.message
+        self.last_failure_at = time.time()
         logger.error(
             "{} failed after {:.2f} s (trigger: {}): {}",
             outcome.transition,

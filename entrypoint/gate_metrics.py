@@ -14,7 +14,7 @@ from .gate_paths import PathClass
 
 TRANSITIONS = ("suspend", "resume")
 OUTCOMES = ("ok", "failed")
-ERROR_REASONS = ("resume_failed", "upstream_unreachable")
+ERROR_REASONS = ("resume_failed", "upstream_unreachable", "body_refused", "connection_refused")
 PHASES = ("running", "suspending", "suspended", "resuming")
 # A resume takes about a second with the hybrid suspend, minutes for a large model without it.
 WAIT_BUCKETS_S = (0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0)
@@ -61,7 +61,7 @@ class GateMetrics:
         for path_class in PathClass:
             count = self.requests[path_class.value]
             out.append(f'vllm_gate_requests_total{{path_class="{path_class.value}"}} {count}')
-        family("vllm_gate_errors_total", "counter", "Requests the gate answered itself with 502 or 503.")
+        family("vllm_gate_errors_total", "counter", "Requests refused with 502, 503 or 413 by the gate itself.")
         for reason in ERROR_REASONS:
             out.append(f'vllm_gate_errors_total{{reason="{reason}"}} {self.errors[reason]}')
         family("vllm_gate_transitions_total", "counter", "Suspends and resumes run by the gate, by outcome.")

@@ -8,6 +8,7 @@ disconnect and aborts the request instead of generating for nobody.
 from __future__ import annotations
 
 import asyncio
+import json
 from collections.abc import Awaitable
 
 import aiohttp
@@ -18,8 +19,9 @@ from yarl import URL
 
 from .gate_config import GateConfig
 from .gate_control import PowerController, ResumeFailed
+from .gate_limits import BodyBudget, BodyRefused
 from .gate_metrics import GateMetrics
-from .gate_paths import API_PREFIX, OPERATIONAL_PATHS, PathClass, classify
+from .gate_paths import Body, PathClass, Verdict
 
 # RFC 9110 7.6.1: meaningful for one connection only, never forwarded.
 HOP_BY_HOP = frozenset(
@@ -31,6 +33,18 @@ HOP_BY_HOP = frozenset(
 )  # fmt: skip
 # Set anew by aiohttp's client for the upstream connection (Host) or the body it sends.
 REQUEST_HEADERS_REMADE = frozenset({"host", "content-length", "expect"})
+# Set by the gate alone: what a client sends under these names is dropped, never passed on (vLLM would
+# log a client address the client chose).
+FORWARDING_HEADERS = frozenset({"x-forwarded-for", "x-forwarded-proto", "x-forwarded-host", "forwarded", "x-real-ip"})
+# What the gate answers itself: (status, message, OpenAI error type). Generic on purpose: the details
+# (upstream address, PIDs, settings) go to the gate's log only.
+NOT_FOUND = (404, "Not Found", "NotFoundError")
+METHOD_NOT_ALLOWED = (405, "Method Not Allowed", "MethodNotAllowedError")
+NO_WEBSOCKET = (501, "the Realtime API (WebSocket) is not served through this endpoint", "NotImplementedError")
+NOT_JSON = (400, "the request body is not a JSON object", "BadRequestError")
+NOT_FORM = (400, "the request body is not multipart/form-data", "BadRequestError")
+UNAVAILABLE = (503, "the model is not available right now; try again later", "ServiceUnavailableError")
+BAD_GATEWAY = (502, "the model server did not answer", "BadGatewayError")
 # Without these, aiohttp's client would add its own Accept-Encoding (and with auto_decompress off,
 # a client that never asked for gzip would get gzip), User-Agent and Accept.
 NO_AUTO_HEADERS = ("Accept", "Accept-Encoding", "User-Agent", "Content-Type")
@@ -48,10 +62,21 @@ async def to_client(write: Awaitable[object]) -> None:
         raise ClientGone() from error
 
 
-def json_error(status: int, message: str, error_type: str) -> web.Response:
+def json_error(status: int, message: str, error_type: str, headers: dict[str, str] | None = None) -> web.Response:
     """An error in the OpenAI shape that vLLM uses, so clients show the message."""
     body = {"error": {"message": message, "type": error_type, "param": None, "code": status}}
-    return web.json_response(body, status=status)
+    return web.json_response(body, status=status, headers=headers)
+
+
+def is_json_object(body: bytes) -> bool:
+    try:
+        return isinstance(json.loads(body), dict)
+    except (ValueError, UnicodeDecodeError):
+        return False
+
+
+def is_form(request: web.Request) -> bool:
+    return request.content_type == "multipart/form-data"
 
 
 def _connection_tokens(headers: CIMultiDictProxy[str]) -> set[str]:
@@ -60,14 +85,13 @@ def _connection_tokens(headers: CIMultiDictProxy[str]) -> set[str]:
 
 
 def forwarded_request_headers(request: web.Request) -> CIMultiDict[str]:
-    dropped = HOP_BY_HOP | REQUEST_HEADERS_REMADE | _connection_tokens(request.headers)
+    dropped = HOP_BY_HOP | REQUEST_HEADERS_REMADE | FORWARDING_HEADERS | _connection_tokens(request.headers)
     headers = CIMultiDict((name, value) for name, value in request.headers.items() if name.lower() not in dropped)
-    peer = request.remote or ""
-    previous = request.headers.get("X-Forwarded-For")
-    headers["X-Forwarded-For"] = f"{previous}, {peer}" if previous else peer
-    headers.setdefault("X-Forwarded-Proto", request.scheme)
+    # The gate is the first proxy: the peer it sees is the client, over the gate's own scheme.
+    headers["X-Forwarded-For"] = request.remote or ""
+    headers["X-Forwarded-Proto"] = request.scheme
     if request.host:
-        headers.setdefault("X-Forwarded-Host", request.host)
+        headers["X-Forwarded-Host"] = request.host
     return headers
 
 
@@ -82,12 +106,15 @@ class Forwarder:
         self.controller = controller
         self.metrics = metrics
         self.upstream = URL(gate.upstream)
+        self.routes = gate.routes
+        self.bodies = BodyBudget(gate.max_request_mib, gate.max_bodies_mib)
         self.session: aiohttp.ClientSession | None = None
         self.handlers: set[asyncio.Task] = set()  # requests being handled, for a bounded shutdown
 
     async def open(self) -> None:
         self.session = aiohttp.ClientSession(
-            connector=aiohttp.TCPConnector(limit=0),  # as many concurrent streams as clients open
+            # One upstream connection per client connection at most (the open-file limit counts on it).
+            connector=aiohttp.TCPConnector(limit=self.gate.max_connections),
             cookie_jar=aiohttp.DummyCookieJar(),  # one client's cookies must never reach another
             auto_decompress=False,  # bodies pass through as they are, Content-Encoding and all
             skip_auto_headers=NO_AUTO_HEADERS,
@@ -125,29 +152,52 @@ class Forwarder:
             self.handlers.discard(task)
 
     async def handle_tracked(self, request: web.Request) -> web.StreamResponse:
-        path_class = classify(request.path, self.gate.passive_paths, self.gate.extra_paths)
-        self.metrics.count_request(path_class)
-        if path_class is PathClass.BLOCKED:
+        verdict = self.routes.classify(request.method, request.path)
+        self.metrics.count_request(verdict.path_class)
+        if verdict.path_class is PathClass.BLOCKED:
+            return self.refuse(request, verdict)
+        assert verdict.route is not None
+        try:
+            async with self.bodies.read(request) as body:
+                # Junk never wakes the server: a body its route cannot parse is answered here.
+                if verdict.route.body is Body.JSON and request.method == "POST" and not is_json_object(body):
+                    logger.info("{} {}: 400, the body is not a JSON object", request.method, request.path)
+                    return json_error(*NOT_JSON)
+                if verdict.route.body is Body.FORM and request.method == "POST" and not is_form(request):
+                    logger.info("{} {}: 400, the body is not multipart/form-data", request.method, request.path)
+                    return json_error(*NOT_FORM)
+                if verdict.path_class is PathClass.PASSIVE:
+                    return await self.forward(request, body)
+                return await self.forward_awake(request, body)
+        except BodyRefused as refused:
+            self.metrics.count_error("body_refused")
+            logger.warning("{} {}: {}, {}", request.method, request.path, refused.status, refused.log)
             return json_error(
-                404,
-                f"{request.path} is not served here: the gate forwards {API_PREFIX}... and "
-                f"{', '.join(OPERATIONAL_PATHS + self.gate.extra_paths)}",
-                "NotFoundError",
+                refused.status,
+                refused.message,
+                "ServiceUnavailableError" if refused.status == 503 else "BadRequestError",
             )
-        body = await request.read()
-        if path_class is PathClass.PASSIVE:
-            return await self.forward(request, body)
+
+    def refuse(self, request: web.Request, verdict: Verdict) -> web.Response:
+        if verdict.status == 405:
+            logger.info("{} {}: 405, not a method of this route", request.method, request.path)
+            return json_error(*METHOD_NOT_ALLOWED, headers={"Allow": ", ".join(verdict.allowed_methods)})
+        if verdict.status == 501:
+            logger.info("{} {}: 501, the gate forwards no WebSocket", request.method, request.path)
+            return json_error(*NO_WEBSOCKET)
+        logger.info("{} {}: 404, not a public route", request.method, request.path)
+        return json_error(*NOT_FOUND)
+
+    async def forward_awake(self, request: web.Request, body: bytes) -> web.StreamResponse:
+        """Forward once the server runs: wake it first when it is suspended."""
         label = f"{request.method} {request.path}"
         try:
             async with self.controller.request_slot(label):
                 return await self.forward(request, body)
         except ResumeFailed as failure:
             self.metrics.count_error("resume_failed")
-            return json_error(
-                503,
-                f"the model is suspended and resuming it failed: {failure.message}",
-                "ServiceUnavailableError",
-            )
+            logger.warning("{}: 503, the resume failed: {}", label, failure.message)
+            return json_error(*UNAVAILABLE)
 
     def upstream_url(self, request: web.Request) -> URL:
         # The raw (still %-encoded) path: vLLM decodes it exactly as the gate did when it classified it.
@@ -168,8 +218,8 @@ class Forwarder:
             )
         except (aiohttp.ClientError, OSError, asyncio.TimeoutError) as error:
             self.metrics.count_error("upstream_unreachable")
-            logger.warning("{} {}: the upstream server did not answer: {!r}", request.method, request.path, error)
-            return json_error(502, f"the model server did not answer: {error!r}", "BadGatewayError")
+            logger.warning("{} {}: 502, {} did not answer: {!r}", request.method, request.path, self.upstream, error)
+            return json_error(*BAD_GATEWAY)
         response = web.StreamResponse(
             status=upstream.status, reason=upstream.reason, headers=returned_response_headers(upstream)
         )

@@ -898,7 +898,7 @@ def test_supervisord_runs_the_gate_in_front_of_vllm(standin):
     assert chat.status_code == 200, chat.text
     assert chat.json()["choices"][0]["message"]["content"]
     gate_status = requests.get(f"{supervised.gate_url}/gate/status", timeout=5).json()
-    assert (gate_status["state"], gate_status["idle_suspend_s"]) == ("running", 0)
+    assert (gate_status["state"], gate_status["last_failure_at"]) == ("running", None)
     supervised.wait_for_log("vllm-gate listening on http://127.0.0.1:")
 
 

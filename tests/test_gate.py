@@ -12,7 +12,9 @@ import http.client
 import json
 import os
 import re
+import resource
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -44,13 +46,23 @@ SAFE_ENV = {
 }
 # 1% of a fake H100 per worker: the host-RAM check must pass on a small CI machine.
 SAFE_ARGS = ("--disable-custom-all-reduce", "--gpu-memory-utilization", "0.01")
+# vLLM's admin and dev endpoints (vLLM 0.20.2, vllm/entrypoints/serve/): never forwarded.
 DEV_ENDPOINTS = [
     ("POST", "/sleep?level=1"),
     ("POST", "/wake_up"),
     ("GET", "/is_sleeping"),
     ("POST", "/collective_rpc"),
     ("POST", "/reset_prefix_cache"),
+    ("POST", "/reset_encoder_cache"),
     ("GET", "/server_info"),
+    ("POST", "/v1/load_lora_adapter"),
+    ("POST", "/v1/unload_lora_adapter"),
+    ("POST", "/init_weight_transfer_engine"),
+    ("GET", "/get_world_size"),
+    ("POST", "/abort_requests"),
+    ("POST", "/pause"),
+    ("POST", "/resume"),
+    ("GET", "/is_paused"),
 ]
 
 
@@ -191,7 +203,7 @@ def gate(run_dir: Path, tmp_path: Path) -> Iterator[Callable[..., Gate]]:
     the URL of another upstream); stopped at teardown."""
     started: list[Gate] = []
 
-    def start(upstream: StandinServer | str, **settings: str) -> Gate:
+    def start(upstream: StandinServer | Recorder | str, nofile: int | None = None, **settings: str) -> Gate:
         port = free_port()
         log_path = tmp_path / f"gate-{port}.log"
         environ = {
@@ -199,7 +211,7 @@ def gate(run_dir: Path, tmp_path: Path) -> Iterator[Callable[..., Gate]]:
             "GATE_HOST": "127.0.0.1",
             "GATE_PORT": str(port),
             "GATE_UPSTREAM": upstream if isinstance(upstream, str) else upstream.url,
-            "GATE_SERVER_PID": "" if isinstance(upstream, str) else str(upstream.pid),
+            "GATE_SERVER_PID": str(upstream.pid) if isinstance(upstream, StandinServer) else "",
             "GATE_POLL_S": "0.1",
             "GATE_BUSY_WAIT_S": "60",
             **settings,
@@ -211,6 +223,9 @@ def gate(run_dir: Path, tmp_path: Path) -> Iterator[Callable[..., Gate]]:
                 env=environ,
                 stdout=log_file,
                 stderr=subprocess.STDOUT,
+                preexec_fn=None
+                if nofile is None
+                else lambda: resource.setrlimit(resource.RLIMIT_NOFILE, (nofile, nofile)),
             )
         running = Gate(process, port, log_path)
         started.append(running)
@@ -231,17 +246,29 @@ def gate(run_dir: Path, tmp_path: Path) -> Iterator[Callable[..., Gate]]:
         running.stop()
 
 
+@dataclass
+class Recorder:
+    """A real HTTP upstream that records every request it gets and answers with it."""
+
+    url: str
+    received: list[dict]
+
+
 @pytest.fixture
-def echo_upstream() -> Iterator[str]:
-    """A tiny real HTTP server that answers with what it received (headers, path, body), in a thread."""
+def echo_upstream() -> Iterator[Recorder]:
+    """A tiny real HTTP server that answers with what it received (headers, path, body), in a thread;
+    `?sleep=S` makes it wait S seconds first (a slow generation)."""
+    received_log: list[dict] = []
 
     async def echo(request: web.Request) -> web.StreamResponse:
         received = {
             "method": request.method,
             "path_qs": request.raw_path,
             "headers": [[name, value] for name, value in request.headers.items()],
-            "body": (await request.read()).decode(),
+            "body": (await request.read()).decode(errors="replace"),
         }
+        received_log.append(received)
+        await asyncio.sleep(float(request.query.get("sleep", "0")))
         response = web.Response(body=gzip.compress(json.dumps(received).encode()), status=201)
         response.headers["Content-Type"] = "application/json"
         response.headers["Content-Encoding"] = "gzip"
@@ -274,7 +301,7 @@ def echo_upstream() -> Iterator[str]:
     thread = threading.Thread(target=run, daemon=True)
     thread.start()
     assert ready.wait(10)
-    yield f"http://127.0.0.1:{port}"
+    yield Recorder(f"http://127.0.0.1:{port}", received_log)
     loop.call_soon_threadsafe(loop.stop)
     thread.join(10)
 
@@ -369,7 +396,7 @@ def test_idle_server_is_suspended_and_the_next_request_wakes_it(server, gate, fa
     assert front.metric("vllm_gate_transitions_total", transition="suspend", outcome="ok") == 0
 
     status = front.wait_for_state("suspended", timeout=10)
-    assert status["last_suspend_s"] > 0 and status["last_error"] is None
+    assert status["last_suspend_s"] > 0 and status["last_failure_at"] is None
     assert (run_dir / "suspended.json").exists()
     assert [fakegpu.read_state(w.pid) for w in upstream.workers()] == ["checkpointed"] * 2
     assert upstream.engine_core().status() == psutil.STATUS_STOPPED
@@ -533,7 +560,8 @@ def test_tool_suspend_while_requests_flow_is_seen_and_undone_by_the_gate(server,
 
 
 def test_failed_resume_answers_503_and_the_next_request_retries(server, gate):
-    """A resume that fails gives the waiting requests a 503 naming the failure; the next request resumes."""
+    """A resume that fails gives the waiting requests a generic 503 (the reason goes to the gate's log, not
+    to clients or /gate/status); the next request resumes."""
     upstream = server()
     reference = answer_text(chat_answer(upstream.url, "retry", 6))
     front = gate(upstream)
@@ -546,15 +574,20 @@ def test_failed_resume_answers_503_and_the_next_request_retries(server, gate):
         failed = list(pool.map(lambda _: chat_answer(front.url, "retry", 6), range(3)))
     for response in failed:
         assert response.status_code == 503, response.text
-        message = response.json()["error"]["message"]
-        assert message.startswith("the model is suspended and resuming it failed: resume failed"), message
+        assert response.json()["error"] == {
+            "message": "the model is not available right now; try again later",
+            "type": "ServiceUnavailableError",
+            "param": None,
+            "code": 503,
+        }
     status = front.wait_for_state("suspended")
-    assert "resume failed" in status["last_error"]
+    assert status["last_failure_at"] > 0 and "pid" not in json.dumps(status).lower()
+    assert "the resume failed: resume failed" in front.log() and str(first_worker.pid) in front.log()
     assert [fakegpu.read_state(w.pid) for w in upstream.workers()] == ["checkpointed"] * 2
 
     assert answer_text(chat_answer(front.url, "retry", 6)) == reference
     status = front.status()
-    assert status["state"] == "running" and status["last_error"] is None
+    assert status["state"] == "running" and status["last_failure_at"] is None
     metrics = front.metrics()
     assert metrics[series("vllm_gate_transitions_total", transition="resume", outcome="failed")] == 1
     assert metrics[series("vllm_gate_transitions_total", transition="resume", outcome="ok")] == 1
@@ -569,10 +602,10 @@ def test_gate_status_and_metrics_describe_state_and_traffic(server, gate):
     front = gate(upstream, GATE_IDLE_SUSPEND_S="600")
     status = front.status()
     assert set(status) == {"state", "since", "in_flight", "waiting", "last_suspend_s", "last_resume_s",
-                           "last_error", "idle_suspend_s"}  # fmt: skip
+                           "last_failure_at"}  # fmt: skip
     assert status["state"] == "running" and started - 1 <= status["since"] <= time.time()
-    assert (status["in_flight"], status["waiting"], status["idle_suspend_s"]) == (0, 0, 600)
-    assert (status["last_suspend_s"], status["last_resume_s"], status["last_error"]) == (None, None, None)
+    assert (status["in_flight"], status["waiting"]) == (0, 0)
+    assert (status["last_suspend_s"], status["last_resume_s"], status["last_failure_at"]) == (None, None, None)
 
     response = requests.get(front.url + "/gate/metrics", timeout=5)
     assert response.headers["Content-Type"].startswith("text/plain; version=0.0.4")
@@ -610,10 +643,11 @@ def test_gate_status_and_metrics_describe_state_and_traffic(server, gate):
 
 
 def test_headers_bodies_and_status_pass_through(echo_upstream, gate):
-    """End-to-end headers (not hop-by-hop ones), the raw query, the body, gzip and status pass unchanged."""
+    """End-to-end headers (not hop-by-hop ones), the raw query, the body, gzip and status pass unchanged;
+    X-Forwarded-* are the gate's own, whatever the client sent under those names."""
     front = gate(echo_upstream)
     response = requests.post(
-        front.url + "/v1/echo?x=1&y=%2F",
+        front.url + "/v1/chat/completions?x=1&y=%2F",
         data=b'{"q": 1}',
         headers={
             "Authorization": "Bearer secret",
@@ -622,6 +656,11 @@ def test_headers_bodies_and_status_pass_through(echo_upstream, gate):
             "X-Custom": "kept",
             "Connection": "keep-alive, X-Hop",
             "X-Hop": "dropped",
+            "X-Forwarded-For": "6.6.6.6",
+            "X-Forwarded-Proto": "https",
+            "X-Forwarded-Host": "forged.example",
+            "Forwarded": "for=6.6.6.6",
+            "X-Real-IP": "6.6.6.6",
         },
         timeout=10,
     )
@@ -631,15 +670,21 @@ def test_headers_bodies_and_status_pass_through(echo_upstream, gate):
     assert "X-Hop" not in response.headers
     received = response.json()  # requests undoes the gzip the upstream applied: the bytes passed as they were
     headers = {name.lower(): value for name, value in received["headers"]}
-    assert (received["method"], received["path_qs"], received["body"]) == ("POST", "/v1/echo?x=1&y=%2F", '{"q": 1}')
+    assert (received["method"], received["path_qs"], received["body"]) == (
+        "POST",
+        "/v1/chat/completions?x=1&y=%2F",
+        '{"q": 1}',
+    )
     assert headers["authorization"] == "Bearer secret" and headers["x-custom"] == "kept"
     assert headers["content-type"] == "application/json" and headers["accept-encoding"] == "gzip"
-    assert "x-hop" not in headers and headers["x-forwarded-for"] == "127.0.0.1"
-    assert headers["host"] == echo_upstream.removeprefix("http://")
+    assert "x-hop" not in headers and "forwarded" not in headers and "x-real-ip" not in headers
+    assert [value for name, value in received["headers"] if name.lower() == "x-forwarded-for"] == ["127.0.0.1"]
+    assert (headers["x-forwarded-proto"], headers["x-forwarded-host"]) == ("http", f"127.0.0.1:{front.port}")
+    assert headers["host"] == echo_upstream.url.removeprefix("http://")
 
     # A client that sends no Accept-Encoding (nor User-Agent) must not get the gate's own added upstream.
     connection = http.client.HTTPConnection("127.0.0.1", front.port, timeout=10)
-    connection.putrequest("GET", "/v1/echo", skip_accept_encoding=True)
+    connection.putrequest("GET", "/v1/models", skip_accept_encoding=True)
     connection.endheaders()
     received = json.loads(gzip.decompress(connection.getresponse().read()))
     connection.close()
@@ -651,17 +696,21 @@ def test_headers_bodies_and_status_pass_through(echo_upstream, gate):
     }
 
 
-def test_unreachable_upstream_is_a_502_naming_the_problem(gate):
-    """With nothing listening upstream (vLLM still starting, say), requests get a JSON 502 instead of hanging."""
-    front = gate(f"http://127.0.0.1:{free_port()}")
+def test_unreachable_upstream_is_a_generic_502(gate):
+    """With nothing listening upstream (vLLM still starting, say), requests get a JSON 502 instead of hanging;
+    the body names no host or port (the log does)."""
+    port = free_port()
+    front = gate(f"http://127.0.0.1:{port}")
     for response in (
         requests.post(front.url + "/v1/chat/completions", json=chat_body("anyone?", 2), timeout=10),
         requests.get(front.url + "/health", timeout=10),
     ):
         assert response.status_code == 502
         assert response.json()["error"]["type"] == "BadGatewayError"
+        assert str(port) not in response.text and "127.0.0.1" not in response.text
     assert front.metric("vllm_gate_errors_total", reason="upstream_unreachable") == 2
     assert front.status()["in_flight"] == 0
+    assert f"127.0.0.1:{port}" in front.log()
 
 
 def test_idle_suspend_is_hybrid_when_vllm_has_sleep_mode(server, gate, run_dir):
@@ -680,3 +729,181 @@ def test_idle_suspend_is_hybrid_when_vllm_has_sleep_mode(server, gate, run_dir):
     assert '"POST /sleep?level=1 HTTP/1.1" 200' in access_log and '"POST /wake_up HTTP/1.1" 200' in access_log
     assert front.metric("vllm_gate_requests_total", path_class="blocked") == 1
     assert_server_healthy(upstream)
+
+
+def raw_exchange(port: int, data: bytes, timeout: float = 5) -> bytes:
+    """Send raw bytes on a new connection and read until the gate closes it (or the timeout)."""
+    with socket.create_connection(("127.0.0.1", port), timeout=timeout) as connection:
+        connection.sendall(data)
+        chunks = []
+        try:
+            while chunk := connection.recv(65536):
+                chunks.append(chunk)
+        except TimeoutError:
+            pass
+        return b"".join(chunks)
+
+
+def test_junk_is_refused_without_waking_the_server(server, gate, fake_gpu):
+    """Unknown routes (404), wrong methods (405), bodies that are not JSON (400) and the WebSocket (501)
+    are answered by the gate while the server stays suspended: no resume, nothing reaches vLLM."""
+    upstream = server()
+    front = gate(upstream)
+    toggle("checkpointed", library_config(), pid=upstream.pid)
+    front.wait_for_state("suspended")
+    requests_before = parse_metrics(upstream.get("/metrics").text)["standin:requests_total"]
+    junk = [
+        ("POST", "/v1/nope", b"{}", {}, 404),
+        ("POST", "/v1/load_lora_adapter", b'{"lora_name": "x", "lora_path": "/etc"}', {}, 404),
+        ("DELETE", "/v1/completions", b"", {}, 405),
+        ("GET", "/v1/chat/completions", b"", {}, 405),
+        ("POST", "/v1/completions", b'{"model": ', {}, 400),
+        ("POST", "/v1/chat/completions", b"[1, 2]", {}, 400),
+        ("POST", "/v1/chat/completions", b"\xff\xfe", {}, 400),
+        ("POST", "/v1/audio/transcriptions", b"{}", {"Content-Type": "application/json"}, 400),
+        ("GET", "/v1/realtime", b"", {"Upgrade": "websocket", "Connection": "Upgrade",
+                                      "Sec-WebSocket-Key": "dGhlIHNhbXBsZSBub25jZQ==",
+                                      "Sec-WebSocket-Version": "13"}, 501),
+    ]  # fmt: skip
+    for method, path, body, headers, status in junk:
+        response = requests.request(method, front.url + path, data=body, headers=headers, timeout=5)
+        assert response.status_code == status, (method, path, response.text)
+        assert set(response.json()["error"]) == {"message", "type", "param", "code"}
+        if status == 405:
+            assert "POST" in response.headers["Allow"] or "GET" in response.headers["Allow"]
+    time.sleep(0.3)  # several watcher ticks
+    assert front.status()["state"] == "suspended"
+    assert [fakegpu.read_state(w.pid) for w in upstream.workers()] == ["checkpointed"] * 2
+    assert front.metric("vllm_gate_transitions_total", transition="resume", outcome="ok") == 0
+    assert front.metric("vllm_gate_requests_total", path_class="blocked") == 5
+    assert answer_text(chat_answer(front.url, "now for real", 4))  # a served request wakes it
+    assert front.metric("vllm_gate_transitions_total", transition="resume", outcome="ok") == 1
+    assert parse_metrics(upstream.get("/metrics").text)["standin:requests_total"] == requests_before + 1
+    assert_server_healthy(upstream)
+
+
+def test_malformed_requests_log_one_line_without_traceback(echo_upstream, gate):
+    """Garbage on the wire gets a 400 from aiohttp and one log line, not a traceback; nothing goes upstream."""
+    front = gate(echo_upstream)
+    for garbage in (
+        b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03\r\n\r\n",  # TLS spoken to plain HTTP
+        b"GET /v1/models HTTP/1.1\r\nHost: x\r\nContent-Length: abc\r\n\r\n",
+        b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\n\r\n",
+    ):
+        answer = raw_exchange(front.port, garbage)
+        assert re.match(rb"HTTP/1\.[01] 400 ", answer), answer
+    assert requests.get(front.url + "/gate/status", timeout=5).status_code == 200
+    log = front.log()
+    assert "Traceback" not in log and "File " not in log, log
+    assert log.count("Error handling request") >= 2
+    assert echo_upstream.received == []
+
+
+def test_busy_connections_over_the_limit_get_a_fast_503(echo_upstream, gate):
+    """GATE_MAX_CONNECTIONS=2 with two slow requests in flight: a third connection gets 503 at once;
+    when they finish, new clients are served again."""
+    front = gate(echo_upstream, GATE_MAX_CONNECTIONS="2")
+    slow = f"{front.url}/v1/chat/completions?sleep=1.5"
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        busy = [pool.submit(requests.post, slow, json={"n": n}, timeout=10) for n in range(2)]
+        wait_until(lambda: len(echo_upstream.received) == 2, "both slow requests upstream")
+        started = time.monotonic()
+        refused = requests.post(front.url + "/v1/chat/completions", json={}, timeout=5)
+        assert time.monotonic() - started < 1.0
+        assert refused.status_code == 503 and refused.json()["error"]["type"] == "ServiceUnavailableError"
+        assert [future.result().status_code for future in busy] == [201, 201]
+    assert requests.post(front.url + "/v1/chat/completions", json={}, timeout=5).status_code == 201
+    assert len(echo_upstream.received) == 3
+
+
+def test_idle_connections_are_closed_after_the_keepalive_timeout(echo_upstream, gate):
+    """A keep-alive connection left idle, or one that never sends a request, is closed after GATE_KEEPALIVE_S."""
+    front = gate(echo_upstream, GATE_KEEPALIVE_S="1")
+    idle = socket.create_connection(("127.0.0.1", front.port), timeout=5)
+    kept = http.client.HTTPConnection("127.0.0.1", front.port, timeout=5)
+    kept.request("GET", "/v1/models")
+    assert kept.getresponse().read()
+    started = time.monotonic()
+    assert idle.recv(1) == b""  # closed by the gate
+    assert 0.5 < time.monotonic() - started < 4
+    assert kept.sock is not None and kept.sock.recv(1) == b""
+    idle.close()
+    kept.close()
+
+
+def test_connection_flood_under_a_low_open_file_limit_leaves_room_for_others(echo_upstream, gate):
+    """600 idle connections to a gate with 256 open files: idle ones are closed to make room, another client
+    is still served at once, and the gate never runs out of files."""
+    front = gate(echo_upstream, nofile=256, GATE_MAX_CONNECTIONS="96")
+    flood = []
+    try:
+        for index in range(600):
+            connection = socket.socket()
+            connection.settimeout(5)
+            connection.connect(("127.0.0.1", front.port))
+            if index % 2:
+                connection.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\n")  # never finishes its head
+            flood.append(connection)
+        for _ in range(5):
+            started = time.monotonic()
+            response = requests.post(front.url + "/v1/completions", json={"prompt": "x"}, timeout=10)
+            assert response.status_code == 201 and time.monotonic() - started < 2
+        assert requests.get(front.url + "/gate/status", timeout=5).status_code == 200
+    finally:
+        for connection in flood:
+            connection.close()
+    assert "Too many open files" not in front.log()
+    assert "idle connection(s) to make room" in front.log()
+
+
+def test_too_low_open_file_limit_is_refused_at_start(echo_upstream, tmp_path):
+    """GATE_MAX_CONNECTIONS that cannot fit the open-file limit stops the gate with exit 2 and the fix."""
+    done = subprocess.run(
+        [sys.executable, "-m", "entrypoint.gate"],
+        cwd=REPO,
+        env={**os.environ, "GATE_HOST": "127.0.0.1", "GATE_PORT": str(free_port()), "GATE_MAX_CONNECTIONS": "1000"},
+        preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_NOFILE, (256, 256)),
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert done.returncode == 2
+    assert "GATE_MAX_CONNECTIONS=1000 needs 2064 open files, but the limit is 256" in done.stderr
+    assert "lower GATE_MAX_CONNECTIONS to at most 96" in done.stderr and "Traceback" not in done.stderr
+
+
+def test_request_bodies_are_capped_each_and_in_total(echo_upstream, gate):
+    """A body over GATE_MAX_REQUEST_MIB gets 413; bodies held together over GATE_MAX_BODIES_MIB get 503;
+    both without reaching vLLM, and with room again once the held ones are done."""
+    front = gate(echo_upstream, GATE_MAX_REQUEST_MIB="1", GATE_MAX_BODIES_MIB="2")
+    body = b'{"pad": "' + b"x" * 900_000 + b'"}'  # 0.86 MiB
+    too_large = requests.post(front.url + "/v1/completions", data=body * 2, timeout=10)
+    assert too_large.status_code == 413
+    chunked = requests.post(front.url + "/v1/completions", data=iter([body, body]), timeout=10)
+    assert chunked.status_code == 413
+    slow = f"{front.url}/v1/completions?sleep=1.5"
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        held = [pool.submit(requests.post, slow, data=body, timeout=10) for _ in range(2)]
+        wait_until(lambda: len(echo_upstream.received) == 2, "both bodies upstream")
+        over = requests.post(front.url + "/v1/completions", data=body, timeout=10)
+        assert over.status_code == 503 and "MiB" not in over.text
+        assert [future.result().status_code for future in held] == [201, 201]
+    assert requests.post(front.url + "/v1/completions", data=body, timeout=10).status_code == 201
+    assert len(echo_upstream.received) == 3
+    assert front.metric("vllm_gate_errors_total", reason="body_refused") == 3
+
+
+def test_nothing_refused_ever_reaches_the_upstream(echo_upstream, gate):
+    """Every private endpoint with every method, even listed in GATE_EXTRA_PATHS' neighbourhood, and every
+    kind of junk stays at the gate: the recording upstream gets only the one request that is served."""
+    front = gate(echo_upstream, GATE_EXTRA_PATHS="/rerank,/score")
+    methods = ("GET", "POST", "PUT", "DELETE", "PATCH")
+    private = [(method, path) for method in methods for _, path in DEV_ENDPOINTS]
+    junk = [("POST", "/v1/nope"), ("PUT", "/v1/chat/completions"), ("GET", "/rerank"), ("POST", "/pooling")]
+    for method, path in private + junk:
+        response = requests.request(method, front.url + path, json={"x": 1}, timeout=5)
+        assert response.status_code in (404, 405), (method, path, response.status_code)
+        assert "127.0.0.1" not in response.text and "aiohttp" not in response.headers.get("Server", "")
+    assert echo_upstream.received == []
+    assert requests.post(front.url + "/rerank", json={"query": "q"}, timeout=5).status_code == 201
+    assert [(r["method"], r["path_qs"]) for r in echo_upstream.received] == [("POST", "/rerank")]

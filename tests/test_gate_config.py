@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
-import json
+import re
 import sys
 import threading
 from collections.abc import Iterator
@@ -13,12 +13,21 @@ import pytest
 from click.testing import CliRunner
 from loguru import logger
 
-from entrypoint.errors import ExitCode, SuspendError
+from entrypoint.errors import ExitCode
 from entrypoint.gate import cli
 from entrypoint.gate_config import GATE_SETTINGS, load_gate_config
 from entrypoint.gate_control import Phase, phase_of_tool_run, tool_lock_purpose
+from entrypoint.gate_limits import FILES_BESIDES_CONNECTIONS
 from entrypoint.gate_metrics import GateMetrics
-from entrypoint.gate_paths import DEFAULT_PASSIVE_PATHS, PathClass, classify
+from entrypoint.gate_paths import (
+    DEFAULT_PASSIVE_PATHS,
+    OPTIONAL_PATHS,
+    OPTIONAL_ROUTES,
+    PRIVATE_PATHS,
+    PUBLIC_ROUTES,
+    PathClass,
+    RouteTable,
+)
 from entrypoint.runstate import ToolLock
 
 
@@ -28,10 +37,11 @@ def test_defaults_match_the_container_layout():
     assert (config.host, config.port, config.upstream) == ("0.0.0.0", 8000, "http://127.0.0.1:8001")
     assert config.passive_paths == DEFAULT_PASSIVE_PATHS == ("/health", "/metrics", "/v1/models")
     assert (config.idle_suspend_s, config.server_pid, config.extra_paths) == (0, None, ())
+    assert (config.max_connections, config.keepalive_s, config.max_bodies_mib) == (1000, 75, 1024)
     assert all(source == "default" for _, _, source in config.describe())
 
 
-def test_settings_are_parsed_and_the_config_is_frozen():
+def test_gate_settings_are_parsed_and_the_config_is_frozen():
     """Every GATE_* value is parsed into its type; the dataclass cannot be changed afterwards."""
     config = load_gate_config(
         {
@@ -57,66 +67,64 @@ def test_settings_are_parsed_and_the_config_is_frozen():
 
 
 @pytest.mark.parametrize(
-    ("env", "value", "complaint"),
+    ("method", "path", "expected", "status"),
     [
-        ("GATE_PORT", "http", "is not an int"),
-        ("GATE_PORT", "70000", "between 1 and 65535"),
-        ("GATE_UPSTREAM", "ftp://127.0.0.1:8001", "must look like http://127.0.0.1:8001"),
-        ("GATE_UPSTREAM", "http://127.0.0.1:8001/v1", "no path"),
-        ("GATE_IDLE_SUSPEND_S", "-1", "at least 0"),
-        ("GATE_IDLE_SUSPEND_S", "five", "is not a float"),
-        ("GATE_SERVER_PID", "vllm", "is not an int"),
-        ("GATE_PASSIVE_PATHS", "/health,/sleep", "dev endpoints"),
-        ("GATE_PASSIVE_PATHS", "/rerank", "does not forward"),
-        ("GATE_PASSIVE_PATHS", "health", "plain absolute path"),
-        ("GATE_EXTRA_PATHS", "/collective_rpc", "dev endpoints"),
-        ("GATE_EXTRA_PATHS", "/v1/../sleep", "plain absolute path"),
-        ("GATE_POLL_S", "0", "at least 0.01"),
+        ("POST", "/v1/chat/completions", PathClass.WAKING, 0),
+        ("POST", "/v1/completions", PathClass.WAKING, 0),
+        ("POST", "/v1/embeddings", PathClass.WAKING, 0),
+        ("POST", "/v1/responses", PathClass.WAKING, 0),
+        ("GET", "/v1/responses/resp_123", PathClass.WAKING, 0),
+        ("POST", "/v1/responses/resp_123/cancel", PathClass.WAKING, 0),
+        ("POST", "/v1/audio/transcriptions", PathClass.WAKING, 0),
+        ("POST", "/tokenize", PathClass.WAKING, 0),
+        ("GET", "/load", PathClass.WAKING, 0),
+        ("GET", "/v1/models", PathClass.PASSIVE, 0),
+        ("HEAD", "/health", PathClass.PASSIVE, 0),
+        ("GET", "/metrics", PathClass.PASSIVE, 0),
+        ("OPTIONS", "/v1/chat/completions", PathClass.PASSIVE, 0),
+        ("DELETE", "/v1/completions", PathClass.BLOCKED, 405),
+        ("GET", "/v1/chat/completions", PathClass.BLOCKED, 405),
+        ("POST", "/v1/models", PathClass.BLOCKED, 405),
+        ("POST", "/v1/nope", PathClass.BLOCKED, 404),
+        ("POST", "/v1/load_lora_adapter", PathClass.BLOCKED, 404),
+        ("POST", "/v1/unload_lora_adapter", PathClass.BLOCKED, 404),
+        ("GET", "/v1/responses/a/b", PathClass.BLOCKED, 404),
+        ("GET", "/v1/realtime", PathClass.BLOCKED, 501),
+        ("POST", "/sleep", PathClass.BLOCKED, 404),
+        ("POST", "/wake_up", PathClass.BLOCKED, 404),
+        ("POST", "/collective_rpc", PathClass.BLOCKED, 404),
+        ("GET", "/server_info", PathClass.BLOCKED, 404),
+        ("POST", "/v1/../sleep", PathClass.BLOCKED, 404),
+        ("GET", "/v1/./models", PathClass.BLOCKED, 404),
+        ("POST", "//sleep", PathClass.BLOCKED, 404),
+        ("GET", "/v1//models", PathClass.BLOCKED, 404),
+        ("GET", "/health/", PathClass.BLOCKED, 404),
+        ("GET", "/v1", PathClass.BLOCKED, 404),
+        ("POST", "/rerank", PathClass.BLOCKED, 404),
+        ("GET", "/", PathClass.BLOCKED, 404),
     ],
 )
-def test_bad_values_are_refused_naming_the_variable(env, value, complaint):
-    """A bad value raises a usage error that names the variable, the value and what is wrong."""
-    with pytest.raises(SuspendError) as raised:
-        load_gate_config({env: value})
-    assert raised.value.exit_code == ExitCode.USAGE
-    assert raised.value.message.startswith(f"{env}={value!r}") and complaint in raised.value.message
+def test_requests_are_classified_by_an_allow_list_of_routes_and_methods(method, path, expected, status):
+    """Known public routes with their methods pass; admin, dev, unknown paths and wrong methods do not."""
+    verdict = RouteTable().classify(method, path)
+    assert (verdict.path_class, verdict.status) == (expected, status)
 
 
-@pytest.mark.parametrize(
-    ("path", "expected"),
-    [
-        ("/v1/chat/completions", PathClass.WAKING),
-        ("/v1/completions", PathClass.WAKING),
-        ("/v1/embeddings", PathClass.WAKING),
-        ("/tokenize", PathClass.WAKING),
-        ("/load", PathClass.WAKING),
-        ("/v1/models", PathClass.PASSIVE),
-        ("/health", PathClass.PASSIVE),
-        ("/metrics", PathClass.PASSIVE),
-        ("/sleep", PathClass.BLOCKED),
-        ("/wake_up", PathClass.BLOCKED),
-        ("/collective_rpc", PathClass.BLOCKED),
-        ("/server_info", PathClass.BLOCKED),
-        ("/v1/../sleep", PathClass.BLOCKED),
-        ("/v1/./models", PathClass.BLOCKED),
-        ("//sleep", PathClass.BLOCKED),
-        ("/v1//models", PathClass.BLOCKED),
-        ("/health/", PathClass.BLOCKED),
-        ("/v1", PathClass.BLOCKED),
-        ("/rerank", PathClass.BLOCKED),
-        ("/", PathClass.BLOCKED),
-    ],
-)
-def test_paths_are_classified_by_an_allow_list(path, expected):
-    """The OpenAI API and the operational paths pass, dev endpoints and odd spellings of paths do not."""
-    assert classify(path, DEFAULT_PASSIVE_PATHS) is expected
+@pytest.mark.parametrize("path", PRIVATE_PATHS)
+def test_no_private_endpoint_is_forwarded_with_any_method_or_setting(path):
+    """Every admin/dev endpoint is refused with every method, even with every optional route opened."""
+    everything = RouteTable(OPTIONAL_PATHS)
+    for method in ("GET", "POST", "PUT", "DELETE", "PATCH", "HEAD", "OPTIONS"):
+        assert everything.classify(method, path).path_class is PathClass.BLOCKED
 
 
-def test_extra_paths_are_forwarded_but_dev_endpoints_never():
-    """GATE_EXTRA_PATHS opens exact paths; a dev endpoint stays blocked even if listed there."""
-    assert classify("/rerank", DEFAULT_PASSIVE_PATHS, ("/rerank",)) is PathClass.WAKING
-    assert classify("/rerank/x", DEFAULT_PASSIVE_PATHS, ("/rerank",)) is PathClass.BLOCKED
-    assert classify("/sleep", DEFAULT_PASSIVE_PATHS, ("/sleep",)) is PathClass.BLOCKED
+def test_extra_paths_open_optional_public_routes_only():
+    """GATE_EXTRA_PATHS opens /rerank and its kind; the exact path only, POST only."""
+    table = RouteTable(("/rerank",))
+    assert table.classify("POST", "/rerank").path_class is PathClass.WAKING
+    assert table.classify("GET", "/rerank").status == 405
+    assert table.classify("POST", "/rerank/x").status == 404
+    assert table.classify("POST", "/score").status == 404
 
 
 def test_lock_probe_sees_a_transition_of_the_tool(tmp_path: Path):
@@ -177,33 +185,34 @@ def restore_logging() -> Iterator[None]:
     logger.add(sys.stderr)
 
 
-def test_help_lists_every_variable(restore_logging):
-    """vllm-gate --help names every GATE_* variable and the two paths the gate serves itself."""
-    result = CliRunner().invoke(cli, ["--help"])
-    assert result.exit_code == 0
-    for env in GATE_SETTINGS:
-        assert env in result.output
-    assert "/gate/status" in result.output and "/gate/metrics" in result.output
-
-
-def test_print_config_shows_gate_and_library_settings(restore_logging, monkeypatch):
-    """--print-config --json lists GATE_* and CUDA_TOGGLE_*; the gate's busy wait replaces the tool's."""
-    monkeypatch.setenv("GATE_IDLE_SUSPEND_S", "120")
-    monkeypatch.setenv("GATE_BUSY_WAIT_S", "42")
-    monkeypatch.delenv("CUDA_TOGGLE_SERVER_URL", raising=False)
-    result = CliRunner().invoke(cli, ["--print-config", "--json"])
-    assert result.exit_code == 0, result.output
-    settings = json.loads(result.stdout)
-    assert settings["GATE_IDLE_SUSPEND_S"] == {"value": "120", "from": "environment"}
-    assert settings["GATE_PORT"] == {"value": "8000", "from": "default"}
-    assert settings["CUDA_TOGGLE_BUSY_WAIT_S"]["value"] == "42.0"
-    assert settings["CUDA_TOGGLE_SERVER_URL"]["value"] == "http://127.0.0.1:8001"  # vLLM behind the gate
-    assert "CUDA_TOGGLE_RUN_DIR" in settings
-
-
 def test_bad_environment_exits_2_naming_the_variable(restore_logging, monkeypatch):
     """A bad GATE_* value stops the gate before it listens, with exit code 2 and the variable's name."""
     monkeypatch.setenv("GATE_UPSTREAM", "not a url")
     result = CliRunner().invoke(cli, [])
     assert result.exit_code == ExitCode.USAGE
     assert "GATE_UPSTREAM='not a url'" in result.output
+
+
+GATE_DOC = (Path(__file__).resolve().parent.parent / "docs" / "gate.md").read_text()
+
+
+@pytest.mark.parametrize("route", PUBLIC_ROUTES + OPTIONAL_ROUTES, ids=lambda route: route.path)
+def test_every_forwarded_route_is_documented(route):
+    """docs/gate.md's "Public routes" names every route the gate forwards (by default or on request)."""
+    assert f"`{route.path}`" in GATE_DOC
+
+
+@pytest.mark.parametrize("path", PRIVATE_PATHS)
+def test_every_private_endpoint_is_documented_as_never_forwarded(path):
+    """docs/gate.md lists each admin/dev endpoint that the gate refuses even in GATE_EXTRA_PATHS."""
+    never = GATE_DOC[GATE_DOC.index("Never forwarded") : GATE_DOC.index("### What the gate answers itself")]
+    assert f"`{path}`" in never
+
+
+def test_compose_open_file_limit_fits_the_default_connection_limit():
+    """The compose file's nofile limit holds the default GATE_MAX_CONNECTIONS (two files each, plus a reserve)."""
+    compose = (Path(__file__).resolve().parent.parent / "docker-compose.yml").read_text()
+    found = re.search(r"ulimits:\n\s+nofile:\n\s+soft: (\d+)\n\s+hard: (\d+)", compose)
+    assert found, "docker-compose.yml sets no nofile ulimit"
+    needed = 2 * int(GATE_SETTINGS["GATE_MAX_CONNECTIONS"].default) + FILES_BESIDES_CONNECTIONS
+    assert int(found.group(1)) >= needed and int(found.group(2)) >= needed
