@@ -275,7 +275,7 @@ class Target:
             "--max-num-seqs",
             "16",
             "--max-model-len",
-            "1024",
+            "512",  # the acceptance's longest request: 400 tokens and a short prompt
             "--gpu-memory-utilization",
             f"{srv.util:.3f}",
             "--host",
