@@ -27,7 +27,7 @@ def test_gpu_suite_runs_its_steps_on_the_cpu_stand_in(tmp_path):
         "SUITE_CYCLES": "1",
         "SUITE_LOAD_CYCLES": "1",
         "SUITE_CLIENTS": "2",
-        "SUITE_INFLIGHT_TOKENS": "100",
+        "SUITE_INFLIGHT_TOKENS": "400",
     }
     suite = subprocess.Popen(
         ["bash", "tests/gpu/run_all.sh"],
@@ -63,6 +63,8 @@ def test_gpu_suite_runs_its_steps_on_the_cpu_stand_in(tmp_path):
     acceptance = by_step["acceptance"]
     assert acceptance["passed"] and set(acceptance["parts"]) == {"plain", "hybrid", "load"}
     assert acceptance["totals"]["failed"] == acceptance["totals"]["aborted"] == acceptance["totals"]["truncated"] == 0
-    assert acceptance["parts"]["plain"]["counts"]["requests"] == 11  # in flight, 2 straight, 8 through the gate
+    for part in ("plain", "hybrid"):
+        assert acceptance["parts"][part]["counts"]["requests"] == 11  # in flight, 2 straight, 8 through the gate
+        assert all(cycle["in_flight_at_suspend"] for cycle in acceptance["parts"][part]["cycles"])
     assert by_step["refusal"]["exit_code"] == 5
     assert "| plain | 1 | yes |" in stdout  # the report's cycles table

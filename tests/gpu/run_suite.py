@@ -1258,16 +1258,20 @@ def acceptance_cycles(args: argparse.Namespace, config, mode: str, gate_url: str
         while not vllm_running_requests(srv) and time.monotonic() < deadline:
             time.sleep(0.05)
         time.sleep(args.inflight_lead_s)
+        in_flight = vllm_running_requests(srv) > 0  # else the long request ended first: no test of it
         row, good = measured_suspend(config, mode)
-        row["cycle"] = number
-        if good:
+        row.update(cycle=number, in_flight_at_suspend=in_flight)
+        if not in_flight:
+            log(f"acceptance {mode} cycle {number}: no request was in flight at the suspend")
+            good = False
+        if "error" not in row:
             max_suspended = max(max_suspended, row["server_suspended_mib"])
             for index in range(args.straight):  # queued inside vLLM: answered after the resume
                 pending.send("straight", srv.url, chat_body(srv, PROMPTS[index % len(PROMPTS)], args.max_tokens))
             time.sleep(0.5)
             for index in range(args.through_gate):  # the first of these wakes the server
                 pending.send("gate", gate_url, chat_body(srv, PROMPTS[index % len(PROMPTS)], args.max_tokens, True))
-            good = wait_resumed()
+            good = wait_resumed() and good
             row["gate_status"] = requests.get(f"{gate_url}/gate/status", timeout=10).json()
         else:
             measured_resume(config, row)  # put it back; the cycle counts as failed
@@ -1655,7 +1659,7 @@ def main() -> None:
     p.add_argument("--load-cycles", type=int, default=10, help="hybrid cycles of the load part")
     p.add_argument("--clients", type=int, default=4)
     p.add_argument("--inflight-tokens", type=int, default=400, help="tokens of the request in flight at each suspend")
-    p.add_argument("--inflight-lead-s", type=float, default=1.0, help="seconds it decodes before the suspend")
+    p.add_argument("--inflight-lead-s", type=float, default=0.5, help="seconds it decodes before the suspend")
     p.add_argument("--straight", type=int, default=2, help="requests sent straight to vLLM while suspended")
     p.add_argument("--through-gate", type=int, default=8, help="requests sent through the gate while suspended")
     p.add_argument("--max-tokens", type=int, default=32, help="tokens of every other request")
