@@ -13,7 +13,8 @@ cd "$(dirname "$0")/../.."
 : "${SUITE_TARGET:=gpu}"                          # gpu | cpu
 : "${SUITE_STEPS:=machine sizes refusal report}"  # see `run_step` below
 # The server (read by run_suite.py itself): SUITE_MODEL (tiny | 8b-shaped | a path), SUITE_TP (1 2 4 8),
-# SUITE_DTYPE, SUITE_TINY_DIR, SUITE_SHAPED_DIR, SUITE_WARMUP (1: a sleep/wake before the first suspend).
+# SUITE_DTYPE, SUITE_QUANTIZATION, SUITE_TINY_DIR, SUITE_SHAPED_DIR, SUITE_WARMUP (1: a sleep/wake before the
+# first suspend).
 : "${SUITE_GB:=64}"                       # `start`: GB of GPU memory per GPU (64 = 0.80 of an 80 GB card)
 : "${SUITE_SLEEP_MODE:=1}"                # `start`: vLLM with sleep mode (needed by hybrid)
 : "${SUITE_SIZES:=12 32 64}"              # `sizes`: one TP server per size; the last one with sleep mode

@@ -142,6 +142,7 @@ class Server:
     # GPU memory in use before the server started (0 on an idle real GPU; the fake GPU's baseline on the
     # CPU run): what a suspended server must be back to
     idle_mib: list[int] = field(default_factory=list)
+    quantization: str = ""  # vLLM's --quantization; empty: vLLM picks from the config (awq_marlin for AWQ)
 
     @property
     def url(self) -> str:
@@ -190,7 +191,8 @@ def server_from_settings(args: argparse.Namespace) -> Server:
         vllm_port, gate_port = free_port(), free_port()
     else:
         vllm_port, gate_port = GPU_VLLM_PORT, GPU_GATE_PORT
-    return Server(args.model, path, served, args.tp, dtype, vllm_port, gate_port)
+    quantization = args.quantization if args.quantization is not None else ("awq" if args.model == "8b-shaped" else "")
+    return Server(args.model, path, served, args.tp, dtype, vllm_port, gate_port, quantization=quantization)
 
 
 _SERVER: Server | None = None
@@ -284,8 +286,9 @@ class Target:
             str(srv.vllm_port),
         ]
         if srv.shaped:
-            # random weights drawn by vLLM itself (no weight files), through the AWQ kernels
-            args += ["--load-format", "dummy", "--quantization", "awq"]
+            args += ["--load-format", "dummy"]  # random weights drawn by vLLM itself: no weight files
+        if srv.quantization:
+            args += ["--quantization", srv.quantization]
         if safe:
             args.append("--disable-custom-all-reduce")
         if sleep_mode:
@@ -1525,7 +1528,8 @@ def server_line(srv: dict | None) -> str:
     if not srv:
         return "server unknown"
     return (
-        f"model {srv['model']}, TP={srv['tp']}, {srv['dtype']}, {srv['gb']:g} GB per GPU "
+        f"model {srv['model']}, TP={srv['tp']}, {srv['dtype']}"
+        f"{', --quantization ' + srv['quantization'] if srv.get('quantization') else ''}, {srv['gb']:g} GB per GPU "
         f"(util {srv['util']:.3f}), sleep mode {'on' if srv['sleep_mode'] else 'off'}"
     )
 
@@ -1620,6 +1624,12 @@ def main() -> None:
     )
     parser.add_argument(
         "--dtype", default=env("SUITE_DTYPE") or None, help="SUITE_DTYPE; default float16 for 8b-shaped, else bfloat16"
+    )
+    parser.add_argument(
+        "--quantization",
+        default=env("SUITE_QUANTIZATION"),
+        help="vLLM's --quantization (SUITE_QUANTIZATION); default awq for 8b-shaped (its GEMM kernels); empty: "
+        "vLLM's own choice",
     )
     parser.add_argument(
         "--tiny-dir", default=env("SUITE_TINY_DIR", "/tmp/tiny-qwen3"), help="the tiny model (SUITE_TINY_DIR)"
