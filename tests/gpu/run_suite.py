@@ -1100,11 +1100,14 @@ def measured_resume(config, row: dict) -> bool:
 
 
 def wait_resumed(timeout_s: float = 600) -> bool:
-    """Wait until nobody holds the server suspended (the gate resumed it)."""
+    """Wait until no suspend record is left (the gate resumed the server)."""
+    from entrypoint.runstate import SuspendRecord
+
+    record = SuspendRecord.path(load_config().run_dir)
     deadline = time.monotonic() + timeout_s
-    while (WORK / "run" / "suspended.json").exists() and time.monotonic() < deadline:
+    while record.exists() and time.monotonic() < deadline:
         time.sleep(0.1)
-    return not (WORK / "run" / "suspended.json").exists()
+    return not record.exists()
 
 
 def cycle_log(label: str, row: dict) -> None:
