@@ -11,10 +11,9 @@ import subprocess
 import sys
 
 import pytest
+import transformers
 
 from tests.toggle_fixtures import REPO
-
-transformers = pytest.importorskip("transformers")
 
 ENDOFTEXT_ID, IM_START_ID, IM_END_ID = 151643, 151644, 151645
 
