@@ -4,10 +4,24 @@ supervisord with the project's supervisord.conf, driven by selftest and cuda-tog
 
 Each subcommand is one step; they share a work folder (SUITE_WORK, default /tmp/gpu-suite) where the
 server keeps running between steps (supervisord runs in its own session), and every step adds its figures
-to one JSON file (SUITE_WORK/results.json). tests/gpu/README.md has the command lines of a whole run.
+to one JSON file (SUITE_WORK/results.json). `start` writes what it launched (model, TP size, dtype, ports)
+to SUITE_WORK/server.json, and every later step serves that server, so a run can be split over several
+commands. tests/gpu/README.md has the command lines of a whole run.
+
+The server's settings (options before the step, or SUITE_* in the environment):
+    --model tiny | 8b-shaped | PATH   tiny: the tiny random Qwen3 (SUITE_TINY_DIR); 8b-shaped: Qwen3-8B-AWQ's
+                                     shape built by scripts/build_dummy_model.py (SUITE_SHAPED_DIR), served
+                                     with --load-format dummy --quantization awq
+    --tp 1|2|4|8                     tensor-parallel size (SUITE_TP, default 2)
+    --dtype D                        SUITE_DTYPE (default: float16 for 8b-shaped, which AWQ needs, else bfloat16)
 
     run_suite.py machine                         what the figures come from (cards, driver, versions)
-    run_suite.py start --gb 12 [--sleep-mode]    start the server sized to ~12 GB per GPU; wait until ready
+    run_suite.py build-model                     write the 8B-shaped model directory (no weights)
+    run_suite.py start --gb 64 [--sleep-mode]    start the server sized to ~64 GB per GPU, warm it up, wait until ready
+    run_suite.py cycles --modes plain,hybrid --cycles 3
+                                                 per-cycle suspend/resume figures, first token through the gate,
+                                                 logprob equality of requests run alone before and after
+    run_suite.py acceptance                      plain and hybrid with requests in flight and queued, load
     run_suite.py selftest --label 12gb --cycles 3
     run_suite.py protocols --cycles 2            our parallel protocol against the seed's, same server
     run_suite.py load --clients 4 --cycles 10    suspend/resume under streaming load
@@ -23,15 +37,18 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import math
 import os
 import platform
 import shutil
 import signal
+import socket
 import statistics
 import subprocess
 import sys
 import threading
 import time
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import psutil
@@ -51,15 +68,23 @@ from entrypoint.toggle import RESUME, SUSPEND, status, toggle  # noqa: E402
 
 WORK = Path(os.environ.get("SUITE_WORK", "/tmp/gpu-suite"))
 RESULTS = Path(os.environ.get("SUITE_RESULTS", str(WORK / "results.json")))
-VLLM_PORT, GATE_PORT = 8001, 8000
+SERVER_FILE = WORK / "server.json"
+SITE = os.environ.get("SUITE_SITE", "/tmp/site")
+# On the GPU machine vLLM listens where the container's does (8001, the gate on 8000); the CPU run takes
+# free ports, since another stand-in on the same machine may hold those.
+GPU_VLLM_PORT = int(os.environ.get("SUITE_VLLM_PORT", "8001"))
+GPU_GATE_PORT = int(os.environ.get("SUITE_GATE_PORT", "8000"))
 MIB_PER_GB = 1000**3 / 2**20
+# vLLM's OpenAI server clamps a logprob of -inf to -9999.0 so that its JSON stays valid (its serving_chat.py
+# and serving_completion.py): such a value is no finite figure.
+VLLM_NEG_INF = -9999.0
 PROMPTS = [
     "Say hello in one short sentence.",
     "List three colours.",
     "What is the capital of France?",
     "Count from one to five.",
 ]
-# What TP=2 suspend/resume needs (FACTS.md); NVLS stays off on the device machine in any case.
+# What TP>1 suspend/resume needs; NVLS stays off on the device machine in any case.
 SAFE_ENV = {**REQUIRED_SERVER_ENV, "VLLM_ALLREDUCE_USE_FLASHINFER": "0"}
 VLLM_ENV = {
     "VLLM_USE_FLASHINFER_SAMPLER": "0",
@@ -96,15 +121,104 @@ def save_step(name: str, data: dict) -> None:
         shutil.copy(RESULTS, Path(out) / "results.json")
 
 
+# --- the server's settings --------------------------------------------------------------------------------
+
+
+@dataclass
+class Server:
+    """What `start` launched; saved in SUITE_WORK/server.json so that later steps (later commands) find it."""
+
+    model: str  # tiny | 8b-shaped | a path
+    path: str
+    served_name: str
+    tp: int
+    dtype: str
+    vllm_port: int
+    gate_port: int
+    gb: float = 0.0
+    util: float = 0.0
+    sleep_mode: bool = False
+    suspends: int = 0  # suspends since the start: the first one of a fresh server is reported apart
+    # GPU memory in use before the server started (0 on an idle real GPU; the fake GPU's baseline on the
+    # CPU run): what a suspended server must be back to
+    idle_mib: list[int] = field(default_factory=list)
+    quantization: str = ""  # vLLM's --quantization; empty: vLLM picks from the config (awq_marlin for AWQ)
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.vllm_port}"
+
+    @property
+    def gate_url(self) -> str:
+        return f"http://127.0.0.1:{self.gate_port}"
+
+    @property
+    def shaped(self) -> bool:
+        return self.model == "8b-shaped"
+
+    def save(self) -> None:
+        SERVER_FILE.write_text(json.dumps(asdict(self), indent=2))
+
+    def held_mib(self, used: list[int]) -> int:
+        """GPU memory the server holds, of `used` (all GPUs together)."""
+        idle = self.idle_mib or [0] * len(used)
+        return sum(max(0, u - i) for u, i in zip(used, idle, strict=False))
+
+    def count_suspend(self) -> bool:
+        """Count one suspend; True when it is the first of this server."""
+        first = self.suspends == 0
+        self.suspends += 1
+        self.save()
+        return first
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def server_from_settings(args: argparse.Namespace) -> Server:
+    """The server the settings describe (not yet started): model directory, TP size, dtype, ports."""
+    if args.model == "tiny":
+        path, served = args.tiny_dir, "tiny"
+    elif args.model == "8b-shaped":
+        path, served = args.shaped_dir, "qwen3-8b-shaped"
+    else:
+        path, served = args.model, "tiny"  # a model path given as such (the suite's earlier setting)
+    dtype = args.dtype or ("float16" if args.model == "8b-shaped" else "bfloat16")
+    if args.target == "cpu":
+        vllm_port, gate_port = free_port(), free_port()
+    else:
+        vllm_port, gate_port = GPU_VLLM_PORT, GPU_GATE_PORT
+    quantization = args.quantization if args.quantization is not None else ("awq" if args.model == "8b-shaped" else "")
+    return Server(args.model, path, served, args.tp, dtype, vllm_port, gate_port, quantization=quantization)
+
+
+_SERVER: Server | None = None
+
+
+def server() -> Server:
+    """The server `start` launched (SUITE_WORK/server.json); the settings' server when none was started."""
+    assert _SERVER is not None, "target_from() first"
+    return _SERVER
+
+
+def load_server(args: argparse.Namespace) -> Server:
+    try:
+        return Server(**json.loads(SERVER_FILE.read_text()))
+    except (OSError, ValueError, TypeError):
+        return server_from_settings(args)
+
+
 # --- the environment of the server and of the tool -------------------------------------------------------
 
 
 class Target:
     """What the suite runs against: real vLLM on GPUs, or the CPU stand-in over the fake GPU."""
 
-    def __init__(self, name: str, model: str):
+    def __init__(self, name: str):
         self.name = name
-        self.model = model
         self.fake_dir = WORK / "fake-gpu"
 
     def tool_env(self) -> dict[str, str]:
@@ -129,8 +243,8 @@ class Target:
             env["CUDA_TOGGLE_BACKEND"] = "driver"  # there is no cuda-checkpoint binary on the GPU machine
             ram_gib = psutil.virtual_memory().total / 2**30
             if ram_gib < 200 and "CUDA_TOGGLE_HOST_RAM_MIB" not in os.environ:
-                # A VM whose memory grows on demand reads a small MemTotal (KINDS.md: 31 GiB at the start
-                # of a 256 GiB two-H200 machine); state what it really has.
+                # A VM whose memory grows on demand reads a small MemTotal (31 GiB at the start of a
+                # 256 GiB two-H200 machine); state what it really has.
                 env["CUDA_TOGGLE_HOST_RAM_MIB"] = str(240 * 1024)
         return env
 
@@ -147,30 +261,34 @@ class Target:
             return f"{sys.executable} {REPO / 'tests' / 'fakes' / 'standin_vllm.py'}"
         return "python3 -m vllm.entrypoints.openai.api_server"
 
-    def server_args(self, util: float, sleep_mode: bool, safe: bool = True, port: int = VLLM_PORT) -> list[str]:
+    def server_args(self, srv: Server, sleep_mode: bool, safe: bool = True) -> list[str]:
         args = [
             "--model",
-            self.model,
+            srv.path,
             "--served-model-name",
-            "tiny",
+            srv.served_name,
             "--tensor-parallel-size",
-            "2",
+            str(srv.tp),
             "--enforce-eager",
             "--attention-backend",
             "TRITON_ATTN",
             "--dtype",
-            "bfloat16",
+            srv.dtype,
             "--max-num-seqs",
-            "8",
+            "16",
             "--max-model-len",
-            "512",
+            "512",  # the acceptance's longest request: 400 tokens and a short prompt
             "--gpu-memory-utilization",
-            f"{util:.3f}",
+            f"{srv.util:.3f}",
             "--host",
             "127.0.0.1",
             "--port",
-            str(port),
+            str(srv.vllm_port),
         ]
+        if srv.shaped:
+            args += ["--load-format", "dummy"]  # random weights drawn by vLLM itself: no weight files
+        if srv.quantization:
+            args += ["--quantization", srv.quantization]
         if safe:
             args.append("--disable-custom-all-reduce")
         if sleep_mode:
@@ -178,7 +296,7 @@ class Target:
         return args
 
     def server_env(self, sleep_mode: bool, safe: bool = True) -> dict[str, str]:
-        env = {**os.environ, **VLLM_ENV, "PYTHONPATH": f"/tmp/site:{REPO}"}
+        env = {**os.environ, **VLLM_ENV, "PYTHONPATH": f"{SITE}:{REPO}"}
         for name in SAFE_ENV:
             env.pop(name, None)
         env.update(SAFE_ENV if safe else {"NCCL_NVLS_ENABLE": "0", "VLLM_ALLREDUCE_USE_SYMM_MEM": "0"})
@@ -188,13 +306,19 @@ class Target:
 
 
 def target_from(args: argparse.Namespace) -> Target:
-    target = Target(args.target, args.model)
+    global _SERVER
+    target = Target(args.target)
     target.prepare()
+    _SERVER = load_server(args)
     return target
 
 
 def gpu_totals_mib() -> list[int]:
     return [gpu.total_mib for gpu in read_gpus(load_config()).gpus]
+
+
+def gpu_used_mib() -> list[int]:
+    return [gpu.used_mib for gpu in read_gpus(load_config()).gpus]
 
 
 # --- server lifecycle ------------------------------------------------------------------------------------
@@ -208,11 +332,32 @@ def supervisord_wrapper() -> Path:
     return path
 
 
+def build_model(args: argparse.Namespace) -> None:
+    """Write the 8B-shaped model directory (config and tokenizer, no weights) where --model 8b-shaped finds it."""
+    ensure_shaped_model(Path(args.shaped_dir))
+
+
+def ensure_shaped_model(path: Path) -> None:
+    if (path / "config.json").exists() and (path / "tokenizer.json").exists():
+        return
+    done = subprocess.run([sys.executable, str(REPO / "scripts" / "build_dummy_model.py"), str(path)])
+    if done.returncode != 0:
+        raise SystemExit(f"could not build the 8B-shaped model directory {path}")
+
+
 def start(args: argparse.Namespace) -> None:
+    global _SERVER
     target = target_from(args)
     stop_supervisord(quiet=True)
+    srv = _SERVER = server_from_settings(args)
+    srv.idle_mib = gpu_used_mib()
+    if srv.shaped:
+        ensure_shaped_model(Path(srv.path))
     totals = gpu_totals_mib()
-    util = round(args.gb * MIB_PER_GB / min(totals), 3) if totals else 0.15
+    srv.gb, srv.sleep_mode = args.gb, args.sleep_mode or args.container_like
+    # --gb is GB per GPU, whatever the card: 64 GB is 0.80 of an 80 GB card, 0.45 of a 141 GB H200.
+    srv.util = round(args.gb * MIB_PER_GB / min(totals), 3) if totals else 0.15
+    srv.save()
     (WORK / "sv").mkdir(parents=True, exist_ok=True)
     env = target.server_env(args.sleep_mode)
     gate_launcher = "sleep infinity"
@@ -223,8 +368,8 @@ def start(args: argparse.Namespace) -> None:
             {
                 "VLLM_SLEEP_MODE": "1",
                 "GATE_HOST": "127.0.0.1",
-                "GATE_PORT": str(GATE_PORT),
-                "GATE_UPSTREAM": f"http://127.0.0.1:{VLLM_PORT}",
+                "GATE_PORT": str(srv.gate_port),
+                "GATE_UPSTREAM": srv.url,
             }
         )
         gate_launcher = f"{sys.executable} -m entrypoint.gate"
@@ -245,18 +390,21 @@ def start(args: argparse.Namespace) -> None:
     log_path = WORK / "server.log"
     with log_path.open("ab") as log_file:
         supervisord = subprocess.Popen(
-            [str(REPO / "docker" / "entrypoint.sh"), *target.server_args(util, args.sleep_mode)],
+            [str(REPO / "docker" / "entrypoint.sh"), *target.server_args(srv, args.sleep_mode)],
             env=env,
             stdout=log_file,
             stderr=subprocess.STDOUT,
             start_new_session=True,
         )
     began = time.monotonic()
-    log(f"server starting: {args.gb} GB per GPU (--gpu-memory-utilization {util:.3f}), sleep mode {args.sleep_mode}")
-    client = OpenAIClient(f"http://127.0.0.1:{VLLM_PORT}")
+    log(
+        f"server starting: {srv.model} ({srv.path}), TP={srv.tp}, {srv.dtype}, {args.gb} GB per GPU "
+        f"(--gpu-memory-utilization {srv.util:.3f}), sleep mode {srv.sleep_mode}, port {srv.vllm_port}"
+    )
+    client = OpenAIClient(srv.url)
     while True:  # in slices, so that a supervisord that exits at once is reported at once
         try:
-            client.wait_ready("tiny", 10, progress_s=15)
+            client.wait_ready(srv.served_name, 10, progress_s=15)
             break
         except TimeoutError as error:
             if supervisord.poll() is not None or time.monotonic() - began > args.timeout:
@@ -264,18 +412,58 @@ def start(args: argparse.Namespace) -> None:
                 raise SystemExit(f"server did not start (supervisord exit code {supervisord.poll()}): {error}")
             log(f"waiting for the server: {time.monotonic() - began:.0f} s")
     seconds = time.monotonic() - began
-    used = [gpu.used_mib for gpu in read_gpus(load_config()).gpus]
+    used = gpu_used_mib()
     log(f"server ready after {seconds:.1f} s; GPU memory used: {used} MiB")
+    warmup = warm_up(srv) if args.warmup else None
     save_step(
         "start" if not args.container_like else "start-container-like",
         {
+            "server": asdict(srv),
             "gb_target": args.gb,
-            "util": util,
-            "sleep_mode": args.sleep_mode,
+            "util": srv.util,
+            "sleep_mode": srv.sleep_mode,
             "ready_s": round(seconds, 1),
             "gpu_used_mib": used,
+            "warmup": warmup,
         },
     )
+
+
+def warm_up(srv: Server) -> dict | None:
+    """One sleep/wake cycle of vLLM's own before the first measured suspend, where the server has sleep mode.
+
+    The first sleep of a fresh vLLM pins host memory for the weights (5.5 s for 6.7 GiB on an H200,
+    measured); torch keeps it cached, so later sleeps take 0.2 s. Its own figures are recorded.
+    """
+    try:
+        if requests.get(f"{srv.url}/is_sleeping", timeout=10).status_code != 200:
+            log("warm-up skipped: the server has no sleep mode")
+            return None
+        used_before = gpu_used_mib()
+        began = time.monotonic()
+        requests.post(f"{srv.url}/sleep", params={"level": "1", "mode": "keep"}, timeout=600).raise_for_status()
+        sleep_s = time.monotonic() - began
+        used_asleep = gpu_used_mib()
+        began = time.monotonic()
+        requests.post(f"{srv.url}/wake_up", timeout=600).raise_for_status()
+        wake_s = time.monotonic() - began
+        sleeping = requests.get(f"{srv.url}/is_sleeping", timeout=10).json().get("is_sleeping")
+    except (requests.RequestException, ValueError) as error:
+        raise SystemExit(f"warm-up sleep/wake failed: {error}")
+    if sleeping:
+        raise SystemExit("warm-up: the server still says it is sleeping after /wake_up")
+    answer = ask(srv.url, chat_body(srv, PROMPTS[0], 4))
+    result = {
+        "sleep_s": round(sleep_s, 3),
+        "wake_s": round(wake_s, 3),
+        "used_before_mib": used_before,
+        "used_asleep_mib": used_asleep,
+        "answer_ok": answer.complete(4),
+    }
+    log(f"warm-up: sleep {sleep_s:.2f} s, wake {wake_s:.2f} s, GPU memory asleep {used_asleep} MiB")
+    if not result["answer_ok"]:
+        raise SystemExit(f"warm-up: the server did not answer after /wake_up: {answer.error or answer.finish_reason}")
+    return result
 
 
 def supervisor_proxy():
@@ -320,9 +508,9 @@ def run_selftest(args: argparse.Namespace) -> None:
         "-m",
         "entrypoint.selftest",
         "--url",
-        f"http://127.0.0.1:{args.port}",
+        f"http://127.0.0.1:{args.port}" if args.port else server().url,
         "--model",
-        "tiny",
+        server().served_name,
         "--cycles",
         str(args.cycles),
         "--max-tokens",
@@ -332,7 +520,7 @@ def run_selftest(args: argparse.Namespace) -> None:
     ]
     if args.mode:
         os.environ["CUDA_TOGGLE_MODE"] = args.mode
-    done = subprocess.run(command, cwd=REPO, env={**os.environ, "PYTHONPATH": f"/tmp/site:{REPO}"})
+    done = subprocess.run(command, cwd=REPO, env={**os.environ, "PYTHONPATH": f"{SITE}:{REPO}"})
     report = json.loads(report_file.read_text())
     save_step("selftest", {"label": args.label, "exit_code": done.returncode, "report": report})
     if done.returncode != 0:
@@ -400,7 +588,7 @@ class LoadClients:
 
     def body(self, prompt: str, stream: bool) -> dict:
         return {
-            "model": "tiny",
+            "model": server().served_name,
             "messages": [{"role": "user", "content": prompt}],
             "temperature": 0,
             "seed": 0,
@@ -474,7 +662,7 @@ def load(args: argparse.Namespace) -> None:
     config = load_config()
     before = tree_pids()
     cycles = []
-    with LoadClients(f"http://127.0.0.1:{VLLM_PORT}", args.clients) as clients:
+    with LoadClients(server().url, args.clients) as clients:
         time.sleep(2)
         for cycle in range(1, args.cycles + 1):
             try:
@@ -515,10 +703,10 @@ def load(args: argparse.Namespace) -> None:
 def gate_running(extra_env: dict[str, str] | None = None):
     env = {
         **os.environ,
-        "PYTHONPATH": f"/tmp/site:{REPO}",
+        "PYTHONPATH": f"{SITE}:{REPO}",
         "GATE_HOST": "127.0.0.1",
-        "GATE_PORT": str(GATE_PORT),
-        "GATE_UPSTREAM": f"http://127.0.0.1:{VLLM_PORT}",
+        "GATE_PORT": str(server().gate_port),
+        "GATE_UPSTREAM": server().url,
         **(extra_env or {}),
     }
     with (WORK / "gate.log").open("ab") as log_file:
@@ -529,10 +717,10 @@ def gate_running(extra_env: dict[str, str] | None = None):
         deadline = time.monotonic() + 30
         while time.monotonic() < deadline:
             with contextlib.suppress(requests.RequestException):
-                if requests.get(f"http://127.0.0.1:{GATE_PORT}/gate/status", timeout=2).status_code == 200:
+                if requests.get(f"{server().gate_url}/gate/status", timeout=2).status_code == 200:
                     break
             time.sleep(0.2)
-        yield f"http://127.0.0.1:{GATE_PORT}"
+        yield server().gate_url
     finally:
         gate.send_signal(signal.SIGTERM)
         with contextlib.suppress(subprocess.TimeoutExpired):
@@ -544,9 +732,9 @@ def gate_running(extra_env: dict[str, str] | None = None):
 def first_request_after_suspend(gate_url: str, config, mode: str) -> dict:
     """Suspend, then time one request through the gate: it wakes the server and must give the reference."""
     client = OpenAIClient(gate_url)
-    reference = client.chat("tiny", PROMPTS[0], 24, 0).text
+    reference = client.chat(server().served_name, PROMPTS[0], 24, 0).text
     down = toggle(SUSPEND, config, mode=mode)
-    answer = client.chat("tiny", PROMPTS[0], 24, 0)
+    answer = client.chat(server().served_name, PROMPTS[0], 24, 0)
     return {
         "mode": down.mode,
         "suspend_s": round(down.seconds, 3),
@@ -636,13 +824,13 @@ def hybrid(args: argparse.Namespace) -> None:
     during = []
     with gate_running() as url:
         client = OpenAIClient(url)
-        reference = {prompt: client.chat("tiny", prompt, 24, 0).text for prompt in PROMPTS}
+        reference = {prompt: client.chat(server().served_name, prompt, 24, 0).text for prompt in PROMPTS}
         for _ in range(args.cycles):
             toggle(SUSPEND, config, mode="hybrid")
             answers: dict[str, str] = {}
 
             def ask(prompt: str, answers: dict[str, str] = answers) -> None:
-                answers[prompt] = client.chat("tiny", prompt, 24, 0).text
+                answers[prompt] = client.chat(server().served_name, prompt, 24, 0).text
 
             threads = [threading.Thread(target=ask, args=(p,)) for p in PROMPTS]
             began = time.monotonic()
@@ -664,34 +852,565 @@ def hybrid(args: argparse.Namespace) -> None:
         raise SystemExit("requests during a hybrid suspend got different answers")
 
 
+# --- requests whose every answer is checked ---------------------------------------------------------------
+
+
+@dataclass
+class Answer:
+    """One chat completion as the client saw it."""
+
+    status: int | None = None
+    text: str = ""
+    finish_reason: str | None = None
+    tokens: int = 0
+    first_token_s: float | None = None
+    total_s: float = 0.0
+    # per generated token: [token, logprob, [[top token, logprob], ...]], when asked for
+    logprobs: list | None = None
+    error: str = ""
+
+    def complete(self, max_tokens: int) -> bool:
+        return self.verdict(max_tokens) == "ok"
+
+    def verdict(self, max_tokens: int) -> str:
+        """ok, failed (no answer), aborted (vLLM gave up on it) or truncated (fewer tokens than asked).
+
+        Every request of the suite sets ignore_eos, so a whole answer has exactly max_tokens tokens.
+        """
+        if self.error or self.status != 200:
+            return "failed"
+        if self.finish_reason == "abort":
+            return "aborted"
+        if self.finish_reason != "length" or self.tokens != max_tokens:
+            return "truncated"
+        return "ok"
+
+    def brief(self) -> dict:
+        return {
+            "status": self.status,
+            "finish_reason": self.finish_reason,
+            "tokens": self.tokens,
+            "first_token_s": None if self.first_token_s is None else round(self.first_token_s, 3),
+            "total_s": round(self.total_s, 3),
+            "error": self.error[:300],
+        }
+
+
+def chat_body(srv: Server, prompt: str, max_tokens: int, stream: bool = False, logprobs: bool = False) -> dict:
+    body = {
+        "model": srv.served_name,
+        "messages": [{"role": "user", "content": prompt}],
+        "temperature": 0,
+        "seed": 0,
+        "max_tokens": max_tokens,
+        "ignore_eos": True,  # vLLM's extension: random weights may end early; every answer has max_tokens
+    }
+    if stream:
+        body.update(stream=True, stream_options={"include_usage": True})
+    if logprobs:
+        body.update(logprobs=True, top_logprobs=5)
+    return body
+
+
+def _logprob_rows(content: list | None) -> list:
+    return [
+        [item["token"], item["logprob"], [[top["token"], top["logprob"]] for top in item.get("top_logprobs") or []]]
+        for item in content or []
+    ]
+
+
+def ask(url: str, body: dict, timeout: float = 900) -> Answer:
+    """Send one chat completion; never raises: a failure is recorded in the answer."""
+    answer = Answer()
+    began = time.monotonic()
+    try:
+        with requests.post(f"{url}/v1/chat/completions", json=body, timeout=timeout, stream=body.get("stream")) as r:
+            answer.status = r.status_code
+            if r.status_code != 200:
+                answer.error = r.text[:500]
+            elif not body.get("stream"):
+                data = r.json()
+                choice = data["choices"][0]
+                answer.text = choice["message"].get("content") or ""
+                answer.finish_reason = choice.get("finish_reason")
+                answer.tokens = data.get("usage", {}).get("completion_tokens", 0)
+                if choice.get("logprobs"):
+                    answer.logprobs = _logprob_rows(choice["logprobs"].get("content"))
+            else:
+                chunks, text = 0, []
+                for line in r.iter_lines():
+                    if not line.startswith(b"data: ") or line == b"data: [DONE]":
+                        continue
+                    data = json.loads(line[6:])
+                    if data.get("usage"):
+                        answer.tokens = data["usage"].get("completion_tokens", 0)
+                    for choice in data.get("choices") or []:
+                        content = (choice.get("delta") or {}).get("content")
+                        if content:
+                            chunks += 1
+                            text.append(content)
+                            if answer.first_token_s is None:
+                                answer.first_token_s = time.monotonic() - began
+                        if choice.get("finish_reason"):
+                            answer.finish_reason = choice["finish_reason"]
+                answer.text = "".join(text)
+                answer.tokens = answer.tokens or chunks  # a server without usage in streams: one chunk a token
+    except (requests.RequestException, ValueError, KeyError, IndexError) as error:
+        answer.error = f"{type(error).__name__}: {error}"
+    answer.total_s = time.monotonic() - began
+    return answer
+
+
+class Background:
+    """Requests sent in threads without waiting; joined later."""
+
+    def __init__(self) -> None:
+        self.threads: list[threading.Thread] = []
+        self.answers: list[tuple[str, int, Answer]] = []  # (where, max_tokens, answer)
+        self.lock = threading.Lock()
+
+    def send(self, where: str, url: str, body: dict) -> None:
+        def run() -> None:
+            answer = ask(url, body)
+            with self.lock:
+                self.answers.append((where, body["max_tokens"], answer))
+
+        thread = threading.Thread(target=run, daemon=True)
+        thread.start()
+        self.threads.append(thread)
+
+    def join(self, timeout_s: float = 900) -> None:
+        deadline = time.monotonic() + timeout_s
+        for thread in self.threads:
+            thread.join(max(0.0, deadline - time.monotonic()))
+        self.threads = [t for t in self.threads if t.is_alive()]
+
+
+def count_verdicts(answers: list[tuple[str, int, Answer]], missing: int = 0) -> dict:
+    counts = {"requests": len(answers) + missing, "ok": 0, "failed": missing, "truncated": 0, "aborted": 0}
+    for _where, max_tokens, answer in answers:
+        counts[answer.verdict(max_tokens)] += 1
+    return counts
+
+
+# --- equality by logprobs of requests run alone -----------------------------------------------------------
+
+ALONE_PROMPTS = PROMPTS[:2]
+ALONE_TOKENS = 16
+
+
+def run_alone(srv: Server) -> list[Answer]:
+    """The reference prompts, one at a time on an otherwise idle server, with per-token logprobs."""
+    return [ask(srv.url, chat_body(srv, prompt, ALONE_TOKENS, logprobs=True)) for prompt in ALONE_PROMPTS]
+
+
+def compare_alone(before: list[Answer], after: list[Answer], target: str) -> dict:
+    """Equal per-token logprobs (and top-5 logprobs) before and after; finite, and not all equal.
+
+    A random model's greedy text is degenerate (equal text proves little); its logprobs are not. The CPU
+    stand-in may answer without logprobs: there the text is compared, and the result says so.
+    """
+    answered = all(a.complete(ALONE_TOKENS) for a in before + after)
+    has_logprobs = answered and all(a.logprobs for a in before + after)
+    result: dict = {"requests": len(before), "answered": answered, "by": "logprobs" if has_logprobs else "text"}
+    if has_logprobs:
+        values = [v for a in before for row in a.logprobs for v in [row[1], *(lp for _t, lp in row[2])]]
+        result.update(
+            equal=all(b.logprobs == a.logprobs for b, a in zip(before, after, strict=True)),
+            finite=all(math.isfinite(v) and v > VLLM_NEG_INF for v in values),
+            varied=len(set(values)) > 1,
+            values=len(values),
+        )
+        result["ok"] = result["equal"] and result["finite"] and result["varied"]
+    else:
+        result["equal"] = answered and all(b.text == a.text for b, a in zip(before, after, strict=True))
+        result["ok"] = result["equal"] and target == "cpu"  # on GPUs vLLM must give logprobs
+    if not result["ok"]:
+        result["first_difference"] = next(
+            (
+                {"before": b.brief(), "after": a.brief()}
+                for b, a in zip(before, after, strict=True)
+                if (b.text, b.logprobs) != (a.text, a.logprobs)
+            ),
+            None,
+        )
+    return result
+
+
+# --- one measured suspend/resume --------------------------------------------------------------------------
+
+
+def released_gb(before: list[int], after: list[int]) -> float:
+    return round(sum(max(0, b - a) for b, a in zip(before, after, strict=True)) / MIB_PER_GB, 2)
+
+
+def measured_suspend(config, mode: str) -> tuple[dict, bool]:
+    """Suspend; the figures of it (seconds, phases, GB released, GB/s, memory left) and whether it was ok."""
+    srv = server()
+    used_before = gpu_used_mib()
+    first = srv.count_suspend()
+    try:
+        down = toggle(SUSPEND, config, mode=mode)
+    except SuspendError as error:
+        result = getattr(error, "result", None)
+        return {
+            "mode_asked": mode,
+            "first_of_server": first,
+            "used_suspended_mib": gpu_used_mib(),
+            "error": error.message,
+            "suspend": result.to_json() if result else None,
+        }, False
+    used_suspended = gpu_used_mib()
+    gb = released_gb(used_before, used_suspended)
+    row = {
+        "mode_asked": mode,
+        "mode": down.mode,
+        "quiesce": getattr(down, "quiesce", None),
+        "first_of_server": first,
+        "suspend_s": round(down.seconds, 3),
+        "released_gb": gb,
+        "suspend_gb_s": round(gb / down.seconds, 2) if down.seconds else None,
+        "used_before_mib": used_before,
+        "used_suspended_mib": used_suspended,
+        "server_suspended_mib": srv.held_mib(used_suspended),
+        "phases_suspend": {k: round(v, 3) for k, v in down.phases.items()},
+        "suspend": down.to_json(),
+    }
+    return row, bool(down.ok)
+
+
+def measured_resume(config, row: dict) -> bool:
+    try:
+        up = toggle(RESUME, config)
+    except SuspendError as error:
+        result = getattr(error, "result", None)
+        row.update(error=error.message, resume=result.to_json() if result else None)
+        return False
+    used_after = gpu_used_mib()
+    gb = released_gb(used_after, row["used_suspended_mib"])  # what came back
+    row.update(
+        resume_s=round(up.seconds, 3),
+        restored_gb=gb,
+        resume_gb_s=round(gb / up.seconds, 2) if up.seconds else None,
+        used_after_mib=used_after,
+        phases_resume={k: round(v, 3) for k, v in up.phases.items()},
+        resume=up.to_json(),
+    )
+    return bool(up.ok)
+
+
+def wait_resumed(timeout_s: float = 600) -> bool:
+    """Wait until no suspend record is left (the gate resumed the server)."""
+    from entrypoint.runstate import SuspendRecord
+
+    record = SuspendRecord.path(load_config().run_dir)
+    deadline = time.monotonic() + timeout_s
+    while record.exists() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    return not record.exists()
+
+
+def cycle_log(label: str, row: dict) -> None:
+    if "error" in row:
+        log(f"{label}: FAILED: {row['error']}")
+        return
+    log(
+        f"{label}: {row['mode']} suspend {row['suspend_s']:.2f} s ({row['released_gb']} GB, "
+        f"{row['suspend_gb_s']} GB/s; {row['used_suspended_mib']} MiB left), resume {row.get('resume_s', 0):.2f} s"
+        + (" [first suspend of this server]" if row["first_of_server"] else "")
+    )
+
+
+# --- step: cycles -----------------------------------------------------------------------------------------
+
+
+def cycles(args: argparse.Namespace) -> None:
+    """Per-cycle figures of plain and hybrid suspend/resume, the first token of a request that wakes the
+    server through the gate, and the equality of requests run alone before and after."""
+    target_from(args)
+    srv, config = server(), load_config()
+    modes = [m for m in args.modes.replace(",", " ").split() if m]
+    reference = run_alone(srv)
+    rows: list[dict] = []
+    equality: list[dict] = []
+    ok = True
+    for mode in modes:
+        for number in range(1, args.cycles + 1):
+            row, good = measured_suspend(config, mode)
+            good = measured_resume(config, row) and good  # resumed even after a failed suspend
+            row["cycle"] = number
+            rows.append(row)
+            cycle_log(f"cycle {number}", row)
+            ok = ok and good
+            if not good:
+                break
+        equality.append({"after": f"{mode} cycles", **compare_alone(reference, run_alone(srv), args.target)})
+    wake: list[dict] = []
+    with gate_running() as gate_url:
+        for mode in modes:
+            for number in range(1, args.wake_cycles + 1):
+                row, good = measured_suspend(config, mode)
+                if good:
+                    answer = ask(gate_url, chat_body(srv, PROMPTS[2], 16, stream=True))
+                    good = answer.complete(16) and wait_resumed()
+                    gate_status = requests.get(f"{gate_url}/gate/status", timeout=10).json()
+                    row.update(
+                        resume_by="gate",
+                        first_token_s=answer.brief()["first_token_s"],
+                        answer_s=round(answer.total_s, 3),
+                        answer=answer.brief(),
+                        gate_resume_s=gate_status.get("last_resume_s"),
+                        used_after_mib=gpu_used_mib(),
+                    )
+                else:
+                    measured_resume(config, row)
+                row["cycle"] = number
+                wake.append(row)
+                log(
+                    f"wake through the gate ({mode}): suspend {row.get('suspend_s')} s, first token "
+                    f"{row.get('first_token_s')} s, whole answer {row.get('answer_s')} s"
+                )
+                ok = ok and good
+        equality.append({"after": "wake through the gate", **compare_alone(reference, run_alone(srv), args.target)})
+    summary = summarize(rows, wake)
+    save_step(
+        "cycles",
+        {
+            "server": asdict(srv),
+            "cycles": rows,
+            "wake_through_gate": wake,
+            "equality": equality,
+            "summary": summary,
+        },
+    )
+    log(json.dumps(summary))
+    if not ok or not all(e["ok"] for e in equality):
+        raise SystemExit("cycles: a cycle failed or the requests run alone differ (see results.json)")
+
+
+def summarize(rows: list[dict], wake: list[dict]) -> dict:
+    summary: dict = {}
+    for mode in sorted({r.get("mode", r["mode_asked"]) for r in rows + wake}):
+        mine = [r for r in rows if r.get("mode") == mode and "resume_s" in r]
+        later = [r for r in mine if not r["first_of_server"]]
+        first = next((r for r in rows + wake if r.get("mode") == mode and r["first_of_server"]), None)
+        woken = [r["first_token_s"] for r in wake if r.get("mode") == mode and r.get("first_token_s") is not None]
+        summary[mode] = {
+            "cycles": len(mine),
+            "first_suspend_s": first.get("suspend_s") if first else None,
+            "suspend_median_s": round(statistics.median(r["suspend_s"] for r in later), 3) if later else None,
+            "resume_median_s": round(statistics.median(r["resume_s"] for r in mine), 3) if mine else None,
+            "released_gb_median": round(statistics.median(r["released_gb"] for r in mine), 2) if mine else None,
+            "first_token_through_gate_s": max(woken) if woken else None,
+        }
+    return summary
+
+
+# --- step: acceptance -------------------------------------------------------------------------------------
+
+
+def acceptance(args: argparse.Namespace) -> None:
+    """The acceptance run: plain and hybrid cycles with a long request in flight at every suspend and
+    requests sent while suspended (straight to vLLM, then through the gate, which wakes the server), and
+    client load over hybrid cycles. Nothing may fail, be truncated or aborted; requests run alone must
+    be equal by logprobs before and after; the GPUs must read 0 MiB while suspended."""
+    target_from(args)
+    srv, config = server(), load_config()
+    parts = [p for p in args.parts.replace(",", " ").split() if p]
+    reference = run_alone(srv)
+    report: dict = {"server": asdict(srv), "parts": {}, "equality": []}
+    with gate_running() as gate_url:
+        for part in parts:
+            if part == "load":
+                report["parts"][part] = acceptance_load(args, config)
+            else:
+                report["parts"][part] = acceptance_cycles(args, config, part, gate_url)
+            report["equality"].append({"after": part, **compare_alone(reference, run_alone(srv), args.target)})
+    totals = {"failed": 0, "truncated": 0, "aborted": 0, "toggle_errors": 0, "dead_processes": 0}
+    max_suspended = 0
+    for result in report["parts"].values():
+        for key in totals:
+            totals[key] += result["counts"].get(key, 0)
+        max_suspended = max(max_suspended, result["max_suspended_mib"])
+    report["totals"] = {
+        **totals,
+        "max_suspended_mib": max_suspended,
+        "equal_by_logprobs": all(e["ok"] and e["by"] == "logprobs" for e in report["equality"]),
+    }
+    passed = (
+        not any(totals.values())
+        and max_suspended == 0
+        and all(e["ok"] for e in report["equality"])
+        and all(r["cycles_done"] == r["cycles_asked"] for r in report["parts"].values())
+    )
+    report["passed"] = passed
+    save_step("acceptance", report)
+    log(json.dumps({"totals": report["totals"], "passed": passed}))
+    if not passed:
+        raise SystemExit("acceptance failed (see results.json)")
+
+
+def acceptance_cycles(args: argparse.Namespace, config, mode: str, gate_url: str) -> dict:
+    srv = server()
+    answers: list[tuple[str, int, Answer]] = []
+    cycles_done, toggle_errors, max_suspended, missing = 0, 0, 0, 0
+    rows = []
+    for number in range(1, args.cycles + 1):
+        pending = Background()
+        long_body = chat_body(srv, PROMPTS[3], args.inflight_tokens, stream=True)
+        pending.send("in flight", srv.url, long_body)
+        # suspend once the long request is decoding, not while it waits for its first token
+        deadline = time.monotonic() + 120
+        while not vllm_running_requests(srv) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        time.sleep(args.inflight_lead_s)
+        in_flight = vllm_running_requests(srv) > 0  # else the long request ended first: no test of it
+        row, good = measured_suspend(config, mode)
+        row.update(cycle=number, in_flight_at_suspend=in_flight)
+        if not in_flight:
+            log(f"acceptance {mode} cycle {number}: no request was in flight at the suspend")
+            good = False
+        if "error" not in row:
+            max_suspended = max(max_suspended, row["server_suspended_mib"])
+            for index in range(args.straight):  # queued inside vLLM: answered after the resume
+                pending.send("straight", srv.url, chat_body(srv, PROMPTS[index % len(PROMPTS)], args.max_tokens))
+            time.sleep(0.5)
+            for index in range(args.through_gate):  # the first of these wakes the server
+                pending.send("gate", gate_url, chat_body(srv, PROMPTS[index % len(PROMPTS)], args.max_tokens, True))
+            good = wait_resumed() and good
+            row["gate_status"] = requests.get(f"{gate_url}/gate/status", timeout=10).json()
+        else:
+            measured_resume(config, row)  # put it back; the cycle counts as failed
+        pending.join()
+        missing += len(pending.threads)
+        answers.extend(pending.answers)
+        row["answers"] = [{"where": w, **a.brief()} for w, _m, a in pending.answers]
+        row["counts"] = count_verdicts(pending.answers, len(pending.threads))
+        rows.append(row)
+        cycle_log(f"acceptance {mode} cycle {number}", row)
+        log(f"acceptance {mode} cycle {number}: answers {row['counts']}")
+        cycles_done += good
+        toggle_errors += not good
+        if not good:
+            break
+    counts = {**count_verdicts(answers, missing), "toggle_errors": toggle_errors}
+    return {
+        "cycles_asked": args.cycles,
+        "cycles_done": cycles_done,
+        "counts": counts,
+        "max_suspended_mib": max_suspended,
+        "cycles": rows,
+    }
+
+
+def vllm_running_requests(srv: Server) -> float:
+    """vllm:num_requests_running from /metrics (0 when it cannot be read)."""
+    with contextlib.suppress(requests.RequestException, ValueError):
+        for line in requests.get(f"{srv.url}/metrics", timeout=5).text.splitlines():
+            if line.startswith("vllm:num_requests_running"):
+                return float(line.rsplit(" ", 1)[1])
+    return 0.0
+
+
+class CheckedClients:
+    """Clients that stream greedy ignore_eos requests without pause; every answer must come back whole.
+
+    Their text is not compared: a request running across a suspend is preempted and recomputed, or joins
+    another batch, and vLLM is not batch-invariant (equality is tested on requests run alone).
+    """
+
+    def __init__(self, srv: Server, clients: int, max_tokens: int):
+        self.srv, self.clients, self.max_tokens = srv, clients, max_tokens
+        self.stop = threading.Event()
+        self.lock = threading.Lock()
+        self.answers: list[tuple[str, int, Answer]] = []
+        self.threads: list[threading.Thread] = []
+
+    def run_client(self, number: int) -> None:
+        count = 0
+        while not self.stop.is_set():
+            prompt = PROMPTS[(number + count) % len(PROMPTS)]
+            answer = ask(self.srv.url, chat_body(self.srv, prompt, self.max_tokens, stream=True))
+            with self.lock:
+                self.answers.append((f"client {number}", self.max_tokens, answer))
+            count += 1
+
+    def __enter__(self) -> CheckedClients:
+        self.threads = [threading.Thread(target=self.run_client, args=(n,), daemon=True) for n in range(self.clients)]
+        for thread in self.threads:
+            thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop.set()
+        for thread in self.threads:
+            thread.join(timeout=900)
+
+
+def acceptance_load(args: argparse.Namespace, config) -> dict:
+    rows, cycles_done, toggle_errors, max_suspended = [], 0, 0, 0
+    before = tree_pids()
+    with CheckedClients(server(), args.clients, args.max_tokens) as clients:
+        time.sleep(args.gap_s)
+        for number in range(1, args.load_cycles + 1):
+            row, good = measured_suspend(config, "hybrid")
+            if good:
+                max_suspended = max(max_suspended, row["server_suspended_mib"])
+                time.sleep(args.hold_s)
+            good = measured_resume(config, row) and good
+            row["cycle"] = number
+            rows.append(row)
+            cycle_log(f"acceptance load cycle {number}", row)
+            cycles_done += good
+            toggle_errors += not good
+            if not good:
+                break
+            time.sleep(args.gap_s)
+    dead = sorted(set(before) - set(tree_pids()))
+    counts = {**count_verdicts(clients.answers), "toggle_errors": toggle_errors, "dead_processes": len(dead)}
+    log(f"acceptance load: {counts}")
+    return {
+        "clients": args.clients,
+        "cycles_asked": args.load_cycles,
+        "cycles_done": cycles_done,
+        "counts": counts,
+        "failures": [{"where": w, **a.brief()} for w, m, a in clients.answers if a.verdict(m) != "ok"][:10],
+        "max_suspended_mib": max_suspended,
+        "cycles": rows,
+    }
+
+
 def refusal(args: argparse.Namespace) -> None:
     """vLLM with NCCL P2P/SHM on and without --disable-custom-all-reduce: refused, and still answering."""
     target = target_from(args)
-    port = 8011
+    srv = server_from_settings(args)
+    # the unsafe NCCL transports exist only between GPUs: the check needs TP >= 2
+    srv.tp, srv.util = max(srv.tp, 2), args.util
+    srv.vllm_port = free_port() if args.target == "cpu" else 8011
     env = target.server_env(sleep_mode=False, safe=False)
     log_path = WORK / "refusal-server.log"
     with log_path.open("ab") as log_file:
-        server = subprocess.Popen(
-            target.server_command().split() + target.server_args(args.util, False, safe=False, port=port),
+        process = subprocess.Popen(
+            target.server_command().split() + target.server_args(srv, False, safe=False),
             env=env,
             stdout=log_file,
             stderr=subprocess.STDOUT,
             start_new_session=True,
         )
     try:
-        client = OpenAIClient(f"http://127.0.0.1:{port}")
-        client.wait_ready("tiny", args.timeout, progress_s=15)
-        before = client.chat("tiny", PROMPTS[0], 24, 0).text
+        client = OpenAIClient(srv.url)
+        client.wait_ready(srv.served_name, args.timeout, progress_s=15)
+        before = client.chat(srv.served_name, PROMPTS[0], 24, 0).text
         done = subprocess.run(
-            [sys.executable, "-m", "entrypoint.cuda_toggle_all", "checkpointed", "--pid", str(server.pid), "--json"],
+            [sys.executable, "-m", "entrypoint.cuda_toggle_all", "checkpointed", "--pid", str(process.pid), "--json"],
             cwd=REPO,
             capture_output=True,
             text=True,
             timeout=300,
         )
         report = json.loads(done.stdout)
-        states = status(load_config(), pid=server.pid)
-        after = client.chat("tiny", PROMPTS[0], 24, 0).text
+        states = status(load_config(), pid=process.pid)
+        after = client.chat(srv.served_name, PROMPTS[0], 24, 0).text
         result = {
             "exit_code": done.returncode,
             "error": report.get("error"),
@@ -712,11 +1431,11 @@ def refusal(args: argparse.Namespace) -> None:
             raise SystemExit("refusal scenario failed")
     finally:
         with contextlib.suppress(ProcessLookupError):
-            os.killpg(server.pid, signal.SIGTERM)
+            os.killpg(process.pid, signal.SIGTERM)
         with contextlib.suppress(subprocess.TimeoutExpired):
-            server.wait(timeout=60)
+            process.wait(timeout=60)
         with contextlib.suppress(ProcessLookupError):
-            os.killpg(server.pid, signal.SIGKILL)
+            os.killpg(process.pid, signal.SIGKILL)
 
 
 def machine(args: argparse.Namespace) -> None:
@@ -750,31 +1469,182 @@ def report(args: argparse.Namespace) -> None:
 
 
 def markdown(results: dict) -> str:
-    lines = []
-    for step in results["steps"]:
-        if step["step"] == "selftest":
-            rep = step["report"]
-            gpu = rep["gpus"][0] if rep["gpus"] else {}
-            for number, cycle in enumerate(rep["cycles"], 1):
-                lines.append(
-                    f"| {step['label']} | {number} | {cycle.get('mode', 'plain')} | {cycle['released_gb_per_gpu']:.1f} "
-                    f"| {cycle['suspend_s']:.2f} | {cycle['suspend_gb_s_per_gpu']} | {cycle['resume_s']:.2f} "
-                    f"| {cycle['resume_gb_s_per_gpu']} | {gpu.get('suspended_mib')} | "
-                    f"{'same' if rep['answer_before'] == rep['answer_after'] else 'DIFFERENT'} |"
-                )
-    header = [
-        "| size | cycle | mode | GB per GPU | suspend s | GB/s | resume s | GB/s | MiB while suspended | answer |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+    """Markdown tables of the figures: what they come from, then each step that has a table."""
+    sections = [machine_lines(results)]
+    selftest_rows = [selftest_row(step, n, c) for step in steps_of(results, "selftest") for n, c in cycles_of(step)]
+    if selftest_rows:
+        sections.append(
+            "\n".join(
+                [
+                    "| size | cycle | mode | GB per GPU | suspend s | GB/s | resume s | GB/s | MiB while suspended "
+                    "| answer |",
+                    "|---|---|---|---|---|---|---|---|---|---|",
+                    *selftest_rows,
+                ]
+            )
+        )
+    for step in steps_of(results, "start"):
+        if step.get("warmup"):
+            w = step["warmup"]
+            sections.append(
+                f"Warm-up after the start ({server_line(step.get('server'))}): vLLM's sleep "
+                f"{w['sleep_s']:.2f} s (GPU memory {fmt_mib(w['used_before_mib'])} -> "
+                f"{fmt_mib(w['used_asleep_mib'])}), "
+                f"wake-up {w['wake_s']:.2f} s."
+            )
+    for step in steps_of(results, "cycles"):
+        sections.append(cycles_table(step))
+    for step in steps_of(results, "acceptance"):
+        sections.append(acceptance_table(step))
+    return "\n\n".join(s for s in sections if s)
+
+
+def steps_of(results: dict, name: str) -> list[dict]:
+    return [step for step in results["steps"] if step["step"] == name]
+
+
+def cycles_of(step: dict):
+    return enumerate(step["report"]["cycles"], 1)
+
+
+def selftest_row(step: dict, number: int, cycle: dict) -> str:
+    rep = step["report"]
+    gpu = rep["gpus"][0] if rep["gpus"] else {}
+    return (
+        f"| {step['label']} | {number} | {cycle.get('mode', 'plain')} | {cycle['released_gb_per_gpu']:.1f} "
+        f"| {cycle['suspend_s']:.2f} | {cycle['suspend_gb_s_per_gpu']} | {cycle['resume_s']:.2f} "
+        f"| {cycle['resume_gb_s_per_gpu']} | {gpu.get('suspended_mib')} | "
+        f"{'same' if rep['answer_before'] == rep['answer_after'] else 'DIFFERENT'} |"
+    )
+
+
+def machine_lines(results: dict) -> str:
+    machines = steps_of(results, "machine")
+    if not machines:
+        return ""
+    m = machines[-1]
+    cards = "; ".join(m.get("gpus") or []) or "the fake GPU (CPU run)"
+    return f"Machine: {cards}; vLLM {m.get('vllm', '-')}, torch {m.get('torch', '-')}, Python {m.get('python')}."
+
+
+def server_line(srv: dict | None) -> str:
+    if not srv:
+        return "server unknown"
+    return (
+        f"model {srv['model']}, TP={srv['tp']}, {srv['dtype']}"
+        f"{', --quantization ' + srv['quantization'] if srv.get('quantization') else ''}, {srv['gb']:g} GB per GPU "
+        f"(util {srv['util']:.3f}), sleep mode {'on' if srv['sleep_mode'] else 'off'}"
+    )
+
+
+def fmt_mib(values: list[int] | None) -> str:
+    return "/".join(str(v) for v in values or []) + " MiB"
+
+
+def phases_text(phases: dict | None) -> str:
+    return ", ".join(f"{name} {seconds:.2f}" for name, seconds in (phases or {}).items())
+
+
+def cycles_table(step: dict) -> str:
+    lines = [
+        f"Suspend/resume cycles ({server_line(step.get('server'))}):",
+        "",
+        "| mode | cycle | first of server | GB released | suspend s | GB/s | resume s | GB/s | MiB while "
+        "suspended | suspend phases (s) | resume phases (s) |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
-    return "\n".join(header + lines)
+    for row in step["cycles"]:
+        if "error" in row:
+            lines.append(f"| {row['mode_asked']} | {row['cycle']} | | FAILED: {row['error'][:80]} | | | | | | | |")
+            continue
+        lines.append(
+            f"| {row['mode']} | {row['cycle']} | {'yes' if row['first_of_server'] else ''} | {row['released_gb']} "
+            f"| {row['suspend_s']:.2f} | {row['suspend_gb_s']} | {row.get('resume_s', 0):.2f} "
+            f"| {row.get('resume_gb_s')} | {fmt_mib(row['used_suspended_mib'])} "
+            f"({row.get('server_suspended_mib')} the server's) "
+            f"| {phases_text(row.get('phases_suspend'))} | {phases_text(row.get('phases_resume'))} |"
+        )
+    lines += [
+        "",
+        "| mode | suspend s | request through the gate: first token s | whole answer s | gate's resume s |",
+        "|---|---|---|---|---|",
+    ]
+    for row in step["wake_through_gate"]:
+        lines.append(
+            f"| {row.get('mode', row['mode_asked'])} | {row.get('suspend_s')} | {row.get('first_token_s')} "
+            f"| {row.get('answer_s')} | {row.get('gate_resume_s')} |"
+        )
+    lines += ["", "| requests run alone, before and after | compared by | equal | finite | not all equal |"]
+    lines.append("|---|---|---|---|---|")
+    for check in step["equality"]:
+        lines.append(
+            f"| {check['after']} | {check['by']} | {check['equal']} | {check.get('finite', '-')} "
+            f"| {check.get('varied', '-')} |"
+        )
+    return "\n".join(lines)
+
+
+def acceptance_table(step: dict) -> str:
+    lines = [
+        f"Acceptance ({server_line(step.get('server'))}): {'PASSED' if step['passed'] else 'FAILED'}",
+        "",
+        "| part | cycles | requests | failed | truncated | aborted | toggle errors | max MiB the server held suspended "
+        "| suspend s (median) |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for part, result in step["parts"].items():
+        c = result["counts"]
+        suspends = [r["suspend_s"] for r in result["cycles"] if "suspend_s" in r]
+        median = f"{statistics.median(suspends):.2f}" if suspends else "-"
+        lines.append(
+            f"| {part} | {result['cycles_done']}/{result['cycles_asked']} | {c['requests']} | {c['failed']} "
+            f"| {c['truncated']} | {c['aborted']} | {c['toggle_errors']} | {result['max_suspended_mib']} | {median} |"
+        )
+    equal = all(e["ok"] for e in step["equality"])
+    by = {e["by"] for e in step["equality"]}
+    lines += [
+        "",
+        f"Requests run alone before and after each part: {'equal' if equal else 'DIFFERENT'} (by {', '.join(by)}).",
+    ]
+    return "\n".join(lines)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--target", choices=["gpu", "cpu"], default=os.environ.get("SUITE_TARGET", "gpu"))
-    parser.add_argument("--model", default=os.environ.get("SUITE_MODEL", "/tmp/tiny-qwen3"))
+    env = os.environ.get
+    parser.add_argument(
+        "--model",
+        default=env("SUITE_MODEL", "tiny"),
+        help="tiny | 8b-shaped | a model directory (SUITE_MODEL; default tiny)",
+    )
+    parser.add_argument(
+        "--tp",
+        type=int,
+        choices=[1, 2, 4, 8],
+        default=int(env("SUITE_TP", "2")),
+        help="tensor-parallel size (SUITE_TP)",
+    )
+    parser.add_argument(
+        "--dtype", default=env("SUITE_DTYPE") or None, help="SUITE_DTYPE; default float16 for 8b-shaped, else bfloat16"
+    )
+    parser.add_argument(
+        "--quantization",
+        default=env("SUITE_QUANTIZATION"),
+        help="vLLM's --quantization (SUITE_QUANTIZATION); default awq for 8b-shaped (its GEMM kernels); empty: "
+        "vLLM's own choice",
+    )
+    parser.add_argument(
+        "--tiny-dir", default=env("SUITE_TINY_DIR", "/tmp/tiny-qwen3"), help="the tiny model (SUITE_TINY_DIR)"
+    )
+    parser.add_argument(
+        "--shaped-dir",
+        default=env("SUITE_SHAPED_DIR", str(WORK / "qwen3-8b-shaped")),
+        help="where build-model writes the 8B-shaped model and start finds it (SUITE_SHAPED_DIR)",
+    )
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser("machine").set_defaults(func=machine)
+    sub.add_parser("build-model").set_defaults(func=build_model)
     p = sub.add_parser("start")
     p.add_argument("--gb", type=float, required=True, help="GB of GPU memory per GPU the server takes")
     p.add_argument("--sleep-mode", action="store_true")
@@ -784,13 +1654,37 @@ def main() -> None:
         help="the compose file's setup: sleep mode through VLLM_SLEEP_MODE=1, the gate under supervisord",
     )
     p.add_argument("--timeout", type=float, default=400)
+    p.add_argument(
+        "--warmup",
+        action=argparse.BooleanOptionalAction,
+        default=env("SUITE_WARMUP", "1") == "1",
+        help="one sleep/wake of vLLM's own once the server is ready, where it has sleep mode (SUITE_WARMUP)",
+    )
     p.set_defaults(func=start)
+    p = sub.add_parser("cycles")
+    p.add_argument("--modes", default="plain,hybrid", help="plain, hybrid or both (comma- or space-separated)")
+    p.add_argument("--cycles", type=int, default=3, help="measured suspend/resume cycles per mode")
+    p.add_argument("--wake-cycles", type=int, default=1, help="suspends per mode woken by a request through the gate")
+    p.set_defaults(func=cycles)
+    p = sub.add_parser("acceptance")
+    p.add_argument("--parts", default="plain,hybrid,load", help="plain, hybrid, load (a run may be split over calls)")
+    p.add_argument("--cycles", type=int, default=3, help="cycles of the plain and hybrid parts")
+    p.add_argument("--load-cycles", type=int, default=10, help="hybrid cycles of the load part")
+    p.add_argument("--clients", type=int, default=4)
+    p.add_argument("--inflight-tokens", type=int, default=400, help="tokens of the request in flight at each suspend")
+    p.add_argument("--inflight-lead-s", type=float, default=0.5, help="seconds it decodes before the suspend")
+    p.add_argument("--straight", type=int, default=2, help="requests sent straight to vLLM while suspended")
+    p.add_argument("--through-gate", type=int, default=8, help="requests sent through the gate while suspended")
+    p.add_argument("--max-tokens", type=int, default=32, help="tokens of every other request")
+    p.add_argument("--hold-s", type=float, default=1.0)
+    p.add_argument("--gap-s", type=float, default=1.0)
+    p.set_defaults(func=acceptance)
     sub.add_parser("stop").set_defaults(func=stop)
     p = sub.add_parser("selftest")
     p.add_argument("--label", required=True)
     p.add_argument("--cycles", type=int, default=2)
     p.add_argument("--mode", choices=["plain", "hybrid", "auto"])
-    p.add_argument("--port", type=int, default=VLLM_PORT)
+    p.add_argument("--port", type=int, help="where the selftest sends its requests (default: the server)")
     p.set_defaults(func=run_selftest)
     p = sub.add_parser("protocols")
     p.add_argument("--cycles", type=int, default=2)
