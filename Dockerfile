@@ -1,13 +1,13 @@
 # vLLM over two GPUs, suspendable with NVIDIA cuda-checkpoint from inside the container.
 # Built by `make build` (docker compose build); see README.md.
-ARG VLLM_VERSION=v0.11.0
+ARG VLLM_VERSION=v0.20.2
 FROM vllm/vllm-openai:${VLLM_VERSION}
 
 # cuda-checkpoint is a prebuilt binary in NVIDIA's repository, fetched at a pinned commit and checked
 # against its SHA-256, so a moved branch cannot change what the image runs. The binary only forwards to
 # the driver (the lock/checkpoint protocol needs driver >= 570). An empty CUDA_CHECKPOINT_SHA256 skips
 # the check when you pin another commit.
-ARG CUDA_CHECKPOINT_COMMIT=00d5cce84c628088d6caa203fc4af40c1538b6f7
+ARG CUDA_CHECKPOINT_COMMIT=6ec728aff032c18c9fb0794a272d94c6adcce508
 ARG CUDA_CHECKPOINT_SHA256=707fa7f54136824d6c1d6dd724b9b1717610f831033c00d06da474de363a06db
 
 SHELL ["/bin/bash", "-o", "pipefail", "-c"]

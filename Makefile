@@ -25,8 +25,11 @@ BENCH_ARGS ?=
 SHELL_SCRIPTS := $(wildcard docker/*.sh scripts/*.sh tests/gpu/*.sh) .ci/run
 # `wait`, and the same step inside `test` (written out there, not as a sub-make, so that `make -n test`
 # only prints).
+# Then one vLLM sleep/wake-up (`cuda-toggle-all warm-up`, once per server): vLLM's first sleep pins host memory,
+# which would make the first suspend several times slower than the later ones.
 WAIT_FOR_MODEL = scripts/wait-for-model.sh "http://localhost:$(HOST_PORT)/v1/models" "$(SERVED_MODEL_NAME)" "$(WAIT_TIMEOUT)" \
 	  || { echo "--- last lines of the container's log ---"; $(COMPOSE) logs --tail=60 $(SERVICE); false; }
+WARM_UP = $(COMPOSE) exec -T $(SERVICE) cuda-toggle-all warm-up
 
 ##@ Development (no GPU, no Docker needed)
 
@@ -78,13 +81,14 @@ logs: ## Follow the container's log (supervisord, the gate and vLLM)
 	$(COMPOSE) logs -f --tail=200
 
 .PHONY: wait
-wait: ## Wait until /v1/models on localhost:HOST_PORT lists the model (WAIT_TIMEOUT=seconds)
+wait: ## Wait until /v1/models on localhost:HOST_PORT lists the model (WAIT_TIMEOUT=seconds), then warm up
 	@$(WAIT_FOR_MODEL)
+	@$(WARM_UP)
 
 .PHONY: test
 test: ## build, up, wait, then selftest in the container, through the gate (CLEANUP=1: down afterwards)
 	@status=0; \
-	{ $(COMPOSE) build && $(COMPOSE) up -d && { $(WAIT_FOR_MODEL); } \
+	{ $(COMPOSE) build && $(COMPOSE) up -d && { $(WAIT_FOR_MODEL); } && $(WARM_UP) \
 	  && $(COMPOSE) exec -T $(SERVICE) selftest $(SELFTEST_ARGS); } || status=$$?; \
 	if [ "$(CLEANUP)" = 1 ]; then $(COMPOSE) down || true; fi; \
 	if [ $$status -eq 0 ]; then echo "make test: passed"; else echo "make test: FAILED (exit $$status)"; fi; \

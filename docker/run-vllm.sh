@@ -4,7 +4,7 @@
 # the process tree down from it) and supervisord's signals reach the server directly.
 #
 # VLLM_SERVER_CMD is the server program, split on blanks: python3 -m vllm.entrypoints.openai.api_server
-# (the ENTRYPOINT of the v0.11.0 image) by default; `vllm serve` for newer images; the tests point it
+# (the v0.11.0 image's ENTRYPOINT, still served by later releases) by default, or `vllm serve`; the tests point it
 # at a stand-in.
 #
 # VLLM_SLEEP_MODE=1 (the compose file's default) turns on vLLM's sleep mode: --enable-sleep-mode is

@@ -15,7 +15,7 @@ from loguru import logger
 from .config import load_config, settings_help
 from .errors import TOGGLE_EXIT_CODES, SuspendError, exit_codes_help
 from .render import print_settings, setup_logging, status_table, toggle_table
-from .toggle import TARGET_ALIASES, status, toggle
+from .toggle import TARGET_ALIASES, status, toggle, warm_up
 
 EPILOG = "\n\n".join(
     [
@@ -29,7 +29,7 @@ EPILOG = "\n\n".join(
 
 
 @click.command(epilog=EPILOG, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110})
-@click.argument("target", type=click.Choice([*TARGET_ALIASES, "status", "config"]), metavar="TARGET")
+@click.argument("target", type=click.Choice([*TARGET_ALIASES, "status", "config", "warm-up"]), metavar="TARGET")
 @click.option("--pid", type=int, help="PID of the server's root process (default: ask supervisord, then match).")
 @click.option(
     "--match",
@@ -76,7 +76,7 @@ def cli(
 ) -> None:
     """Suspend or resume every CUDA process of a vLLM server with cuda-checkpoint.
 
-    TARGET is one of: checkpointed (alias suspend), running (alias resume), status, config.
+    TARGET is one of: checkpointed (alias suspend), running (alias resume), status, config, warm-up.
 
     \b
     checkpointed  hold the requests (vLLM's scheduler pause or sleep with mode=keep; on older
@@ -89,6 +89,8 @@ def cli(
                   what a crashed or killed run left behind.
     status        each process's CUDA state, whether the dispatcher is frozen, GPU memory.
     config        the settings in force (environment variables and defaults).
+    warm-up       once per server: one vLLM sleep/wake-up, so that the first suspend is as fast
+                  as the later ones (vLLM's first sleep pins host memory). `make wait` runs it.
     """
     setup_logging(verbose)
     try:
@@ -109,6 +111,13 @@ def cli(
         if target == "status":
             result = status(config, pid=pid, backend_name=backend).to_json()
             logger.info("\n" + status_table(result))
+        elif target == "warm-up":
+            result = warm_up(config, pid=pid, backend_name=backend)
+            logger.info(
+                "warm-up: slept {sleep_s} s, woke up in {wake_up_s} s".format(**result)
+                if result["done"]
+                else f"warm-up: nothing done ({result['reason']})"
+            )
         else:
             result = toggle(
                 target,

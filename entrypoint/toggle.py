@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 
 import psutil
 from loguru import logger
@@ -566,8 +567,43 @@ def status(config: Config, *, pid: int | None = None, backend_name: str | None =
     )
 
 
+# warm-up ----------------------------------------------------------------------------------------------------
+def warm_up(config: Config, *, pid: int | None = None, backend_name: str | None = None) -> dict:
+    """One vLLM sleep/wake-up cycle on a fresh server, so that its first suspend is as fast as the later ones
+    (vLLM's first sleep pins host memory for the weights: 5.3 s against 0.17 s later, measured on an H200).
+
+    Done once per server instance (a marker in CUDA_TOGGLE_RUN_DIR); requests meanwhile are held by vLLM
+    (mode=keep), not lost. Servers without a sleep that pauses the scheduler are left alone.
+    """
+    with ToolLock(config.run_dir, config.busy_wait_s, purpose="cuda-toggle-all warm-up"):
+        backend = select_backend(config, backend_name)
+        obs = observe(config, backend, pid)
+        root = obs.process(obs.root_pid)
+        marker = Path(config.run_dir) / f"warmed-{obs.root_pid}-{root.create_time:.2f}"
+        caps = obs.capabilities
+        report: dict = {"root_pid": obs.root_pid, "server": caps.to_json()}
+        if marker.exists():
+            return {**report, "done": False, "reason": "this server was warmed up already"}
+        if not (caps.sleep and caps.sleep_pauses_scheduler):
+            return {**report, "done": False, "reason": "no sleep mode that pauses the scheduler: nothing to warm up"}
+        if any(state != "running" for state in obs.states.values()) or obs.stopped:
+            return {**report, "done": False, "reason": "the server is suspended: resume it first"}
+        control = VllmControl(caps.url, config.sleep_timeout_s)
+        try:
+            timings = control.warm_up()
+        except VllmControlError as error:
+            problems = _unquiesce(control, None, [], ToggleResult(target=RESUME))
+            raise SuspendError(
+                f"warm-up failed: {error}" + (f"; and waking vLLM up failed: {problems}" if problems else ""),
+                ExitCode.INCONSISTENT if problems else ExitCode.TRANSITION_FAILED,
+            )
+        marker.touch()
+        return {**report, "done": True, **{key: round(value, 3) for key, value in timings.items()}}
+
+
 __all__ = [
     "toggle",
+    "warm_up",
     "status",
     "StatusResult",
     "ToggleResult",

@@ -34,7 +34,7 @@ VENV_BIN = Path(sys.executable).parent
 STANDIN = REPO / "tests" / "fakes" / "standin_vllm.py"
 SERVICE = "vllm-qwen3-8b-awq"
 SEED_DEFAULTS = {
-    "VLLM_VERSION": "v0.11.0",
+    "VLLM_VERSION": "v0.20.2",
     "MODEL": "Qwen/Qwen3-8B-AWQ",
     "SERVED_MODEL_NAME": "qwen3-8b-awq",
     "HOST_PORT": "8010",
@@ -150,8 +150,8 @@ def service(config: dict) -> dict:
 def test_compose_config_has_the_seed_setup_and_the_checkpoint_settings(empty_env_file: Path):
     """docker-compose config shows the seed's service plus every setting cuda-checkpoint needs."""
     svc = service(compose_config(empty_env_file))
-    assert svc["build"]["args"] == {"VLLM_VERSION": "v0.11.0"}
-    assert svc["image"].endswith(":v0.11.0")
+    assert svc["build"]["args"] == {"VLLM_VERSION": "v0.20.2"}
+    assert svc["image"].endswith(":v0.20.2")
     assert [(p["published"], p["target"]) for p in svc["ports"]] == [("8010", 8000)]
     assert svc["gpus"] == [{"count": -1}]  # gpus: all
     assert svc["ipc"] == "host"
@@ -275,7 +275,7 @@ def test_hadolint_passes_without_output():
 
 
 def test_dockerfile_base_image_follows_vllm_version():
-    """The base image is vllm/vllm-openai at the VLLM_VERSION build arg, v0.11.0 by default."""
+    """The base image is vllm/vllm-openai at the VLLM_VERSION build arg, v0.20.2 by default."""
     text = dockerfile()
     assert re.search(r"^ARG VLLM_VERSION=v0\.11\.0$", text, re.M)
     assert re.search(r"^FROM vllm/vllm-openai:\$\{VLLM_VERSION\}$", text, re.M)
@@ -504,7 +504,7 @@ def test_no_arguments_reach_vllm_as_none(tmp_path: Path, argv_printer: str):
 
 
 def test_default_server_command_is_vllm_openai_api_server():
-    """Without VLLM_SERVER_CMD, run-vllm.sh starts the v0.11.0 image's own entry point."""
+    """Without VLLM_SERVER_CMD, run-vllm.sh starts the api_server module (the v0.11.0 image's entry point, still served by v0.20.2)."""
     text = (REPO / "docker" / "run-vllm.sh").read_text()
     assert ': "${VLLM_SERVER_CMD:=python3 -m vllm.entrypoints.openai.api_server}"' in text
 

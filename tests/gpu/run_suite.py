@@ -236,7 +236,7 @@ class Target:
                     "CUDA_TOGGLE_BACKEND": "cli",
                     "CUDA_TOGGLE_GPU_QUERY": "nvidia-smi",
                     # the fake GPU's memory is not copied to this machine's RAM: no host-RAM refusal
-                    "CUDA_TOGGLE_HOST_RAM_MIB": str(2**30),
+                    "CUDA_TOGGLE_HOST_RAM_MIB": str(2**24),
                 }
             )
         else:
