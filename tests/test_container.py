@@ -504,7 +504,8 @@ def test_no_arguments_reach_vllm_as_none(tmp_path: Path, argv_printer: str):
 
 
 def test_default_server_command_is_vllm_openai_api_server():
-    """Without VLLM_SERVER_CMD, run-vllm.sh starts the api_server module (the v0.11.0 image's entry point, still served by v0.20.2)."""
+    """Without VLLM_SERVER_CMD, run-vllm.sh starts the api_server module (v0.11.0's entry point; v0.20.2 serves it
+    too)."""
     text = (REPO / "docker" / "run-vllm.sh").read_text()
     assert ': "${VLLM_SERVER_CMD:=python3 -m vllm.entrypoints.openai.api_server}"' in text
 
