@@ -139,7 +139,7 @@ def held_while_suspended(inflight: Outcome, queued: list[Outcome], held_from: fl
     }
 
 
-def inflight_whole(inflight: Outcome, max_tokens: int, suspend_began: float) -> dict:
+def inflight_whole(inflight: Outcome, max_tokens: int, suspend_began: float, suspended_at: float) -> dict:
     """The request that ran across the suspend finished whole: HTTP 200, `length`, every token, no abort."""
     cut = ExitCode.INFLIGHT_CUT
     tokens = inflight.completion_tokens
@@ -161,18 +161,20 @@ def inflight_whole(inflight: Outcome, max_tokens: int, suspend_began: float) -> 
             f"{tokens} of {max_tokens} tokens (it asked for ignore_eos)",
             cut,
         )
-    before = inflight.pieces_by(suspend_began)
-    if inflight.finished_at <= suspend_began or before >= inflight.pieces:
+    # Held across the suspend: still unfinished when the suspend was complete (not only when it began).
+    when_suspended = inflight.pieces_by(suspended_at)
+    if inflight.finished_at <= suspended_at or when_suspended >= inflight.pieces:
         raise SelftestFailure(
-            f"the request meant to be in flight finished before the suspend began ({before} of {inflight.pieces} "
-            "tokens): it proves nothing; raise --inflight-tokens",
+            f"the request meant to be in flight finished before the suspend was complete ({when_suspended} of "
+            f"{inflight.pieces} tokens streamed by then): it proves nothing; raise --inflight-tokens",
             cut,
         )
     return {
         "finish_reason": inflight.finish_reason,
         "completion_tokens": tokens,
         "max_tokens": max_tokens,
-        "tokens_before_suspend": before,
+        "tokens_before_suspend": inflight.pieces_by(suspend_began),
+        "tokens_when_suspended": when_suspended,
         "seconds": round(inflight.seconds or 0.0, 3),
     }
 

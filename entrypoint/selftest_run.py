@@ -201,7 +201,8 @@ class Selftest:
         self.report.gpu_source = reading.source if reading.gpus else reading.problem
         return {gpu.uuid: gpu.used_mib for gpu in reading.gpus}
 
-    def suspend(self, cycle: Cycle) -> None:
+    def suspend(self, cycle: Cycle) -> float:
+        """Suspend with the library and prove it; returns when the library said it was done."""
         name, began = f"suspend #{cycle.number}", time.monotonic()
         before = read_gpus(self.config)
         self.report.gpu_source = before.source if before.gpus else before.problem
@@ -214,6 +215,7 @@ class Selftest:
             self.step(name, began, error.message, ok=False)
             raise
         self.suspended = True
+        suspended_at = time.monotonic()
         cycle.mode, cycle.quiesce, cycle.server = result.mode, result.quiesce, result.server
         cycle.suspend_s = round(result.seconds, 3)
         cycle.phases.update({f"suspend_{key}": round(value, 3) for key, value in result.phases.items()})
@@ -232,6 +234,7 @@ class Selftest:
             f"{result.seconds:.2f} s; "
             + ", ".join(f"GPU{g.index} {g.before_mib} -> {g.suspended_mib} MiB" for g in cycle.gpus),
         )
+        return suspended_at
 
     def prove_suspended(self, name: str, began: float, cycle: Cycle, result: ToggleResult) -> dict:
         """Read it back ourselves: every CUDA process checkpointed, every GPU the server used near 0 MiB."""
@@ -380,7 +383,7 @@ class Selftest:
         self.report.cycles.append(cycle)
         inflight = self.start_inflight(cycle)
         suspend_began = time.monotonic()
-        self.suspend(cycle)
+        suspended_at = self.suspend(cycle)
         queued = self.hold_requests(cycle, inflight)
         woken, running_at = self.resume(cycle)
         self.report.gpus = cycle.gpus
@@ -392,7 +395,7 @@ class Selftest:
         cycle.queued = [request.outcome.to_json() for request in [*queued, *woken]]
         cycle.inflight_s = cycle.inflight["seconds"]
         cycle.checks["inflight"] = self.checked(
-            name, began, inflight_whole, inflight.outcome, self.options.inflight_tokens, suspend_began
+            name, began, inflight_whole, inflight.outcome, self.options.inflight_tokens, suspend_began, suspended_at
         )
         cycle.checks["queued"] = self.checked(
             name, began, queued_answered, [request.outcome for request in [*queued, *woken]], running_at
