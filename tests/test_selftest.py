@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
 import re
 import subprocess
 import sys
@@ -17,6 +19,7 @@ from click.testing import CliRunner
 
 from entrypoint.errors import ExitCode
 from entrypoint.selftest import SELFTEST_EXIT_CODES, cli
+from tests.conftest import free_port
 from tests.toggle_fixtures import REPO, SAFE_ENV, fakegpu
 
 SAFE_ARGS = ("--disable-custom-all-reduce", "--gpu-memory-utilization", "0.02")
@@ -134,18 +137,20 @@ def forward(target: str, method: str, path: str, body: dict | None) -> tuple[int
         return response.status_code, {"text": response.text}
 
 
-def forward_stream(target: str, body: dict, cut_after: int) -> Iterator[str]:
-    """Pass a stream through, but end it as vLLM ends an aborted request after `cut_after` tokens."""
+def forward_stream(target: str, body: dict, cut_after: int | None = None) -> Iterator[str]:
+    """Pass a stream through; with `cut_after`, end it there as vLLM ends an aborted request."""
     with requests.post(target + "/v1/completions", json=body, stream=True, timeout=30) as response:
         tokens = 0
         for line in response.iter_lines(decode_unicode=True):
             if not line.startswith("data:"):
                 continue
             payload = line[len("data:") :].strip()
-            if payload == "[DONE]" or tokens == cut_after:
+            if tokens == cut_after:
                 break
-            tokens += 1
             yield payload
+            if payload == "[DONE]":
+                return
+            tokens += 1
     yield json.dumps({"choices": [{"index": 0, "text": "", "finish_reason": "abort"}]})
     yield json.dumps({"choices": [], "usage": {"completion_tokens": tokens}})
     yield "[DONE]"
@@ -239,6 +244,59 @@ def test_passing_run_at_tp1(toggle_env, server):
     assert [gpu["index"] for gpu in report["cycles"][0]["gpus"]] == [0]
 
 
+@pytest.fixture
+def gate_in_front(tmp_path) -> Iterator[Callable[..., str]]:
+    """Factory: gate_in_front(standin) starts the real gate (vllm-gate) in front of it; returns the gate's URL."""
+    started: list[subprocess.Popen] = []
+
+    def start(standin) -> str:
+        port = free_port()
+        environ = {
+            **os.environ,
+            "GATE_HOST": "127.0.0.1",
+            "GATE_PORT": str(port),
+            "GATE_UPSTREAM": standin.url,
+            "GATE_SERVER_PID": str(standin.pid),
+            "GATE_POLL_S": "0.1",
+            "GATE_BUSY_WAIT_S": "60",
+        }
+        with (tmp_path / "gate.log").open("wb") as log_file:
+            gate = subprocess.Popen(
+                [sys.executable, "-m", "entrypoint.gate"], cwd=REPO, env=environ, stdout=log_file, stderr=log_file
+            )
+        started.append(gate)
+        url = f"http://127.0.0.1:{port}"
+        deadline = time.monotonic() + 20
+        while True:
+            assert gate.poll() is None, (tmp_path / "gate.log").read_text()
+            with contextlib.suppress(requests.ConnectionError):
+                if requests.get(url + "/gate/status", timeout=1).status_code == 200:
+                    return url
+            assert time.monotonic() < deadline, "the gate did not answer"
+            time.sleep(0.05)
+
+    yield start
+    for gate in started:
+        gate.terminate()
+        gate.wait(timeout=15)
+
+
+def test_behind_a_gate_the_gate_wakes_the_server(toggle_env, server, gate_in_front):
+    """Behind the gate, requests sent through it while suspended make the gate resume; selftest does not."""
+    standin = server()
+    gate_url = gate_in_front(standin)
+    code, report, err = run_selftest(gate_url, "--gate-requests", "3", pid=standin.pid)
+    assert code == 0, err
+    assert report["gate"] and report["vllm_url"] == standin.url
+    (cycle,) = report["cycles"]
+    assert cycle["resumed_by"] == "gate" and "resume" not in cycle["evidence"], "selftest must not resume itself"
+    assert cycle["resume_s"] > 0, "the gate's own resume time, from /gate/status"
+    assert cycle["checks"]["queued"]["answered"] == 5
+    assert [q["label"] for q in cycle["queued"]].count("request 1 through the gate") == 1
+    assert cycle["checks"]["inflight"]["completion_tokens"] == 300
+    assert_left_running(toggle_env, standin)
+
+
 # --- failures the checks must catch --------------------------------------------------------------------------
 
 
@@ -264,6 +322,8 @@ def test_logprobs_that_differ_fail(toggle_env, server, upstream):
     seen = {"logprobs": 0}
 
     def answer(method: str, path: str, body: dict | None) -> object:
+        if method == "POST" and body and body.get("stream"):
+            return forward_stream(standin.url, body)
         status, data = forward(standin.url, method, path, body)
         if body and body.get("logprobs") and status == 200:
             seen["logprobs"] += 1
@@ -279,6 +339,26 @@ def test_logprobs_that_differ_fail(toggle_env, server, upstream):
     code, report, _ = run_selftest(proxy.url, pid=standin.pid)
     assert code == ExitCode.LOGPROBS_DIFFER, report["error"]
     assert "token 0" in report["error"] and "logprob" in report["error"]
+    assert_left_running(toggle_env, standin)
+
+
+def test_request_sent_while_suspended_that_fails_is_lost(toggle_env, server, upstream, monkeypatch):
+    """A request sent straight to vLLM while suspended that fails instead of waiting: INFLIGHT_LOST."""
+    standin = server()
+
+    def answer(method: str, path: str, body: dict | None) -> object:
+        if body and str(body.get("prompt", "")).startswith("selftest sent while suspended"):
+            return 503, {"error": {"message": "the engine is not running"}}
+        if method == "POST" and body and body.get("stream"):
+            return forward_stream(standin.url, body)
+        return forward(standin.url, method, path, body)
+
+    # vLLM's own address, where selftest sends the requests while suspended, is this stand-in's proxy
+    monkeypatch.setenv("CUDA_TOGGLE_SERVER_URL", upstream(answer).url)
+    code, report, _ = run_selftest(standin.url, pid=standin.pid)
+    assert code == ExitCode.INFLIGHT_LOST, report["error"]
+    assert "request 1 straight to vLLM failed while the server was suspended" in report["error"]
+    assert report["resumed_after_failure"].startswith("resumed")
     assert_left_running(toggle_env, standin)
 
 
