@@ -142,7 +142,8 @@ def held_while_suspended(inflight: Outcome, queued: list[Outcome], held_from: fl
 def inflight_whole(inflight: Outcome, max_tokens: int, suspend_began: float, suspended_at: float) -> dict:
     """The request that ran across the suspend finished whole: HTTP 200, `length`, every token, no abort."""
     cut = ExitCode.INFLIGHT_CUT
-    tokens = inflight.completion_tokens
+    # usage.completion_tokens of the final chunk (stream_options.include_usage); the chunks counted otherwise
+    tokens = inflight.completion_tokens if inflight.completion_tokens is not None else inflight.pieces
     if inflight.finished_at is None:
         raise SelftestFailure(
             f"the request in flight at the suspend got no answer (after {inflight.pieces} tokens)", cut

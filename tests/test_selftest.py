@@ -26,7 +26,7 @@ SAFE_ARGS = ("--disable-custom-all-reduce", "--gpu-memory-utilization", "0.02")
 # Seconds per generated token: the request in flight (300 tokens) streams for 3 s, longer than the library
 # takes to quiesce the server on a busy 2-core machine, so it really runs across the suspend.
 STEP_S = "0.01"
-FAST_ARGS = ("--max-tokens", "8", "--timeout", "20", "--inflight-tokens", "300", "--inflight-wait", "0.5")
+FAST_ARGS = ("--max-tokens", "8", "--timeout", "60", "--inflight-tokens", "300", "--inflight-wait", "0.5")
 
 
 def run_selftest(url: str, *args: str, pid: int | None = None, timeout: float = 90) -> tuple[int, dict, str]:
