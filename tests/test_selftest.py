@@ -17,8 +17,10 @@ import pytest
 import requests
 from click.testing import CliRunner
 
-from entrypoint.errors import ExitCode
+from entrypoint.errors import ExitCode, SuspendError
+from entrypoint.openai_client import TokenTrace
 from entrypoint.selftest import SELFTEST_EXIT_CODES, cli
+from entrypoint.selftest_checks import fair_reference, same_as_reference
 from tests.conftest import free_port
 from tests.toggle_fixtures import REPO, SAFE_ENV, fakegpu
 
@@ -45,9 +47,10 @@ def run_selftest(url: str, *args: str, pid: int | None = None, timeout: float = 
 def server(toggle_env, standin_server):
     """Factory: a stand-in vLLM (TP=2 unless told) configured as suspend/resume needs it."""
 
-    def start(tensor_parallel_size: int = 2, env: dict[str, str] | None = None, **kwargs):
+    def start(tensor_parallel_size: int = 2, env: dict[str, str] | None = None, extra_args=(), **kwargs):
         environ = {**SAFE_ENV, "STANDIN_STEP_S": STEP_S, **(env or {})}
-        return standin_server(*SAFE_ARGS, tensor_parallel_size=tensor_parallel_size, env=environ, **kwargs)
+        args = (*SAFE_ARGS, *extra_args)
+        return standin_server(*args, tensor_parallel_size=tensor_parallel_size, env=environ, **kwargs)
 
     return start
 
@@ -242,6 +245,17 @@ def test_passing_run_at_tp1(toggle_env, server):
     assert code == 0, err
     assert_passed(report, cycles=1)
     assert [gpu["index"] for gpu in report["cycles"][0]["gpus"]] == [0]
+
+
+def test_passing_hybrid_run_holds_the_request_in_flight(toggle_env, server):
+    """With vLLM's sleep mode (hybrid), the scheduler holds the request in flight (mode=keep): it comes back whole."""
+    standin = server(extra_args=("--enable-sleep-mode",), env={"VLLM_SERVER_DEV_MODE": "1"})
+    code, report, err = run_selftest(standin.url, pid=standin.pid)
+    assert code == 0, err
+    assert_passed(report, cycles=1)
+    (cycle,) = report["cycles"]
+    assert cycle["mode"] == "hybrid" and cycle["quiesce"] == "scheduler"
+    assert cycle["checks"]["resumed"]["vllm"] == {"is_paused": False, "is_sleeping": False}
 
 
 @pytest.fixture
@@ -514,3 +528,30 @@ def test_help_lists_every_exit_code_it_can_return():
     for module in ("selftest.py", "selftest_run.py", "selftest_checks.py"):
         used |= set(re.findall(r"ExitCode\.([A-Z_]+)", (REPO / "entrypoint" / module).read_text()))
     assert {ExitCode[name] for name in used} <= set(SELFTEST_EXIT_CODES)
+
+
+# --- the comparisons themselves (pure functions, no server) --------------------------------------------------
+
+
+def trace(logprobs: list[float], top: list[list[tuple[str, float]]]) -> TokenTrace:
+    tokens = [f"t{i}" for i in range(len(logprobs))]
+    return TokenTrace("".join(tokens), tokens, logprobs, top, "length", len(tokens), 0.1)
+
+
+def test_a_difference_in_a_top_candidate_alone_is_caught():
+    """Same tokens and chosen logprobs, one candidate's logprob changed: LOGPROBS_DIFFER naming the position."""
+    reference = trace([-0.1, -0.2], [[("t0", -0.1), ("x", -2.0)], [("t1", -0.2), ("y", -3.0)]])
+    again = trace([-0.1, -0.2], [[("t0", -0.1), ("x", -2.0)], [("t1", -0.2), ("y", -3.0000001)]])
+    assert same_as_reference("chat", reference, reference)["logprobs"] == 6
+    with pytest.raises(SuspendError) as failure:
+        same_as_reference("chat", reference, again)
+    assert failure.value.exit_code == ExitCode.LOGPROBS_DIFFER and "token 1" in failure.value.message
+
+
+def test_a_candidate_at_minus_9999_is_not_finite():
+    """A top candidate at vLLM's -9999.0 (its -inf) makes the reference unfit, even with every chosen one finite."""
+    with pytest.raises(SuspendError) as failure:
+        fair_reference("completion 1", trace([-0.1, -0.2], [[("t0", -0.1)], [("t1", -0.2), ("z", -9999.0)]]))
+    assert failure.value.exit_code == ExitCode.LOGPROBS_UNFIT
+    evidence = fair_reference("completion 1", trace([-0.1, -0.2], [[("t0", -0.1)], [("t1", -0.2), ("z", -9998.5)]]))
+    assert evidence == {"tokens": 2, "logprobs": 5, "min": -9998.5, "max": -0.1, "distinct": 3}
