@@ -180,7 +180,7 @@ def inflight_whole(inflight: Outcome, max_tokens: int, suspend_began: float, sus
     }
 
 
-def queued_answered(queued: list[Outcome], after: float) -> dict:
+def queued_answered(queued: list[Outcome], resumed_from: float) -> dict:
     """Every request sent while suspended was answered whole (HTTP 200, finished, not aborted)."""
     for outcome in queued:
         if outcome.finished_at is None or outcome.status != 200 or outcome.error:
@@ -194,9 +194,10 @@ def queued_answered(queued: list[Outcome], after: float) -> dict:
                 f"{outcome.label}, sent while suspended, ended with finish_reason {outcome.finish_reason!r}",
                 ExitCode.INFLIGHT_LOST,
             )
-    firsts = [o.finished_at for o in queued if o.finished_at is not None]
+    first = min(queued, key=lambda o: o.finished_at or 0.0, default=None)
     return {
         "answered": len(queued),
-        "first_answer_after_resume_s": round(min(firsts) - after, 3) if firsts else None,
-        "first_answer_s": round(min(o.seconds or 0.0 for o in queued), 3) if queued else None,
+        # the request answered first: from its sending, and from the resume
+        "first_answer_s": round(first.seconds or 0.0, 3) if first else None,
+        "first_answer_after_resume_s": round((first.finished_at or 0.0) - resumed_from, 3) if first else None,
     }

@@ -36,6 +36,7 @@ COMPLETION_PROMPTS = ("The capital of France is", "def fibonacci(n):")
 INFLIGHT_PROMPT = "selftest in flight: tell a long story about a lighthouse keeper."
 QUEUED_PROMPT = "selftest sent while suspended, number {number}:"
 QUEUED_MAX_TOKENS = 8
+RESUME_BUSY_WAIT_S = 60.0  # how long the resume after a failure waits for another holder of the tool's lock
 RESUMED_SHARE = 0.9  # after a resume each GPU must hold at least this share of what it held before
 
 
@@ -175,10 +176,13 @@ class Selftest:
         return BackgroundRequest(url, body, label, self.options.timeout_s).start()
 
     def start_inflight(self, cycle: Cycle) -> BackgroundRequest:
-        """A long streamed request, running (its first token seen) before the suspend begins."""
+        """A long streamed request, running (its first token seen) before the suspend begins.
+
+        Sent straight to vLLM, never through a gate: a gate resumes the server at once when a suspend
+        catches requests it forwards in flight (so they are not held), which would undo this very test."""
         began = time.monotonic()
         inflight = self.background(
-            self.options.url,
+            self.report.vllm_url,
             INFLIGHT_PROMPT,
             self.options.inflight_tokens,
             "the request in flight",
@@ -209,6 +213,7 @@ class Selftest:
         cycle.gpus = [
             GpuFigures(g.index, g.uuid, g.used_mib) for g in before.gpus if g.used_mib > self.options.threshold_mib
         ]
+        self.report.gpus = cycle.gpus  # the report's figures are the latest cycle's
         try:
             result = self.library(SUSPEND)
         except SuspendError as error:
@@ -303,8 +308,10 @@ class Selftest:
     def resume(self, cycle: Cycle) -> tuple[list[BackgroundRequest], float]:
         """Resume: through the gate when there is one (its requests wake the server), else with the library.
 
-        Returns the requests sent through the gate and when the server was known to run again."""
+        Returns the requests sent through the gate, and the moment the server was resumed from a client's
+        view (the library returned, or the requests that woke it were sent)."""
         name, began = f"resume #{cycle.number}", time.monotonic()
+        resumed_from = began
         if self.report.gate and self.options.gate_requests:
             woken = [
                 self.background(
@@ -317,6 +324,9 @@ class Selftest:
             ]
             for request in woken:
                 request.join(self.options.timeout_s)
+            cycle.checks["woken"] = self.checked(
+                name, began, queued_answered, [request.outcome for request in woken], began
+            )
             cycle.resumed_by = "gate"
             cycle.resume_s = self.gate_resume_seconds()
         else:
@@ -326,6 +336,7 @@ class Selftest:
             except SuspendError as error:
                 self.step(name, began, error.message, ok=False)
                 raise
+            resumed_from = time.monotonic()
             cycle.resumed_by = "selftest"
             cycle.resume_s = round(result.seconds, 3)
             cycle.phases.update({f"resume_{key}": round(value, 3) for key, value in result.phases.items()})
@@ -334,7 +345,6 @@ class Selftest:
             cycle.evidence["resume"] = result.evidence
             per_gpu = sum(g.released_gb for g in cycle.gpus) / len(cycle.gpus)
             cycle.resume_gb_s_per_gpu = round(per_gpu / result.seconds, 3) if "restore" in result.phases else None
-        running_at = time.monotonic()
         cycle.checks["resumed"] = self.prove_resumed(name, began, cycle)
         self.suspended = False
         self.step(
@@ -343,7 +353,7 @@ class Selftest:
             f"running again ({'woken by the gate' if woken else 'the library'}, {_text(cycle.resume_s)} s); "
             + ", ".join(f"GPU{g.index} {g.after_mib} MiB" for g in cycle.gpus),
         )
-        return woken, running_at
+        return woken, resumed_from
 
     def gate_resume_seconds(self) -> float | None:
         try:
@@ -385,8 +395,7 @@ class Selftest:
         suspend_began = time.monotonic()
         suspended_at = self.suspend(cycle)
         queued = self.hold_requests(cycle, inflight)
-        woken, running_at = self.resume(cycle)
-        self.report.gpus = cycle.gpus
+        woken, resumed_from = self.resume(cycle)
 
         name, began = f"answers after resume #{number}", time.monotonic()
         for request in [inflight, *queued, *woken]:
@@ -401,7 +410,7 @@ class Selftest:
             name, began, inflight_whole, inflight.outcome, self.options.inflight_tokens, suspend_began, suspended_at
         )
         cycle.checks["queued"] = self.checked(
-            name, began, queued_answered, [request.outcome for request in [*queued, *woken]], running_at
+            name, began, queued_answered, [request.outcome for request in [*queued, *woken]], resumed_from
         )
         cycle.queued_first_answer_s = cycle.checks["queued"]["first_answer_s"]
         self.step(
@@ -446,8 +455,10 @@ class Selftest:
     def resume_after_failure(self) -> None:
         """Never leave the server suspended: resume before reporting, and say how that went."""
         logger.warning("resuming the server before reporting the failure")
+        # Wait longer than usual for the tool's lock: a gate may be resuming the server at this moment.
+        config = self.config.replace(busy_wait_s=max(self.config.busy_wait_s, RESUME_BUSY_WAIT_S))
         try:
-            result = self.library(RESUME)
+            result = toggle(RESUME, config, pid=self.options.pid, backend_name=self.options.backend)
             self.report.resumed_after_failure = f"resumed ({result.seconds:.2f} s)"
         except SuspendError as error:
             self.report.resumed_after_failure = f"resume failed too: {error.message}"

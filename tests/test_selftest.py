@@ -314,7 +314,7 @@ def test_behind_a_gate_the_gate_wakes_the_server(toggle_env, server, gate_in_fro
 # --- failures the checks must catch --------------------------------------------------------------------------
 
 
-def test_aborted_request_in_flight_fails(toggle_env, server, upstream):
+def test_aborted_request_in_flight_fails(toggle_env, server, upstream, monkeypatch):
     """A request in flight that comes back with finish_reason abort fails INFLIGHT_CUT, naming the abort."""
     standin = server()
 
@@ -324,6 +324,7 @@ def test_aborted_request_in_flight_fails(toggle_env, server, upstream):
         return forward(standin.url, method, path, body)
 
     proxy = upstream(answer)
+    monkeypatch.setenv("CUDA_TOGGLE_SERVER_URL", proxy.url)  # vLLM's own address: the request in flight goes there
     code, report, _ = run_selftest(proxy.url, pid=standin.pid)
     assert code == ExitCode.INFLIGHT_CUT, report["error"]
     assert "aborted after 20 of 300 tokens" in report["error"]
