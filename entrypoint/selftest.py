@@ -217,13 +217,13 @@ def cli(as_json: bool, report_file: str | None, verbose: bool, **settings: objec
     if report_file:
         try:
             with open(report_file, "w") as handle:
-                json.dump(data, handle, indent=2)
+                json.dump(data, handle, indent=2, default=str)  # the library's evidence may hold any value
         except OSError as error:  # checked before the run; the disk can still fill up or vanish meanwhile
             logger.error("could not write the report to {}: {}", report_file, error)
             raise SystemExit(int(ExitCode.USAGE))
     logger.info("\n" + render(report))
     if as_json:
-        click.echo(json.dumps(data))
+        click.echo(json.dumps(data, default=str))
     raise SystemExit(report.exit_code)
 
 

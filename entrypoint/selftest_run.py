@@ -217,6 +217,9 @@ class Selftest:
         try:
             result = self.library(SUSPEND)
         except SuspendError as error:
+            if isinstance(error.result, ToggleResult):  # what the library tried and saw, for the report
+                cycle.mode, cycle.quiesce, cycle.server = error.result.mode, error.result.quiesce, error.result.server
+                cycle.evidence["suspend"] = error.result.evidence
             self.step(name, began, error.message, ok=False)
             raise
         self.suspended = True
