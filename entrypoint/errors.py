@@ -25,6 +25,9 @@ class ExitCode(IntEnum):
     NOT_RESUMED = 14  # after resume, a process is not running or the memory did not come back
     ANSWER_CHANGED = 15  # the answer after resume differs from the answer before
     INFLIGHT_LOST = 16  # the request sent while suspended was not answered after resume
+    INFLIGHT_CUT = 17  # the request running across the suspend was aborted, cut short, or not in flight
+    LOGPROBS_DIFFER = 18  # a request run alone after resume differs from before (tokens or logprobs)
+    LOGPROBS_UNFIT = 19  # the reference logprobs are missing, not finite or all equal: no fair comparison
 
     @property
     def meaning(self) -> str:
@@ -48,6 +51,9 @@ EXIT_CODE_MEANINGS = {
     ExitCode.NOT_RESUMED: "resume not proven (state or GPU memory)",
     ExitCode.ANSWER_CHANGED: "answer after resume differs from before",
     ExitCode.INFLIGHT_LOST: "request sent while suspended was lost",
+    ExitCode.INFLIGHT_CUT: "request in flight at the suspend was aborted or cut short",
+    ExitCode.LOGPROBS_DIFFER: "request run alone after resume differs by tokens or logprobs",
+    ExitCode.LOGPROBS_UNFIT: "reference logprobs missing, not finite or all equal",
 }
 
 TOGGLE_EXIT_CODES = [code for code in ExitCode if code < ExitCode.NOT_READY]

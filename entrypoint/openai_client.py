@@ -1,9 +1,17 @@
-"""The few OpenAI-compatible HTTP calls the selftest (and the GPU suite) make, with requests."""
+"""The few OpenAI-compatible HTTP calls the selftest (and the GPU suite) make, with requests.
+
+Shapes as vLLM's OpenAI server answers them: `/v1/completions` with `"logprobs": k` gives the legacy
+`choices[0].logprobs.{tokens, token_logprobs, top_logprobs: [{token: logprob}]}`; `/v1/chat/completions`
+with `"logprobs": true, "top_logprobs": k` gives `choices[0].logprobs.content[{token, logprob,
+top_logprobs: [{token, logprob}]}]`; `"stream": true` gives Server-Sent Events ending in `data: [DONE]`.
+"""
 
 from __future__ import annotations
 
+import json
+import threading
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, field
 
 import requests
 from loguru import logger
@@ -18,6 +26,147 @@ class ChatAnswer:
     text: str
     seconds: float
     completion_tokens: int
+
+
+@dataclass
+class TokenTrace:
+    """A greedy answer token by token, with the logprobs the server computed for each position."""
+
+    text: str
+    tokens: list[str]
+    logprobs: list[float | None]  # of the chosen token, per position
+    top_logprobs: list[list[tuple[str, float | None]]]  # per position, in the server's order
+    finish_reason: str
+    completion_tokens: int
+    seconds: float
+
+    def values(self) -> list[float | None]:
+        """Every logprob of the answer: the chosen tokens' and the candidates'."""
+        return self.logprobs + [value for position in self.top_logprobs for _, value in position]
+
+    def to_json(self) -> dict:
+        return asdict(self)
+
+
+def _completion_logprobs(logprobs: dict) -> tuple[list, list, list]:
+    """(tokens, chosen logprobs, top candidates) from the legacy completions shape."""
+    tokens = [str(token) for token in logprobs.get("tokens") or []]
+    chosen = list(logprobs.get("token_logprobs") or [])
+    top = [list((candidates or {}).items()) for candidates in logprobs.get("top_logprobs") or []]
+    return tokens, chosen, top
+
+
+def _chat_logprobs(logprobs: dict) -> tuple[list, list, list]:
+    """(tokens, chosen logprobs, top candidates) from the chat shape."""
+    content = logprobs.get("content") or []
+    tokens = [str(entry.get("token")) for entry in content]
+    chosen = [entry.get("logprob") for entry in content]
+    top = [[(str(c.get("token")), c.get("logprob")) for c in entry.get("top_logprobs") or []] for entry in content]
+    return tokens, chosen, top
+
+
+@dataclass
+class Outcome:
+    """How one request sent in the background ended, as its client saw it (times: time.monotonic())."""
+
+    label: str
+    sent_at: float
+    status: int | None = None  # HTTP status; None while there is no answer
+    finish_reason: str | None = None
+    completion_tokens: int | None = None  # usage.completion_tokens (a stream: its final usage chunk)
+    pieces: int = 0  # streamed chunks that carried a token
+    first_token_at: float | None = None
+    finished_at: float | None = None
+    error: str = ""
+    piece_times: list[float] = field(default_factory=list, repr=False)
+
+    @property
+    def seconds(self) -> float | None:
+        return None if self.finished_at is None else self.finished_at - self.sent_at
+
+    def pieces_by(self, moment: float) -> int:
+        """How many streamed tokens had arrived by `moment`."""
+        return sum(1 for at in self.piece_times if at <= moment)
+
+    def to_json(self) -> dict:
+        data = asdict(self)
+        del data["piece_times"]
+        data["seconds"] = None if self.seconds is None else round(self.seconds, 3)
+        return data
+
+
+class BackgroundRequest:
+    """One completion sent from its own thread, so the caller can suspend the server while it runs.
+
+    A stream records when each token arrives, which shows whether the request was really in flight.
+    """
+
+    def __init__(self, url: str, body: dict, label: str, timeout_s: float):
+        self.url = url.rstrip("/")
+        self.body = body
+        self.timeout_s = timeout_s
+        self.outcome = Outcome(label, time.monotonic())
+        self.first_token = threading.Event()
+        self.thread = threading.Thread(target=self._run, name=label, daemon=True)
+
+    def start(self) -> BackgroundRequest:
+        self.outcome.sent_at = time.monotonic()
+        self.thread.start()
+        return self
+
+    @property
+    def done(self) -> bool:
+        return self.outcome.finished_at is not None
+
+    def join(self, timeout_s: float) -> bool:
+        self.thread.join(timeout_s)
+        return self.done
+
+    def _run(self) -> None:
+        outcome, stream = self.outcome, bool(self.body.get("stream"))
+        try:
+            with requests.post(
+                f"{self.url}/v1/completions", json=self.body, timeout=self.timeout_s, stream=stream
+            ) as response:
+                outcome.status = response.status_code
+                if response.status_code != 200:
+                    outcome.error = f"HTTP {response.status_code}: {response.text[:200]}"
+                elif stream:
+                    self._read_stream(response)
+                else:
+                    data = response.json()
+                    outcome.finish_reason = data["choices"][0].get("finish_reason")
+                    outcome.completion_tokens = int((data.get("usage") or {}).get("completion_tokens", 0))
+        except (requests.RequestException, ValueError, KeyError, IndexError, TypeError) as error:
+            outcome.error = outcome.error or f"{type(error).__name__}: {error}"
+        finally:
+            outcome.finished_at = time.monotonic()
+            self.first_token.set()  # nobody waits for a token that will never come
+
+    def _read_stream(self, response: requests.Response) -> None:
+        outcome = self.outcome
+        for line in response.iter_lines(decode_unicode=True):
+            if not line or not line.startswith("data:"):
+                continue
+            payload = line[len("data:") :].strip()
+            if payload == "[DONE]":
+                return
+            chunk = json.loads(payload)
+            if "error" in chunk:  # vLLM reports an error inside a stream that already answered 200
+                outcome.error = f"error in the stream: {json.dumps(chunk['error'])[:200]}"
+                return
+            if chunk.get("usage"):
+                outcome.completion_tokens = int(chunk["usage"].get("completion_tokens", 0))
+            for choice in chunk.get("choices") or []:
+                if choice.get("text") or not choice.get("finish_reason"):
+                    now = time.monotonic()
+                    outcome.pieces += 1
+                    outcome.piece_times.append(now)
+                    if outcome.first_token_at is None:
+                        outcome.first_token_at = now
+                        self.first_token.set()
+                if choice.get("finish_reason"):
+                    outcome.finish_reason = choice["finish_reason"]
 
 
 class OpenAIClient:
@@ -63,6 +212,66 @@ class OpenAIClient:
         text = (data["choices"][0]["message"].get("content") or "").strip()
         tokens = int(data.get("usage", {}).get("completion_tokens", 0))
         return ChatAnswer(text, time.monotonic() - began, tokens)
+
+    def _post_json(self, path: str, body: dict, timeout_s: float | None) -> dict:
+        try:
+            response = self.session.post(f"{self.url}{path}", json=body, timeout=timeout_s or self.request_timeout_s)
+        except requests.RequestException as error:
+            raise ApiError(f"POST {path} failed: {error}")
+        if response.status_code != 200:
+            raise ApiError(f"{path} answered {response.status_code}: {response.text[:300]}")
+        try:
+            data = response.json()
+            data["choices"][0]
+        except (ValueError, KeyError, IndexError, TypeError):
+            raise ApiError(f"{path} answered 200 without a choice: {response.text[:300]}")
+        return data
+
+    def completion_trace(
+        self, model: str, prompt: str, max_tokens: int, top: int, timeout_s: float | None = None
+    ) -> TokenTrace:
+        """A greedy completion with the logprobs of each token and of its `top` candidates."""
+        began = time.monotonic()
+        body = {"model": model, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0, "logprobs": top}
+        data = self._post_json("/v1/completions", body, timeout_s)
+        choice = data["choices"][0]
+        tokens, chosen, candidates = _completion_logprobs(choice.get("logprobs") or {})
+        return TokenTrace(
+            text=choice.get("text") or "",
+            tokens=tokens,
+            logprobs=chosen,
+            top_logprobs=candidates,
+            finish_reason=str(choice.get("finish_reason")),
+            completion_tokens=int((data.get("usage") or {}).get("completion_tokens", 0)),
+            seconds=time.monotonic() - began,
+        )
+
+    def chat_trace(
+        self, model: str, prompt: str, max_tokens: int, top: int, seed: int, timeout_s: float | None = None
+    ) -> TokenTrace:
+        """A greedy chat completion with the logprobs of each token and of its `top` candidates."""
+        began = time.monotonic()
+        body = {
+            "model": model,
+            "messages": [{"role": "user", "content": prompt}],
+            "temperature": 0,
+            "seed": seed,
+            "max_tokens": max_tokens,
+            "logprobs": True,
+            "top_logprobs": top,
+        }
+        data = self._post_json("/v1/chat/completions", body, timeout_s)
+        choice = data["choices"][0]
+        tokens, chosen, candidates = _chat_logprobs(choice.get("logprobs") or {})
+        return TokenTrace(
+            text=((choice.get("message") or {}).get("content") or ""),
+            tokens=tokens,
+            logprobs=chosen,
+            top_logprobs=candidates,
+            finish_reason=str(choice.get("finish_reason")),
+            completion_tokens=int((data.get("usage") or {}).get("completion_tokens", 0)),
+            seconds=time.monotonic() - began,
+        )
 
     def wait_ready(self, model: str | None, timeout_s: float, progress_s: float = 10.0) -> tuple[list[str], float]:
         """Wait until /v1/models lists a model and a one-token completion succeeds (readiness; /health
