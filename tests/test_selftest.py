@@ -239,8 +239,9 @@ def test_passing_run_at_tp2(toggle_env, server, tmp_path):
 
 
 def test_passing_run_at_tp1(toggle_env, server):
-    """At TP=1 EngineCore holds the model: it is checkpointed, GPU0 freed, and every check passes."""
-    standin = server(tensor_parallel_size=1)
+    """At TP=1 EngineCore holds the model: vLLM's scheduler pause holds the requests, EngineCore is
+    checkpointed, GPU0 freed, and every check passes."""
+    standin = server(tensor_parallel_size=1, env={"VLLM_SERVER_DEV_MODE": "1"})
     code, report, err = run_selftest(standin.url, pid=standin.pid)
     assert code == 0, err
     assert_passed(report, cycles=1)
