@@ -69,9 +69,9 @@ def released_proof(before: GpuReading, after: GpuReading, server_pids: list[int]
             proofs.append(GpuProof(gpu.index, gpu.uuid, gpu.used_mib, used_after, gpu.used_mib, True))
         total_after = sum(p.used_after_mib for p in proofs)
         ok = not left and total_after <= max(0, others_total) + residual_mib
-        if not ok and not left:
+        if not ok:  # name the GPUs that still hold more than the residual, for the message
             for proof in proofs:
-                proof.ok = proof.used_after_mib <= residual_mib or proof.used_after_mib < proof.used_before_mib
+                proof.ok = proof.used_after_mib <= residual_mib
         return MemoryProof(ok, "per-process", proofs, left)
     proofs = []
     for gpu in before.gpus:
