@@ -10,6 +10,7 @@ import ctypes
 
 from .backends import STATES, BackendError
 from .config import Config
+from .operations import OwnedOperation
 from .processes import describe
 
 CUDA_SUCCESS = 0
@@ -67,6 +68,17 @@ class DriverBackend:
             getattr(self.lib, symbol).argtypes = [ctypes.c_int, ctypes.c_void_p]
         for symbol in SYMBOLS:
             getattr(self.lib, symbol).restype = ctypes.c_int
+        self.run_dir = config.run_dir
+
+    def _owned(self, op: str, pid: int, call) -> None:
+        """Journal the call for as long as it runs (operations.py): it cannot be cancelled."""
+        try:
+            operation = OwnedOperation(self.run_dir, op, pid)
+            with operation:
+                code = call()
+        except OSError as error:
+            raise BackendError(op, pid, f"not started: cannot journal it in {self.run_dir}: {error}")
+        self._check(op, pid, code)
 
     def driver_version(self) -> int | None:
         """cuDriverGetVersion (e.g. 13000), which needs no cuInit; None if unavailable."""
@@ -104,13 +116,13 @@ class DriverBackend:
 
     def lock(self, pid: int, timeout_ms: int) -> None:
         args = CUcheckpointLockArgs(timeoutMs=timeout_ms)
-        self._check("lock", pid, self.lib.cuCheckpointProcessLock(pid, ctypes.byref(args)))
+        self._owned("lock", pid, lambda: self.lib.cuCheckpointProcessLock(pid, ctypes.byref(args)))
 
     def checkpoint(self, pid: int) -> None:
-        self._check("checkpoint", pid, self.lib.cuCheckpointProcessCheckpoint(pid, None))
+        self._owned("checkpoint", pid, lambda: self.lib.cuCheckpointProcessCheckpoint(pid, None))
 
     def restore(self, pid: int) -> None:
-        self._check("restore", pid, self.lib.cuCheckpointProcessRestore(pid, None))
+        self._owned("restore", pid, lambda: self.lib.cuCheckpointProcessRestore(pid, None))
 
     def unlock(self, pid: int) -> None:
-        self._check("unlock", pid, self.lib.cuCheckpointProcessUnlock(pid, None))
+        self._owned("unlock", pid, lambda: self.lib.cuCheckpointProcessUnlock(pid, None))

@@ -129,7 +129,7 @@ class PowerController:
         purpose = tool_lock_purpose(self.toggle_config.run_dir)
         if purpose is not None:
             return phase_of_tool_run(purpose)
-        if SuspendRecord.path(self.toggle_config.run_dir).exists() or self.believed_suspended:
+        if SuspendRecord.any(self.toggle_config.run_dir) or self.believed_suspended:
             return Phase.SUSPENDED
         return Phase.RUNNING
 

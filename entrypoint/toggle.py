@@ -18,8 +18,9 @@ from .config import Config
 from .discovery import ServerRoot, find_server
 from .errors import ExitCode, SuspendError
 from .gpus import GpuReading, read_gpus
+from .operations import settle_orphans
 from .processes import ProcessInfo, describe, inherited_environ, walk_tree
-from .runstate import FrozenProcess, GpuRecord, SuspendRecord, ToolLock
+from .runstate import FrozenProcess, GpuRecord, ProcessRecord, SuspendRecord, ToolLock
 from .sleep_mode import SleepClient, SleepModeError, server_url
 from .transition import (
     Inconsistent,
@@ -29,7 +30,8 @@ from .transition import (
     ToggleResult,
     Transition,
     freeze,
-    run_parallel,
+    mark_phase,
+    read_states,
     thaw,
 )
 
@@ -67,19 +69,8 @@ def observe(config: Config, backend: Backend, pid: int | None) -> Observation:
                 process.short_title(40),
             )
     asked = [p.pid for p in tree if not p.stopped]
-    answers: dict[int, str | None] = {}
-
-    def ask(pid: int) -> None:
-        answers[pid] = backend.get_state(pid)
-
-    outcomes = run_parallel("get-state", asked, ask, config.state_timeout_s)
-    states, unreadable = {}, {}
-    for pid in asked:
-        if outcomes[pid].ok:
-            if answers.get(pid) is not None:
-                states[pid] = answers[pid]
-        elif describe(pid) is not None:
-            unreadable[pid] = outcomes[pid].error.message
+    answers, unreadable = read_states(config, backend, asked)
+    states = {pid: state for pid, state in answers.items() if state is not None}
     dispatchers = [p for p in tree if p.matches(config.dispatcher)]
     return Observation(root, tree, states, unreadable, stopped, dispatchers)
 
@@ -130,10 +121,25 @@ def toggle(
     started = time.monotonic()
     with ToolLock(config.run_dir, config.busy_wait_s, purpose=f"cuda-toggle-all {target}"):
         backend = select_backend(config, backend_name)
+        mark_phase(config.run_dir, "settle")
+        settled = settle_orphans(config, backend)
         observation = observe(config, backend, pid)
-        if target == SUSPEND:
-            return _suspend(config, backend, observation, force, freeze_dispatcher, started, mode or config.mode)
-        return _resume(config, backend, observation, force, started)
+        try:
+            if target == SUSPEND:
+                result = _suspend(config, backend, observation, force, freeze_dispatcher, started, mode or config.mode)
+            else:
+                result = _resume(config, backend, observation, force, started)
+        except SuspendError as failure:
+            if isinstance(failure.result, ToggleResult):
+                failure.result.notes[:0] = settled
+            raise
+        result.notes[:0] = settled
+        return result
+
+
+def _load_record(config: Config, obs: Observation) -> SuspendRecord | None:
+    root = obs.process(obs.root.pid)
+    return SuspendRecord.load(config.run_dir, root.pid, root.create_time)
 
 
 def _fail(result: ToggleResult, message: str, code: ExitCode, started: float, states: dict[int, str]) -> SuspendError:
@@ -244,24 +250,30 @@ def _suspend(
         else:
             mode = "hybrid"
     else:
-        mode = "plain" if mode == "plain" else ((SuspendRecord.load(config.run_dir) or SuspendRecord(0, 0, "", 0)).mode)
+        mode = "plain" if mode == "plain" else ((_load_record(config, obs) or SuspendRecord(0, 0, "", 0)).mode)
     result.mode = mode
 
     already_frozen = [p for p in dispatchers if p.stopped]
     result.dispatchers = [
         {"pid": p.pid, "name": p.title, "frozen_before": p.stopped, "frozen_after": True} for p in dispatchers
     ]
-    record = SuspendRecord.load(config.run_dir)
-    if record is None or record.root_pid != obs.root.pid:
+    record = _load_record(config, obs)
+    if record is None:
         root = obs.process(obs.root.pid)
         record = SuspendRecord(obs.root.pid, root.create_time, backend.name, time.time())
     known = {f.pid for f in record.frozen}
     record.frozen += [FrozenProcess(p.pid, p.create_time, p.title) for p in dispatchers if p.pid not in known]
+    moved = {p.pid for p in record.cuda}
+    record.cuda += [
+        ProcessRecord(p.pid, p.create_time, p.title) for p in obs.tree if p.pid in states and p.pid not in moved
+    ]
     record.complete = False
     record.mode, record.server_url = mode, client.url
+    record.quiesce = "sigstop" if dispatchers else "none"
     record.save(config.run_dir)  # before freezing: a crash from here on leaves what `running` needs to repair
 
     with SignalGuard() as guard:
+        mark_phase(config.run_dir, "quiesce")
         for process in dispatchers:
             if process not in already_frozen:
                 freeze(process)
@@ -275,7 +287,7 @@ def _suspend(
             except (RolledBack, Inconsistent) as failure:
                 result.interrupted = guard.received
                 _thaw_all(record, dispatchers)
-                SuspendRecord.clear(config.run_dir)
+                record.clear(config.run_dir)
                 if mode == "hybrid":
                     _wake(client, result)
                 code = ExitCode.TRANSITION_FAILED if isinstance(failure, RolledBack) else ExitCode.INCONSISTENT
@@ -290,15 +302,17 @@ def _suspend(
     after = read_gpus(config)
     result.gpus_after = after.to_json()
     before_by_uuid = gpus.by_uuid()
-    record.gpus = [
-        GpuRecord(
-            g.uuid,
-            g.index,
-            before_by_uuid[g.uuid].used_mib if g.uuid in before_by_uuid else g.used_mib,
-            g.used_mib,
-        )
-        for g in after.gpus
-    ]
+    record.merge_gpus(
+        [
+            GpuRecord(
+                g.uuid,
+                g.index,
+                before_by_uuid[g.uuid].used_mib if g.uuid in before_by_uuid else g.used_mib,
+                g.used_mib,
+            )
+            for g in after.gpus
+        ]
+    )
     record.complete = True
     record.save(config.run_dir)
     _finish(result, states, started)
@@ -324,10 +338,7 @@ def _resume(config: Config, backend: Backend, obs: Observation, force: bool, sta
     result = _new_result(RESUME, obs, backend, moving, {w.pid for w in workers})
     result.forced = force
     states = dict(obs.states)
-    record = SuspendRecord.load(config.run_dir)
-    if record is not None and record.root_pid != obs.root.pid:
-        logger.info("the suspend record names PID {}, not this server: ignored", record.root_pid)
-        record = None
+    record = _load_record(config, obs)
     frozen = [p for p in obs.dispatchers if p.stopped]
     result.dispatchers = [
         {"pid": p.pid, "name": p.title, "frozen_before": p.stopped, "frozen_after": False} for p in obs.dispatchers
@@ -389,7 +400,8 @@ def _resume(config: Config, backend: Backend, obs: Observation, force: bool, sta
                 raise _fail(result, f"resume failed: {failure}", ExitCode.TRANSITION_FAILED, started, states)
             except Inconsistent as failure:
                 _thaw_all(record, obs.dispatchers)
-                SuspendRecord.clear(config.run_dir)
+                if record is not None:
+                    record.clear(config.run_dir)
                 raise _fail(
                     result,
                     f"resume failed: {failure}; restart the server (supervisorctl restart vllm)",
@@ -397,13 +409,15 @@ def _resume(config: Config, backend: Backend, obs: Observation, force: bool, sta
                     started,
                     states,
                 )
+        mark_phase(config.run_dir, "unquiesce")
         _thaw_all(record, obs.dispatchers)
         result.interrupted = guard.received
         client = _sleep_client(config, obs, record)
         if (record is not None and record.mode == "hybrid") or client.is_sleeping():
             result.mode = "hybrid"
             if not _wake(client, result):
-                SuspendRecord.clear(config.run_dir)
+                if record is not None:
+                    record.clear(config.run_dir)
                 raise _fail(
                     result,
                     f"the CUDA processes run again but vLLM did not wake up: {result.notes[-1]}; "
@@ -414,7 +428,8 @@ def _resume(config: Config, backend: Backend, obs: Observation, force: bool, sta
                 )
     for entry in result.dispatchers:
         entry["frozen_after"] = bool(describe(entry["pid"]) and describe(entry["pid"]).stopped)
-    SuspendRecord.clear(config.run_dir)
+    if record is not None:
+        record.clear(config.run_dir)
     result.gpus_after = read_gpus(config).to_json()
     _finish(result, states, started)
     result.ok = True
@@ -475,7 +490,7 @@ def status(config: Config, *, pid: int | None = None, backend_name: str | None =
     distinct = {entry["state"] for entry in pids if entry["role"] != "dispatcher"}
     overall = distinct.pop() if len(distinct) == 1 else ("none" if not distinct else "mixed")
     gpus = read_gpus(config)
-    record = SuspendRecord.load(config.run_dir)
+    record = _load_record(config, obs)
     return StatusResult(
         root_pid=obs.root.pid,
         root_how=obs.root.how,
@@ -488,7 +503,7 @@ def status(config: Config, *, pid: int | None = None, backend_name: str | None =
         ],
         gpus=gpus.to_json(),
         gpu_source=gpus.source if gpus.gpus else gpus.problem,
-        suspend_record=asdict(record) if record and record.root_pid == obs.root.pid else None,
+        suspend_record=asdict(record) if record else None,
     )
 
 

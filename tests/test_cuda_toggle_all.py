@@ -14,7 +14,7 @@ import pytest
 from entrypoint.config import SETTINGS
 from entrypoint.errors import TOGGLE_EXIT_CODES, ExitCode
 from entrypoint.runstate import ToolLock
-from tests.toggle_fixtures import REPO, SAFE_ENV, fakegpu, sleep_until
+from tests.toggle_fixtures import REPO, SAFE_ENV, fakegpu, kill_hung_fakes, sleep_until
 
 
 def ops(env, *names: str) -> list[tuple[str, int]]:
@@ -274,26 +274,54 @@ def test_stopped_process_is_skipped_and_said(toggle_env, fake_tree):
         os.kill(tree.root, signal.SIGCONT)
 
 
-def test_killed_tool_is_repaired_by_running(toggle_env, fake_tree):
-    """A tool killed mid-suspend leaves the dispatcher frozen; `running` restores, unlocks and continues it."""
-    tree = fake_tree()
-    fakegpu.add_fault(tree.workers[1], "checkpoint", "hang", root=toggle_env.state_dir)
+def started_calls(env, op: str) -> list[int]:
+    """PIDs the fake cuda-checkpoint was started on for `op` (argv.log is written when a call starts)."""
+    try:
+        lines = (env.state_dir / "argv.log").read_text().splitlines()
+    except FileNotFoundError:
+        return []
+    return [int(line.split("--pid ")[1].split()[0]) for line in lines if f"--action {op} " in line]
+
+
+def kill_mid_checkpoint(env, tree, fault: str) -> None:
+    """Start a suspend, kill -9 it while worker 1's checkpoint (told `fault`) runs."""
+    fakegpu.add_fault(tree.workers[1], "checkpoint", fault, root=env.state_dir)
     tool = subprocess.Popen(
         [sys.executable, "-m", "entrypoint.cuda_toggle_all", "checkpointed"],
         cwd=REPO,
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
     )
-    sleep_until(
-        lambda: (
-            ("checkpoint", tree.workers[0]) in ops(toggle_env, "checkpoint")
-            and any(r == "hang" for _, op, _, r in toggle_env.calls() if op == "checkpoint")
-        ),
-        "the hang",
-    )
+    sleep_until(lambda: tree.workers[1] in started_calls(env, "checkpoint"), "the checkpoint to start", timeout=30)
     tool.kill()
     tool.wait()
+
+
+def test_killed_tools_checkpoint_lands_and_running_waits_for_it(toggle_env, fake_tree):
+    """A checkpoint left running by a killed suspend lands later: `running` waits for it, then resumes all."""
+    tree = fake_tree()
+    kill_mid_checkpoint(toggle_env, tree, "slow:1.5")
     assert tree.status_letter(tree.dispatcher) == "T"
+    assert toggle_env.state(tree.workers[1]) == "locked", "the orphaned checkpoint has not landed yet"
+    code, result = toggle_env.run_json("running")
+    assert code == 0, result
+    assert any(f"checkpoint of PID {tree.workers[1]}" in note for note in result["notes"]), result["notes"]
+    landed = [i for i, (op, pid) in enumerate(ops(toggle_env, "checkpoint", "restore")) if pid == tree.workers[1]]
+    assert [ops(toggle_env, "checkpoint", "restore")[i][0] for i in landed][-2:] == ["checkpoint", "restore"]
+    assert_all(toggle_env, tree.cuda_pids, "running")
+    assert tree.status_letter(tree.dispatcher) != "T"
+
+
+def test_hung_orphan_stops_running_until_it_ends(toggle_env, fake_tree):
+    """An orphaned call that never ends: `running` touches nothing and exits INCONSISTENT naming the PID;
+    once that call is gone, `running` repairs the server."""
+    tree = fake_tree()
+    kill_mid_checkpoint(toggle_env, tree, "hang")
+    code, result = toggle_env.run_json("running", env={"CUDA_TOGGLE_OP_TIMEOUT_S": "1"})
+    assert code == ExitCode.INCONSISTENT, result
+    assert f"PID {tree.workers[1]}" in result["error"] and "CUDA_TOGGLE_OP_TIMEOUT_S" in result["error"]
+    assert tree.status_letter(tree.dispatcher) == "T", "nothing may send work while a call may still land"
+    kill_hung_fakes(toggle_env.state_dir)
     code, result = toggle_env.run_json("running")
     assert code == 0, result
     assert_all(toggle_env, tree.cuda_pids, "running")
