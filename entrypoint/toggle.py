@@ -123,6 +123,7 @@ def toggle(
         backend = select_backend(config, backend_name)
         mark_phase(config.run_dir, "settle")
         settled = settle_orphans(config, backend)
+        mark_phase(config.run_dir, "observe")
         observation = observe(config, backend, pid)
         try:
             if target == SUSPEND:
@@ -218,6 +219,7 @@ def _suspend(
     for reason in refusals:
         logger.warning("--force: going on despite: {}", reason)
 
+    mark_phase(config.run_dir, "quiesce")
     client = _sleep_client(config, obs)
     if mode != "plain" and not all(state == "checkpointed" for state in states.values()):
         sleeping = client.is_sleeping() if not any(p.stopped for p in dispatchers) else None
@@ -273,7 +275,6 @@ def _suspend(
     record.save(config.run_dir)  # before freezing: a crash from here on leaves what `running` needs to repair
 
     with SignalGuard() as guard:
-        mark_phase(config.run_dir, "quiesce")
         for process in dispatchers:
             if process not in already_frozen:
                 freeze(process)

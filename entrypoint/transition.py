@@ -94,9 +94,11 @@ class Outcome:
 
 
 # The phases of a suspend and of a resume, in order (the executor and toggle.py mark each with
-# mark_phase, so a crash can be placed); "rollback" may follow any phase that failed.
-SUSPEND_PHASES = ("settle", "quiesce", "lock", "checkpoint", "verify")
-RESUME_PHASES = ("settle", "restore", "unlock", "verify", "unquiesce")
+# mark_phase, so a crash can be placed): settle = wait for calls a killed run left in flight, observe =
+# read the tree and every state and run the safety checks, quiesce = keep work from the workers (sleep,
+# pause or freeze). "rollback" may follow any phase that failed.
+SUSPEND_PHASES = ("settle", "observe", "quiesce", "lock", "checkpoint", "verify")
+RESUME_PHASES = ("settle", "observe", "restore", "unlock", "verify", "unquiesce")
 PHASE_FILE = "phase"
 
 
