@@ -63,9 +63,9 @@ class CliBackend:
             raise BackendError(op, pid, message)
         return stdout
 
-    def get_state(self, pid: int) -> str | None:
+    def get_state(self, pid: int, timeout_s: float | None = None) -> str | None:
         try:
-            output = self._run("get-state", pid, ["--get-state"], self.state_timeout_s)
+            output = self._run("get-state", pid, ["--get-state"], timeout_s or self.state_timeout_s)
         except BackendError as error:
             if NO_CUDA_MESSAGE in error.message or describe(pid) is None:
                 return None

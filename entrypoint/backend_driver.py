@@ -104,7 +104,8 @@ class DriverBackend:
         if code != CUDA_SUCCESS:
             raise BackendError(op, pid, self._describe_error(code), timed_out=code == 600)
 
-    def get_state(self, pid: int) -> str | None:
+    def get_state(self, pid: int, timeout_s: float | None = None) -> str | None:
+        """The driver call cannot be bounded: the caller's thread (run_parallel) bounds the wait."""
         state = ctypes.c_int(-1)
         code = self.lib.cuCheckpointProcessGetState(pid, ctypes.byref(state))
         if code == CUDA_ERROR_NOT_INITIALIZED or (code != CUDA_SUCCESS and describe(pid) is None):

@@ -152,10 +152,51 @@ def _still_running(path: Path, entry: OperationEntry, binary: str) -> bool:
     return entry.child_alive() or bool(helpers_acting_on(entry.pid, binary))
 
 
-def _settled_state(config: Config, backend, pid: int, deadline: float) -> str:
-    """The state of `pid` once two reads CUDA_TOGGLE_VERIFY_SLEEP_S apart agree."""
-    from .transition import read_states  # the retrying reader lives with the executor
+READ_TRIES = 3
 
+
+def _still_in_flight(config: Config, pid: int) -> SuspendError:
+    return SuspendError(
+        f"an operation on PID {pid} left by a killed run has not ended after CUDA_TOGGLE_OP_TIMEOUT_S="
+        f"{config.op_timeout_s:g} s (its state read still blocks); nothing was changed by this run. Run again "
+        f"later, or restart the server if PID {pid} stays stuck",
+        ExitCode.INCONSISTENT,
+    )
+
+
+def _read_when_landed(config: Config, backend, pid: int, deadline: float) -> str:
+    """The state of `pid` after the operation on it has ended.
+
+    A get-state blocks while an operation on the PID runs, then answers the end state (measured on an
+    H200, caller killed or not): so it may take up to the deadline, and one that does not answer by then
+    means the operation is still in flight, not that the PID is unreadable.
+    """
+    from .transition import run_parallel  # the executor's bounded parallel call
+
+    error = "no answer"
+    for attempt in range(READ_TRIES):
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            raise _still_in_flight(config, pid)
+        answers: dict[int, str | None] = {}
+
+        def ask(target: int, answers: dict[int, str | None] = answers, wait_s: float = remaining) -> None:
+            answers[target] = backend.get_state(target, timeout_s=wait_s)
+
+        outcome = run_parallel("get-state", [pid], ask, remaining)[pid]
+        if outcome.ok:
+            return answers.get(pid) or "no CUDA"
+        if describe(pid) is None:
+            return "gone"
+        if outcome.error is not None and outcome.error.timed_out:
+            raise _still_in_flight(config, pid)
+        error = outcome.error.message if outcome.error else error
+        time.sleep(0.1 * (attempt + 1))
+    return f"unreadable ({error})"
+
+
+def _settled_state(config: Config, backend, pid: int, deadline: float) -> str:
+    """The state of `pid` once the operation has landed and two reads CUDA_TOGGLE_VERIFY_SLEEP_S apart agree."""
     previous = None
     while True:
         info = describe(pid)
@@ -163,8 +204,7 @@ def _settled_state(config: Config, backend, pid: int, deadline: float) -> str:
             return "gone"
         if info.stopped:
             return "stopped (not asked)"
-        states, unreadable = read_states(config, backend, [pid])
-        current = states.get(pid, "no CUDA" if pid not in unreadable else f"unreadable: {unreadable[pid]}")
+        current = _read_when_landed(config, backend, pid, deadline)
         if current == previous:
             return current
         if time.monotonic() >= deadline:
