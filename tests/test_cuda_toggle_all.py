@@ -328,6 +328,47 @@ def test_hung_orphan_stops_running_until_it_ends(toggle_env, fake_tree):
     assert tree.status_letter(tree.dispatcher) != "T"
 
 
+def test_call_that_does_not_return_is_never_rolled_back(toggle_env, fake_tree):
+    """A restore past CUDA_TOGGLE_OP_TIMEOUT_S is in flight: its PID is not acted on again, the run ends
+    INCONSISTENT (never "rolled back"), and the next run waits for it to land, then finishes."""
+    tree = fake_tree()
+    assert toggle_env.run("checkpointed").returncode == 0
+    w0, w1 = tree.workers
+    fakegpu.add_fault(w1, "restore", "slow:4", root=toggle_env.state_dir)
+    timeouts = {"CUDA_TOGGLE_OP_TIMEOUT_S": "1", "CUDA_TOGGLE_STATE_TIMEOUT_S": "1"}
+    before = len(ops(toggle_env, "restore", "unlock", "checkpoint"))
+    code, result = toggle_env.run_json("running", env=timeouts)
+    assert code == ExitCode.INCONSISTENT, result
+    assert result["in_flight"] == [w1] and "nothing was rolled back" in result["error"]
+    assert [op for op, pid in ops(toggle_env, "restore", "unlock", "checkpoint")[before:] if pid == w1] == []
+    code, result = toggle_env.run_json("running")
+    assert code == 0, result
+    assert any(f"restore of PID {w1}" in note for note in result["notes"]), result["notes"]
+    later = ops(toggle_env, "restore", "unlock", "checkpoint")[before:]
+    assert [op for op, pid in later if pid == w1] == ["restore", "unlock"]
+    assert_all(toggle_env, tree.cuda_pids, "running")
+
+
+def test_freeze_that_does_not_take_effect_is_undone():
+    """A SIGSTOP that has not taken effect in time is cancelled with SIGCONT before the error is raised,
+    and the message says so (nothing claims a rollback that did not happen)."""
+    from entrypoint.errors import SuspendError
+    from entrypoint.processes import describe
+    from entrypoint.transition import freeze
+
+    sleeper = subprocess.Popen(["sleep", "30"])
+    try:
+        with pytest.raises(SuspendError) as failure:
+            freeze(describe(sleeper.pid), wait_s=0)
+        assert "SIGCONT sent" in failure.value.message and "rolled back" not in failure.value.message
+        sleep_until(lambda: fakegpu.process_status(sleeper.pid) not in ("T", "t"), "the process to run again")
+        time.sleep(0.1)
+        assert fakegpu.process_status(sleeper.pid) not in ("T", "t"), "the stop must not land later"
+    finally:
+        sleeper.kill()
+        sleeper.wait()
+
+
 def test_running_continues_a_frozen_dispatcher_even_when_cuda_runs(toggle_env, fake_tree):
     """A dispatcher left stopped with every worker running is continued by `running` (repair)."""
     tree = fake_tree()
