@@ -170,12 +170,18 @@ def leave_an_orphan(rig: Rig, target: str, backend: str = "cli") -> None:
 
 
 def kill_in_phase(
-    rig: Rig, target: str, phase: str, rng: random.Random, signum: int = signal.SIGKILL, backend: str = "cli"
+    rig: Rig,
+    target: str,
+    phase: str,
+    rng: random.Random,
+    signum: int = signal.SIGKILL,
+    backend: str = "cli",
+    tool: subprocess.Popen | None = None,
 ):
-    """Start `target` (with `backend`), wait until it marks `phase` (or one after it), wait a random part
-    of that phase, then send `signum`. Returns (the phase it was in, the tool)."""
+    """Start `target` (with `backend`; or take the `tool` started), wait until it marks `phase` (or one
+    after it), wait a random part of that phase, then send `signum`. Returns (the phase it was in, the tool)."""
     order = list(SUSPEND_PHASES if target == "checkpointed" else RESUME_PHASES)
-    tool = rig.start(target, {"CUDA_TOGGLE_BACKEND": backend})
+    tool = tool or rig.start(target, {"CUDA_TOGGLE_BACKEND": backend})
     deadline = time.monotonic() + 30
     while True:
         current = rig.phase_of(tool)
@@ -298,6 +304,45 @@ def test_signal_at_every_phase(rig, target, signum):
             assert tool.returncode in (0, ExitCode.TRANSITION_FAILED), (tool.returncode, result, err[-2000:])
         assert_signal_outcome(rig, target, tool.returncode, result, before)
         assert_running_gets_there(rig)
+
+
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
+def test_signal_during_a_hybrid_suspend_and_resume(rig, signum):
+    """Hybrid (vLLM asleep while checkpointed): a signal in each phase leaves vLLM awake unless the
+    suspend completed, never asleep behind a report of "running" or "nothing changed"."""
+    rng = random.Random(f"{SEED}-hybrid-{signum}")
+    hybrid = {"CUDA_TOGGLE_MODE": "auto"}
+    for target in ("checkpointed", "running"):
+        phases = SUSPEND_PHASES if target == "checkpointed" else RESUME_PHASES
+        for phase in [p for p in phases if p not in ("settle", "verify")]:
+            rig.clear_faults()
+            if target == "running":
+                code, result, err = rig.run("checkpointed", hybrid)
+                assert code == 0 and result["mode"] == "hybrid", (result["error"], err)
+            slow_phases(rig, "suspend" if target == "checkpointed" else "resume")
+            before = rig.states()
+            tool = rig.start(target, hybrid)
+            hit, tool = kill_in_phase(rig, target, phase, rng, signum, tool=tool)
+            out, err = tool.communicate(timeout=60)
+            print(
+                f"hybrid {signal.Signals(signum).name} during {target}: aimed at {phase}, hit {hit}, "
+                f"exit {tool.returncode}"
+            )
+            assert "Traceback" not in err, err
+            result = json.loads(out) if out.strip() else None
+            asleep = rig.server.get("/is_sleeping").json()["is_sleeping"]
+            if tool.returncode == 0 and target == "checkpointed":
+                assert asleep and result["mode"] == "hybrid"
+            else:
+                assert not asleep or tool.returncode == ExitCode.TRANSITION_FAILED and target == "running", (
+                    tool.returncode,
+                    result,
+                )
+            if hit not in ("observe", "startup"):
+                assert tool.returncode in (0, ExitCode.TRANSITION_FAILED), (tool.returncode, result, err[-2000:])
+            assert_signal_outcome(rig, target, tool.returncode, result, before)
+            assert_running_gets_there(rig)
+            assert not rig.server.get("/is_sleeping").json()["is_sleeping"]
 
 
 # --- state reads that fail once ---------------------------------------------------------------------------
