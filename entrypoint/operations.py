@@ -251,7 +251,7 @@ def settle_orphans(config: Config, backend) -> list[str]:
                 "still waiting after {:.0f} s for {}", now - started, "; ".join(e.describe() for _, e in pending)
             )
             next_progress = now + config.progress_s
-        time.sleep(0.02)
+        time.sleep(0.05)  # each look scans the process table
     notes = []
     for path, entry in entries:
         if entry.pid_create_time is not None and not same_process(entry.pid, entry.pid_create_time):

@@ -283,11 +283,11 @@ def started_calls(env, op: str) -> list[int]:
     return [int(line.split("--pid ")[1].split()[0]) for line in lines if f"--action {op} " in line]
 
 
-def kill_mid_checkpoint(env, tree, fault: str) -> None:
+def kill_mid_checkpoint(env, tree, fault: str, backend: str = "cli") -> None:
     """Start a suspend, kill -9 it while worker 1's checkpoint (told `fault`) runs."""
     fakegpu.add_fault(tree.workers[1], "checkpoint", fault, root=env.state_dir)
     tool = subprocess.Popen(
-        [sys.executable, "-m", "entrypoint.cuda_toggle_all", "checkpointed"],
+        [sys.executable, "-m", "entrypoint.cuda_toggle_all", "checkpointed", "--backend", backend],
         cwd=REPO,
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
@@ -297,10 +297,11 @@ def kill_mid_checkpoint(env, tree, fault: str) -> None:
     tool.wait()
 
 
-def test_killed_tools_checkpoint_lands_and_running_waits_for_it(toggle_env, fake_tree):
+@pytest.mark.parametrize("backend", ["cli", "driver"])
+def test_killed_tools_checkpoint_lands_and_running_waits_for_it(toggle_env, fake_tree, backend):
     """A checkpoint left running by a killed suspend lands later: `running` waits for it, then resumes all."""
     tree = fake_tree()
-    kill_mid_checkpoint(toggle_env, tree, "slow:1.5")
+    kill_mid_checkpoint(toggle_env, tree, "slow:1.5", backend)
     assert tree.status_letter(tree.dispatcher) == "T"
     assert toggle_env.state(tree.workers[1]) == "locked", "the orphaned checkpoint has not landed yet"
     code, result = toggle_env.run_json("running")
