@@ -298,24 +298,24 @@ def _suspend(
                     else "restart the server (supervisorctl restart vllm)"
                 )
                 raise _fail(result, f"suspend failed: {failure}; {hint}", code, started, states)
+        # still under the guard: a signal now must not cut the record short of `complete`
+        after = read_gpus(config)
+        result.gpus_after = after.to_json()
+        before_by_uuid = gpus.by_uuid()
+        record.merge_gpus(
+            [
+                GpuRecord(
+                    g.uuid,
+                    g.index,
+                    before_by_uuid[g.uuid].used_mib if g.uuid in before_by_uuid else g.used_mib,
+                    g.used_mib,
+                )
+                for g in after.gpus
+            ]
+        )
+        record.complete = True
+        record.save(config.run_dir)
         result.interrupted = guard.received
-
-    after = read_gpus(config)
-    result.gpus_after = after.to_json()
-    before_by_uuid = gpus.by_uuid()
-    record.merge_gpus(
-        [
-            GpuRecord(
-                g.uuid,
-                g.index,
-                before_by_uuid[g.uuid].used_mib if g.uuid in before_by_uuid else g.used_mib,
-                g.used_mib,
-            )
-            for g in after.gpus
-        ]
-    )
-    record.complete = True
-    record.save(config.run_dir)
     _finish(result, states, started)
     result.ok = True
     return result
@@ -427,11 +427,12 @@ def _resume(config: Config, backend: Backend, obs: Observation, force: bool, sta
                     started,
                     states,
                 )
-    for entry in result.dispatchers:
-        entry["frozen_after"] = bool(describe(entry["pid"]) and describe(entry["pid"]).stopped)
-    if record is not None:
-        record.clear(config.run_dir)
-    result.gpus_after = read_gpus(config).to_json()
+        for entry in result.dispatchers:  # still under the guard: the record goes with the last step
+            entry["frozen_after"] = bool(describe(entry["pid"]) and describe(entry["pid"]).stopped)
+        if record is not None:
+            record.clear(config.run_dir)
+        result.gpus_after = read_gpus(config).to_json()
+        result.interrupted = guard.received
     _finish(result, states, started)
     result.ok = True
     return result
