@@ -197,7 +197,7 @@ def test_lock_deadline_rolls_back_to_running(toggle_env, fake_tree):
     assert "CUDA_TOGGLE_LOCK_DEADLINE_S" in result["error"]
     assert_all(toggle_env, tree.cuda_pids, "running")
     assert tree.status_letter(tree.dispatcher) != "T"
-    assert not (toggle_env.run_dir / "suspended.json").exists()
+    assert not list((toggle_env.run_dir / "servers").glob("*.json")), "a rolled-back suspend leaves no record"
 
 
 def test_checkpoint_failure_restores_the_others(toggle_env, fake_tree):
