@@ -25,8 +25,12 @@ class BackendError(Exception):
 class Backend(Protocol):
     name: str
 
-    def get_state(self, pid: int) -> str | None:
-        """running | locked | checkpointed | failed, or None when the process has no CUDA context."""
+    def get_state(self, pid: int, timeout_s: float | None = None) -> str | None:
+        """running | locked | checkpointed | failed, or None when the process has no CUDA context.
+
+        Blocks while an operation on `pid` runs (measured on an H200 with both backends, the caller of
+        that operation killed or not), then answers its end state; `timeout_s` (default
+        CUDA_TOGGLE_STATE_TIMEOUT_S) bounds the wait where the backend can."""
 
     def lock(self, pid: int, timeout_ms: int) -> None: ...
 

@@ -28,6 +28,7 @@ class ExitCode(IntEnum):
     INFLIGHT_CUT = 17  # the request running across the suspend was aborted, cut short, or not in flight
     LOGPROBS_DIFFER = 18  # a request run alone after resume differs from before (tokens or logprobs)
     LOGPROBS_UNFIT = 19  # the reference logprobs are missing, not finite or all equal: no fair comparison
+    INTERRUPTED = 130  # SIGINT or SIGTERM arrived before anything changed: nothing was done (128 + SIGINT)
 
     @property
     def meaning(self) -> str:
@@ -54,9 +55,10 @@ EXIT_CODE_MEANINGS = {
     ExitCode.INFLIGHT_CUT: "request in flight at the suspend was aborted or cut short",
     ExitCode.LOGPROBS_DIFFER: "request run alone after resume differs by tokens or logprobs",
     ExitCode.LOGPROBS_UNFIT: "reference logprobs missing, not finite or all equal",
+    ExitCode.INTERRUPTED: "interrupted (SIGINT/SIGTERM) before anything changed; nothing was done",
 }
 
-TOGGLE_EXIT_CODES = [code for code in ExitCode if code < ExitCode.NOT_READY]
+TOGGLE_EXIT_CODES = [code for code in ExitCode if code < ExitCode.NOT_READY or code == ExitCode.INTERRUPTED]
 
 
 class SuspendError(Exception):

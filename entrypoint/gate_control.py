@@ -1,6 +1,6 @@
 """The gate's power control: is the server running, when must it be woken, when may it be suspended.
 
-One source of truth, shared with `cuda-toggle-all`: the suspend record (RUN_DIR/suspended.json, there
+One source of truth, shared with `cuda-toggle-all`: the suspend records (RUN_DIR/servers/, there
 while the server is suspended or a suspend runs) and the tool's lock (held while any transition runs).
 The gate adds what only it knows: its own transition in flight, and the requests it has in flight.
 Transitions go through the library (toggle.py) in a worker thread, never a subprocess, and take the
@@ -129,7 +129,7 @@ class PowerController:
         purpose = tool_lock_purpose(self.toggle_config.run_dir)
         if purpose is not None:
             return phase_of_tool_run(purpose)
-        if SuspendRecord.path(self.toggle_config.run_dir).exists() or self.believed_suspended:
+        if SuspendRecord.any(self.toggle_config.run_dir) or self.believed_suspended:
             return Phase.SUSPENDED
         return Phase.RUNNING
 

@@ -53,6 +53,7 @@ class ToggleResult:
     # "gpus": [GPU proof], "vllm": {"is_paused", "is_sleeping"}, "probe": {...}, "dead": [...]}
     evidence: dict = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
+    in_flight: list[int] = field(default_factory=list)  # PIDs whose call had not returned when the run ended
 
     def record(self, pid: int) -> PidResult:
         return next(r for r in self.pids if r.pid == pid)

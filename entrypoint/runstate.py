@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import json
 import os
@@ -9,6 +10,8 @@ import sys
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+
+from loguru import logger
 
 from .errors import ExitCode, SuspendError
 
@@ -70,9 +73,14 @@ class ToolLock:
 
 @dataclass
 class FrozenProcess:
+    """A process named so that a reused PID is never mistaken for it (PID and create time)."""
+
     pid: int
     create_time: float
     title: str
+
+
+ProcessRecord = FrozenProcess  # the same identity, for the CUDA processes a suspend moved
 
 
 @dataclass
@@ -87,44 +95,179 @@ class GpuRecord:
         return max(0, self.used_before_mib - self.used_after_mib)
 
 
+def merge_gpus(kept: list[GpuRecord], measured: list[GpuRecord]) -> list[GpuRecord]:
+    """The GPU figures of a record after another suspend: a GPU's new figures replace the kept ones only
+    when they show memory released. A suspend of a server already suspended releases nothing, and must
+    not turn the figures the resume checks GPU room against into 0."""
+    merged = {gpu.uuid: gpu for gpu in kept}
+    for gpu in measured:
+        if gpu.released_mib > 0 or gpu.uuid not in merged:
+            merged[gpu.uuid] = gpu
+    return sorted(merged.values(), key=lambda gpu: gpu.index)
+
+
+QUIESCE_KINDS = ("scheduler", "sigstop", "none")
+MODES = ("plain", "hybrid")
+RECORDS_DIR = "servers"
+NUMBER = (int, float)
+PROCESS_FIELDS = {"pid": int, "create_time": NUMBER, "title": str}
+GPU_FIELDS = {"uuid": str, "index": int, "used_before_mib": int, "used_after_mib": int}
+RECORD_FIELDS = {
+    "root_pid": int,
+    "root_create_time": NUMBER,
+    "backend": str,
+    "started_at": NUMBER,
+    "frozen": list,
+    "cuda": list,
+    "gpus": list,
+    "complete": bool,
+    "mode": str,
+    "quiesce": str,
+    "server_url": str,
+}
+
+
+def _shaped(data: object, fields: dict[str, object]) -> bool:
+    """True when `data` is a dict with exactly `fields`, each of its type (a bool is not a number)."""
+    if not isinstance(data, dict) or set(data) != set(fields):
+        return False
+    for key, kind in fields.items():
+        value = data[key]
+        if not isinstance(value, kind) or (isinstance(value, bool) and kind is not bool):
+            return False
+    return True
+
+
+def _same_time(a: float, b: float) -> bool:
+    return abs(a - b) < 0.01
+
+
 @dataclass
 class SuspendRecord:
-    """Written while a suspend runs and kept while the server is suspended (RUN_DIR/suspended.json)."""
+    """One per suspended server instance, written while a suspend runs and kept while it is suspended:
+    RUN_DIR/servers/<root pid>-<root create time>.json. The create time tells a server from a later one
+    with the same PID (container PIDs repeat, and /run can survive a restart)."""
 
     root_pid: int
     root_create_time: float
     backend: str
     started_at: float
-    frozen: list[FrozenProcess] = field(default_factory=list)
-    gpus: list[GpuRecord] = field(default_factory=list)
+    frozen: list[FrozenProcess] = field(default_factory=list)  # dispatchers we SIGSTOPped
+    cuda: list[ProcessRecord] = field(default_factory=list)  # the CUDA processes the suspend moved
+    gpus: list[GpuRecord] = field(default_factory=list)  # each GPU's memory before and after
     complete: bool = False
-    mode: str = "plain"
+    mode: str = "plain"  # plain | hybrid (vLLM slept at level 1 before the checkpoint)
+    quiesce: str = "none"  # what held the requests: scheduler (vLLM's /pause or /sleep, mode=keep) | sigstop | none
     server_url: str = ""
-    quiesce: str = "none"  # what holds the requests: scheduler (vLLM's pause or sleep), sigstop, none
-    cuda_pids: list[FrozenProcess] = field(default_factory=list)  # every process checkpointed (identity)
 
     @staticmethod
-    def path(run_dir: str) -> Path:
-        return Path(run_dir) / "suspended.json"
+    def directory(run_dir: str) -> Path:
+        return Path(run_dir) / RECORDS_DIR
+
+    @classmethod
+    def path_for(cls, run_dir: str, root_pid: int, root_create_time: float) -> Path:
+        return cls.directory(run_dir) / f"{root_pid}-{root_create_time:.2f}.json"
+
+    def path(self, run_dir: str) -> Path:
+        return self.path_for(run_dir, self.root_pid, self.root_create_time)
+
+    def merge_gpus(self, measured: list[GpuRecord]) -> None:
+        self.gpus = merge_gpus(self.gpus, measured)
 
     def save(self, run_dir: str) -> None:
+        """Write the record atomically; SuspendError(USAGE) naming CUDA_TOGGLE_RUN_DIR if it cannot be."""
         path = self.path(run_dir)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(asdict(self), indent=2))
-        tmp.replace(path)
-
-    @classmethod
-    def load(cls, run_dir: str) -> SuspendRecord | None:
         try:
-            data = json.loads(cls.path(run_dir).read_text())
-        except (OSError, ValueError):
-            return None
-        data["frozen"] = [FrozenProcess(**item) for item in data.get("frozen", [])]
-        data["gpus"] = [GpuRecord(**item) for item in data.get("gpus", [])]
-        data["cuda_pids"] = [FrozenProcess(**item) for item in data.get("cuda_pids", [])]
-        return cls(**data)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_suffix(f".{os.getpid()}.tmp")
+            tmp.write_text(json.dumps(asdict(self), indent=2))
+            tmp.replace(path)
+        except OSError as error:
+            raise SuspendError(
+                f"cannot write the suspend record {path}: {error}; set CUDA_TOGGLE_RUN_DIR to a writable folder",
+                ExitCode.USAGE,
+            )
 
     @classmethod
-    def clear(cls, run_dir: str) -> None:
-        cls.path(run_dir).unlink(missing_ok=True)
+    def parse(cls, data: object) -> SuspendRecord | None:
+        """The record in `data` (decoded JSON), or None when it has the wrong shape."""
+        if not _shaped(data, RECORD_FIELDS) or data["mode"] not in MODES or data["quiesce"] not in QUIESCE_KINDS:
+            return None
+        if not all(_shaped(item, PROCESS_FIELDS) for item in data["frozen"] + data["cuda"]):
+            return None
+        if not all(_shaped(item, GPU_FIELDS) for item in data["gpus"]):
+            return None
+        return cls(
+            **{
+                **data,
+                "frozen": [FrozenProcess(**item) for item in data["frozen"]],
+                "cuda": [ProcessRecord(**item) for item in data["cuda"]],
+                "gpus": [GpuRecord(**item) for item in data["gpus"]],
+            }
+        )
+
+    @classmethod
+    def _read(cls, path: Path) -> SuspendRecord | None:
+        try:
+            data = json.loads(path.read_text())
+        except FileNotFoundError:
+            return None
+        except (OSError, ValueError) as error:
+            logger.warning("suspend record {} is unreadable ({}): ignored", path, error)
+            return None
+        record = cls.parse(data)
+        if record is None:
+            logger.warning("suspend record {} is not a suspend record of this version: ignored", path)
+        return record
+
+    @classmethod
+    def load(cls, run_dir: str, root_pid: int, root_create_time: float) -> SuspendRecord | None:
+        """The record of the server (root PID and its create time), or None. A record left by another
+        process with the same PID (stale) or of the wrong shape is reported once and ignored; a stale
+        one is removed, since the process it named is gone. Never raises."""
+        try:
+            paths = sorted(cls.directory(run_dir).glob(f"{root_pid}-*.json"))
+        except OSError as error:
+            logger.warning("cannot read {}: {}", cls.directory(run_dir), error)
+            return None
+        found = None
+        for path in paths:
+            record = cls._read(path)
+            if record is None or record.root_pid != root_pid:
+                continue
+            if _same_time(record.root_create_time, root_create_time):
+                found = record
+                continue
+            logger.warning(
+                "suspend record {} names an earlier process with PID {} (started {}): stale, removed",
+                path,
+                root_pid,
+                time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(record.root_create_time)),
+            )
+            with contextlib.suppress(OSError):
+                path.unlink()
+        return found
+
+    @classmethod
+    def load_all(cls, run_dir: str) -> list[SuspendRecord]:
+        """Every well-formed record in RUN_DIR (the servers suspended, or being suspended, now)."""
+        try:
+            paths = sorted(cls.directory(run_dir).glob("*.json"))
+        except OSError:
+            return []
+        return [record for record in map(cls._read, paths) if record is not None]
+
+    @classmethod
+    def any(cls, run_dir: str) -> bool:
+        """True when some server has a record (a suspend ran and was not undone)."""
+        try:
+            return any(cls.directory(run_dir).glob("*.json"))
+        except OSError:
+            return False
+
+    def clear(self, run_dir: str) -> None:
+        """Remove this server's record (never raises: a record that cannot be removed is reported)."""
+        try:
+            self.path(run_dir).unlink(missing_ok=True)
+        except OSError as error:
+            logger.warning("cannot remove the suspend record {}: {}", self.path(run_dir), error)

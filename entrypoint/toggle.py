@@ -24,12 +24,13 @@ from .config import Config
 from .discovery import find_server
 from .errors import ExitCode, SuspendError
 from .gpus import GpuReading, read_gpus
+from .operations import settle_orphans
 from .plan import Observation, SuspendPlan, dispatcher_candidates, model_holders, plan_suspend
 from .processes import ProcessInfo, describe, inherited_environ, same_process, walk_tree
 from .proof import released_proof, returned_proof
 from .results import PidResult, ToggleResult
-from .runstate import FrozenProcess, GpuRecord, SuspendRecord, ToolLock
-from .transition import Inconsistent, RolledBack, SignalGuard, Transition, freeze, run_parallel, thaw
+from .runstate import FrozenProcess, GpuRecord, ProcessRecord, SuspendRecord, ToolLock
+from .transition import Inconsistent, RolledBack, SignalGuard, Transition, freeze, mark_phase, read_states, thaw
 from .vllm_control import VllmControl, VllmControlError, server_url
 
 SUSPEND, RESUME = "checkpointed", "running"
@@ -48,20 +49,8 @@ def observe(config: Config, backend: Backend, pid: int | None, *, force: bool = 
                 process.pid,
                 process.short_title(40),
             )
-    asked = [p.pid for p in tree if not p.stopped]
-    answers: dict[int, str | None] = {}
-
-    def ask(pid: int) -> None:
-        answers[pid] = backend.get_state(pid)
-
-    outcomes = run_parallel("get-state", asked, ask, config.state_timeout_s)
-    states, unreadable = {}, {}
-    for asked_pid in asked:
-        if outcomes[asked_pid].ok:
-            if answers.get(asked_pid) is not None:
-                states[asked_pid] = answers[asked_pid]
-        elif describe(asked_pid) is not None:
-            unreadable[asked_pid] = outcomes[asked_pid].error.message
+    answers, unreadable = read_states(config, backend, [p.pid for p in tree if not p.stopped])
+    states = {pid: state for pid, state in answers.items() if state is not None}
     root_process = next(p for p in tree if p.pid == root.pid) if tree else describe(root.pid)
     control = VllmControl(server_url(root_process, config.server_url), config.sleep_timeout_s)
     return Observation(root.pid, root.how, tree, states, unreadable, read_gpus(config), control.capabilities())
@@ -125,26 +114,47 @@ def toggle(
     """
     target = TARGET_ALIASES[target]
     started = time.monotonic()
-    with ToolLock(config.run_dir, config.busy_wait_s, purpose=f"cuda-toggle-all {target}"):
+    # One guard for the whole run: SIGINT/SIGTERM are deferred, and acted on between phases (a phase of the
+    # driver is never cut: the driver does not roll back a checkpoint or restore half-way).
+    with SignalGuard() as guard, ToolLock(config.run_dir, config.busy_wait_s, purpose=f"cuda-toggle-all {target}"):
         backend = select_backend(config, backend_name)
+        mark_phase(config.run_dir, "settle")
+        settled = settle_orphans(config, backend)  # a killed run's driver calls land before we look
+        mark_phase(config.run_dir, "observe")
         obs = observe(config, backend, pid, force=force)
-        if target == SUSPEND:
-            requested_quiesce = quiesce or (config.quiesce if freeze_dispatcher else "none")
-            return _suspend(config, backend, obs, force, started, mode or config.mode, requested_quiesce)
-        return _resume(config, backend, obs, force, started)
+        try:
+            if target == SUSPEND:
+                requested_quiesce = quiesce or (config.quiesce if freeze_dispatcher else "none")
+                result = _suspend(config, backend, obs, force, started, mode or config.mode, requested_quiesce, guard)
+            else:
+                result = _resume(config, backend, obs, force, started, guard)
+        except SuspendError as failure:
+            if isinstance(failure.result, ToggleResult):
+                failure.result.notes[:0] = settled
+            raise
+        result.notes[:0] = settled
+        return result
+
+
+def _interrupted_before_any_change(guard: SignalGuard, result: ToggleResult, started: float, states: dict) -> None:
+    if guard.received:
+        result.interrupted = guard.received
+        raise _fail(
+            result,
+            f"interrupted by {guard.received} before anything changed: nothing was done",
+            ExitCode.INTERRUPTED,
+            started,
+            states,
+        )
 
 
 # the suspend record ---------------------------------------------------------------------------------------
 def _record_of(config: Config, obs: Observation) -> SuspendRecord | None:
-    """This server's suspend record; a record of another server (or an older one with this PID) is ignored."""
-    record = SuspendRecord.load(config.run_dir)
-    if record is None:
-        return None
+    """This server instance's suspend record (root PID and create time); stale or malformed ones are ignored."""
     root = next((p for p in obs.tree if p.pid == obs.root_pid), None)
-    if record.root_pid != obs.root_pid or (root is not None and abs(record.root_create_time - root.create_time) > 0.01):
-        logger.warning("the suspend record names another server (PID {}): ignored", record.root_pid)
+    if root is None:
         return None
-    return record
+    return SuspendRecord.load(config.run_dir, root.pid, root.create_time)
 
 
 def _host_available_mib(config: Config) -> int:
@@ -225,7 +235,14 @@ def _vllm_flags(control: VllmControl) -> dict[str, bool | None]:
 
 # suspend ----------------------------------------------------------------------------------------------------
 def _suspend(
-    config: Config, backend: Backend, obs: Observation, force: bool, started: float, mode: str, quiesce: str
+    config: Config,
+    backend: Backend,
+    obs: Observation,
+    force: bool,
+    started: float,
+    mode: str,
+    quiesce: str,
+    guard: SignalGuard,
 ) -> ToggleResult:
     record = _record_of(config, obs)
     plan = plan_suspend(
@@ -270,86 +287,90 @@ def _suspend(
         result.ok = True
         return result
 
+    _interrupted_before_any_change(guard, result, started, states)
     root = obs.process(obs.root_pid)
+    earlier = record
     record = SuspendRecord(obs.root_pid, root.create_time, backend.name, time.time())
+    if earlier is not None:  # a suspend that half-ran: keep what it measured (never overwrite with less)
+        record.gpus = earlier.gpus
     record.frozen = [FrozenProcess(p.pid, p.create_time, p.title) for p in plan.freeze]
-    record.cuda_pids = [FrozenProcess(pid, obs.process(pid).create_time, obs.title(pid)) for pid in plan.checkpoint]
+    record.cuda = [ProcessRecord(pid, obs.process(pid).create_time, obs.title(pid)) for pid in plan.checkpoint]
     record.mode, record.quiesce, record.server_url = plan.mode, plan.quiesce, control.url
     record.save(config.run_dir)  # before anything changes: a crash from here on leaves what `running` needs
 
-    with SignalGuard() as guard:
-        try:
-            _quiesce(plan, control, result)
-        except (VllmControlError, SuspendError) as error:
+    try:
+        mark_phase(config.run_dir, "quiesce")
+        _quiesce(plan, control, result)
+    except (VllmControlError, SuspendError) as error:
+        problems = _unquiesce(control, record, plan.freeze, result)
+        record.clear(config.run_dir)
+        message = getattr(error, "message", str(error))
+        raise _fail(
+            result,
+            f"suspend failed before any checkpoint: {message}"
+            + (f"; and letting the server go failed: {problems}" if problems else "; the server runs as before"),
+            ExitCode.INCONSISTENT if problems else ExitCode.TRANSITION_FAILED,
+            started,
+            states,
+        )
+    transition = Transition(config, backend, result, states, guard, _gpu_progress(config))
+    try:
+        if guard.received:
+            raise RolledBack(f"interrupted by {guard.received} while quiescing")
+        transition.suspend()
+        after = read_gpus(config)
+        proof = released_proof(obs.gpus, after, plan.checkpoint, config.residual_mib)
+        result.gpus_after = after.to_json()
+        result.evidence = {"gpus": proof.to_json(), "vllm": _vllm_flags(control)}
+        if not proof.ok and obs.gpus.gpus:
+            logger.error("the checkpoint did not free the server's GPU memory: {}", proof.failure())
+            transition.rollback_to_running()
             problems = _unquiesce(control, record, plan.freeze, result)
-            SuspendRecord.clear(config.run_dir)
-            message = getattr(error, "message", str(error))
+            record.clear(config.run_dir)
             raise _fail(
                 result,
-                f"suspend failed before any checkpoint: {message}"
-                + (f"; and letting the server go failed: {problems}" if problems else "; the server runs as before"),
-                ExitCode.INCONSISTENT if problems else ExitCode.TRANSITION_FAILED,
+                f"every process read checkpointed, but {proof.failure()}: the suspend was undone and the "
+                "server runs again"
+                + (f" (letting it go failed: {problems})" if problems else "")
+                + ". See `cuda-toggle-all status`; on a GPU shared with processes the tool cannot see, raise "
+                "CUDA_TOGGLE_RESIDUAL_MIB",
+                ExitCode.MEMORY_KEPT if not problems else ExitCode.INCONSISTENT,
                 started,
                 states,
             )
-        transition = Transition(config, backend, result, states, guard, _gpu_progress(config))
-        try:
-            if guard.received:
-                raise RolledBack(f"interrupted by {guard.received} while quiescing")
-            transition.suspend()
-            after = read_gpus(config)
-            proof = released_proof(obs.gpus, after, plan.checkpoint, config.residual_mib)
-            result.gpus_after = after.to_json()
-            result.evidence = {"gpus": proof.to_json(), "vllm": _vllm_flags(control)}
-            if not proof.ok and obs.gpus.gpus:
-                logger.error("the checkpoint did not free the server's GPU memory: {}", proof.failure())
-                transition.rollback_to_running()
-                problems = _unquiesce(control, record, plan.freeze, result)
-                SuspendRecord.clear(config.run_dir)
-                raise _fail(
-                    result,
-                    f"every process read checkpointed, but {proof.failure()}: the suspend was undone and the "
-                    "server runs again"
-                    + (f" (letting it go failed: {problems})" if problems else "")
-                    + ". See `cuda-toggle-all status`; on a GPU shared with processes the tool cannot see, raise "
-                    "CUDA_TOGGLE_RESIDUAL_MIB",
-                    ExitCode.MEMORY_KEPT if not problems else ExitCode.INCONSISTENT,
-                    started,
-                    states,
-                )
-        except RolledBack as failure:
-            result.interrupted = guard.received
-            problems = _unquiesce(control, record, plan.freeze, result)
-            SuspendRecord.clear(config.run_dir)
-            hint = problems or "every process is running again and the server takes requests"
-            raise _fail(
-                result,
-                f"suspend failed: {failure}; {hint}",
-                ExitCode.INCONSISTENT if problems else ExitCode.TRANSITION_FAILED,
-                started,
-                states,
-            )
-        except Inconsistent as failure:
-            # Some process is not running: the requests stay held (paused or frozen) and the record stays, so
-            # that `cuda-toggle-all running` can finish the job; nothing may reach a checkpointed process.
-            result.interrupted = guard.received
-            raise _fail(
-                result,
-                f"suspend failed and could not be undone: {failure}; the requests stay held. Run "
-                "`cuda-toggle-all running`; if that fails too, restart the server (supervisorctl restart vllm)",
-                ExitCode.INCONSISTENT,
-                started,
-                states,
-            )
+    except RolledBack as failure:
         result.interrupted = guard.received
+        problems = _unquiesce(control, record, plan.freeze, result)
+        record.clear(config.run_dir)
+        hint = problems or "every process is running again and the server takes requests"
+        raise _fail(
+            result,
+            f"suspend failed: {failure}; {hint}",
+            ExitCode.INCONSISTENT if problems else ExitCode.TRANSITION_FAILED,
+            started,
+            states,
+        )
+    except Inconsistent as failure:
+        # Some process is not running: the requests stay held (paused or frozen) and the record stays, so
+        # that `cuda-toggle-all running` can finish the job; nothing may reach a checkpointed process.
+        result.interrupted = guard.received
+        raise _fail(
+            result,
+            f"suspend failed and could not be undone: {failure}; the requests stay held. Run "
+            "`cuda-toggle-all running`; if that fails too, restart the server (supervisorctl restart vllm)",
+            ExitCode.INCONSISTENT,
+            started,
+            states,
+        )
+    result.interrupted = guard.received
 
     before_by_uuid = obs.gpus.by_uuid()
-    record.gpus = [
-        GpuRecord(
-            g.uuid, g.index, before_by_uuid[g.uuid].used_mib if g.uuid in before_by_uuid else g.used_mib, g.used_mib
-        )
-        for g in after.gpus
-    ]
+    record.merge_gpus(
+        [
+            GpuRecord(g.uuid, g.index, before_by_uuid[g.uuid].used_mib if g.uuid in before_by_uuid else 0, g.used_mib)
+            for g in after.gpus
+        ]
+    )
     record.complete = True
     record.save(config.run_dir)
     _finish(result, states, started)
@@ -361,10 +382,12 @@ def _suspend(
 def _dead_while_suspended(record: SuspendRecord | None) -> list[str]:
     if record is None:
         return []
-    return [f"PID {p.pid} ({p.title[:40]})" for p in record.cuda_pids if not same_process(p.pid, p.create_time)]
+    return [f"PID {p.pid} ({p.title[:40]})" for p in record.cuda if not same_process(p.pid, p.create_time)]
 
 
-def _resume(config: Config, backend: Backend, obs: Observation, force: bool, started: float) -> ToggleResult:
+def _resume(
+    config: Config, backend: Backend, obs: Observation, force: bool, started: float, guard: SignalGuard
+) -> ToggleResult:
     record = _record_of(config, obs)
     holders = model_holders(obs)
     dispatchers = dispatcher_candidates(obs, config.dispatcher, holders) or [
@@ -436,28 +459,28 @@ def _resume(config: Config, backend: Backend, obs: Observation, force: bool, sta
         for reason in refusals:
             logger.warning("--force: going on despite: {}", reason)
 
-    with SignalGuard() as guard:
-        if all(state == "running" for state in states.values()):
-            result.notes.append("every CUDA process was running already")
-        else:
-            transition = Transition(config, backend, result, states, guard, _gpu_progress(config))
-            try:
-                transition.resume()
-            except RolledBack as failure:
-                raise _fail(result, f"resume failed: {failure}", ExitCode.TRANSITION_FAILED, started, states)
-            except Inconsistent as failure:
-                raise _fail(
-                    result,
-                    f"resume failed: {failure}; the requests stay held. Restart the server "
-                    "(supervisorctl restart vllm)",
-                    ExitCode.INCONSISTENT,
-                    started,
-                    states,
-                )
-        began = time.monotonic()
-        problems = _unquiesce(control, record, dispatchers, result)
-        result.phases["unquiesce"] = time.monotonic() - began
-        result.interrupted = guard.received
+    _interrupted_before_any_change(guard, result, started, states)
+    if all(state == "running" for state in states.values()):
+        result.notes.append("every CUDA process was running already")
+    else:
+        transition = Transition(config, backend, result, states, guard, _gpu_progress(config))
+        try:
+            transition.resume()
+        except RolledBack as failure:
+            raise _fail(result, f"resume failed: {failure}", ExitCode.TRANSITION_FAILED, started, states)
+        except Inconsistent as failure:
+            raise _fail(
+                result,
+                f"resume failed: {failure}; the requests stay held. Restart the server (supervisorctl restart vllm)",
+                ExitCode.INCONSISTENT,
+                started,
+                states,
+            )
+    began = time.monotonic()
+    mark_phase(config.run_dir, "unquiesce")
+    problems = _unquiesce(control, record, dispatchers, result)
+    result.phases["unquiesce"] = time.monotonic() - began
+    result.interrupted = guard.received
     for entry in result.dispatchers:
         now = describe(entry["pid"])
         entry["frozen_after"] = bool(now and now.stopped)
@@ -497,7 +520,7 @@ def _resume(config: Config, backend: Backend, obs: Observation, force: bool, sta
             started,
             states,
         )
-    SuspendRecord.clear(config.run_dir)
+    record.clear(config.run_dir)
     _finish(result, states, started)
     result.ok = True
     return result

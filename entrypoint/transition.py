@@ -4,16 +4,22 @@ Suspend = freeze the dispatcher, lock every PID (rounds with a short timeout, re
 every PID, verify. Resume = restore every PID, unlock every PID, verify, continue the dispatcher.
 Restoring every process before unlocking any (and locking all before checkpointing any) matters:
 acting on one NCCL peer while the other is locked can hang (NVIDIA/cuda-checkpoint issues).
+
+A call that has not returned is never acted on again: the driver cannot cancel it and may still carry
+it out, so the PID is `in-flight` until it returns, and a run that cannot wait it out ends INCONSISTENT
+(its journal entry tells the next run to wait for it, see operations.py).
 """
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 
 from loguru import logger
 
@@ -38,6 +44,40 @@ class Outcome:
     ok: bool
     seconds: float
     error: BackendError | None = None
+    thread: threading.Thread | None = None  # set while the call has not returned (in flight)
+
+    @property
+    def in_flight(self) -> bool:
+        return self.thread is not None and self.thread.is_alive()
+
+
+# The phases of a suspend and of a resume, in order (the executor and toggle.py mark each with
+# mark_phase, so a crash can be placed): settle = wait for calls a killed run left in flight, observe =
+# read the tree and every state and run the safety checks, quiesce = keep work from the workers (sleep,
+# pause or freeze). "rollback" may follow any phase that failed.
+SUSPEND_PHASES = ("settle", "observe", "quiesce", "lock", "checkpoint", "verify")
+RESUME_PHASES = ("settle", "observe", "restore", "unlock", "verify", "unquiesce")
+PHASE_FILE = "phase"
+
+
+def mark_phase(run_dir: str, phase: str) -> None:
+    """Write the phase this run is in to RUN_DIR/phase (and log it at DEBUG); never fails the run."""
+    logger.debug("phase: {}", phase)
+    path = Path(run_dir) / PHASE_FILE
+    try:
+        tmp = path.with_name(f"{PHASE_FILE}.{os.getpid()}.tmp")
+        tmp.write_text(json.dumps({"phase": phase, "pid": os.getpid(), "at": time.time()}) + "\n")
+        tmp.replace(path)
+    except OSError as error:
+        logger.debug("cannot write {}: {}", path, error)
+
+
+def read_phase(run_dir: str) -> str | None:
+    """The phase the last run marked (None when there is none)."""
+    try:
+        return json.loads((Path(run_dir) / PHASE_FILE).read_text())["phase"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
 
 
 def run_parallel(
@@ -85,12 +125,57 @@ def run_parallel(
             next_progress = now + progress_s
     with guard:
         final = dict(outcomes)
-    for pid in pids:
+    for thread, pid in zip(threads, pids, strict=True):
         if pid not in final:
             final[pid] = Outcome(
-                False, timeout_s, BackendError(op, pid, f"did not return in {timeout_s:g} s", timed_out=True)
+                False,
+                timeout_s,
+                BackendError(op, pid, f"did not return in {timeout_s:g} s", timed_out=True),
+                thread,
             )
     return final
+
+
+STATE_READ_TRIES = 3
+
+
+def read_states(
+    config: Config, backend: Backend, pids: list[int], tries: int = STATE_READ_TRIES
+) -> tuple[dict[int, str | None], dict[int, str]]:
+    """Read every PID's state (None: no CUDA context or gone), retrying failed reads with a short back-off.
+
+    Returns (states, unreadable): a PID counts as unreadable only after `tries` failed reads, and the
+    caller must treat it as unknown, never skip it.
+    """
+    states: dict[int, str | None] = {}
+    errors: dict[int, str] = {}
+    pending = list(pids)
+    for attempt in range(tries):
+        if not pending:
+            break
+        if attempt:
+            time.sleep(0.05 * 2**attempt)
+        answers: dict[int, str | None] = {}
+
+        def ask(pid: int, answers: dict[int, str | None] = answers) -> None:
+            answers[pid] = backend.get_state(pid)
+
+        outcomes = run_parallel("get-state", pending, ask, config.state_timeout_s)
+        failed = []
+        for pid in pending:
+            if outcomes[pid].ok:
+                states[pid] = answers.get(pid)
+                errors.pop(pid, None)
+            elif describe(pid) is None:
+                states[pid] = None
+                errors.pop(pid, None)
+            else:
+                errors[pid] = outcomes[pid].error.message if outcomes[pid].error else "no answer"
+                failed.append(pid)
+        if failed and attempt + 1 < tries:
+            logger.info("get-state of {} failed ({}): reading again", failed, "; ".join(errors[p] for p in failed))
+        pending = failed
+    return states, errors
 
 
 class SignalGuard:
@@ -119,7 +204,11 @@ class SignalGuard:
 
 
 def freeze(process: ProcessInfo, wait_s: float = 5.0) -> None:
-    """SIGSTOP the dispatcher and wait until the kernel shows it stopped."""
+    """SIGSTOP the dispatcher and wait until the kernel shows it stopped.
+
+    A stop that has not taken effect in `wait_s` (a process in uninterruptible sleep) is cancelled with
+    SIGCONT, which discards a pending stop, so it cannot land later behind our back.
+    """
     os.kill(process.pid, signal.SIGSTOP)
     deadline = time.monotonic() + wait_s
     while time.monotonic() < deadline:
@@ -127,8 +216,13 @@ def freeze(process: ProcessInfo, wait_s: float = 5.0) -> None:
         if current is None or current.stopped:
             return
         time.sleep(0.01)
+    try:
+        os.kill(process.pid, signal.SIGCONT)
+        undone = "SIGCONT sent, so it keeps running as before"
+    except ProcessLookupError:
+        undone = "it is gone now"
     raise SuspendError(
-        f"PID {process.pid} ({process.short_title(40)}) did not stop within {wait_s:g} s after SIGSTOP",
+        f"PID {process.pid} ({process.short_title(40)}) did not stop within {wait_s:g} s after SIGSTOP; {undone}",
         ExitCode.TRANSITION_FAILED,
     )
 
@@ -163,6 +257,10 @@ class Transition:
         self.guard = guard
         self.progress = progress
         self.gone: set[int] = set()
+        self.in_flight: dict[int, tuple[str, threading.Thread]] = {}
+
+    def mark(self, phase: str) -> None:
+        mark_phase(self.config.run_dir, phase)
 
     # one phase: the operation on every PID at once ------------------------------------------------
     def _phase(
@@ -174,45 +272,83 @@ class Transition:
         new_state: str,
         slow: bool = False,
     ) -> list[int]:
-        """Run one operation on `pids` in parallel; returns the PIDs that failed (their state re-read)."""
+        """Run one operation on `pids` in parallel; returns the PIDs that failed (their state re-read).
+
+        A call that does not return in `timeout_s` is waited for (see _await_in_flight) before anything
+        else happens: the phase ends only when every call has returned.
+        """
         if not pids:
             return []
         began = time.monotonic()
         outcomes = run_parallel(op, pids, call, timeout_s, self.progress if slow else None, self.config.progress_s)
-        self.result.phases[op] = self.result.phases.get(op, 0.0) + time.monotonic() - began
         failed = []
         for pid, outcome in outcomes.items():
             record = self.result.record(pid)
             record.seconds += outcome.seconds
             if outcome.ok:
                 self.states[pid] = new_state
+            elif outcome.in_flight:
+                self.states[pid] = "in-flight"
+                self.in_flight[pid] = (op, outcome.thread)
+                record.error = str(outcome.error)
+                failed.append(pid)
+                logger.warning("{}: it may still land, so PID {} is left alone until it returns", outcome.error, pid)
             else:
                 failed.append(pid)
                 record.error = str(outcome.error)
                 logger.warning("{} failed: {}", op, outcome.error)
+        if self.in_flight:
+            self._await_in_flight(began + self.config.op_timeout_s)
+        self.result.phases[op] = self.result.phases.get(op, 0.0) + time.monotonic() - began
         if failed:
             self._reread(failed)
         return sorted(failed)
 
+    def _await_in_flight(self, deadline: float) -> None:
+        """Wait for calls that have not returned (never acting on their PIDs meanwhile); Inconsistent when
+        one is still running at `deadline`: it may land at any time, so nothing can be rolled back."""
+        deadline = max(deadline, time.monotonic() + self.config.state_timeout_s)
+        next_progress = time.monotonic() + self.config.progress_s
+        while True:
+            for pid, (_op, thread) in list(self.in_flight.items()):
+                if not thread.is_alive():
+                    del self.in_flight[pid]
+                    self.states[pid] = "unknown"  # re-read by the caller
+            if not self.in_flight:
+                return
+            now = time.monotonic()
+            if now >= deadline:
+                break
+            if now >= next_progress:
+                logger.info("waiting for calls that have not returned: {}", self._in_flight_names())
+                next_progress = now + self.config.progress_s
+            for _op, thread in list(self.in_flight.values()):
+                thread.join(timeout=min(0.05, max(0.0, deadline - time.monotonic())))
+        self.result.in_flight = sorted(self.in_flight)
+        raise Inconsistent(
+            f"{self._in_flight_names()} did not return within CUDA_TOGGLE_OP_TIMEOUT_S={self.config.op_timeout_s:g} s "
+            "and may still land: nothing was rolled back; the next cuda-toggle-all waits for it first"
+        )
+
+    def _in_flight_names(self) -> str:
+        return ", ".join(f"{op} of PID {pid}" for pid, (op, _) in sorted(self.in_flight.items()))
+
     def _reread(self, pids: list[int]) -> None:
-        """Refresh the recorded state of PIDs after a failure (a failed call may or may not have acted)."""
+        """Refresh the recorded state of PIDs (a failed call may or may not have acted); reads that keep
+        failing leave the PID `unknown`, which nothing skips: it fails the verify and the rollback."""
+        pids = [pid for pid in pids if pid not in self.in_flight]
         if not pids:
             return
-        read: dict[int, str | None] = {}
-
-        def get(pid: int) -> None:
-            read[pid] = self.backend.get_state(pid)
-
-        outcomes = run_parallel("get-state", pids, get, self.config.state_timeout_s)
+        read, unreadable = read_states(self.config, self.backend, pids)
         for pid in pids:
-            if outcomes[pid].ok:
-                if read[pid] is None:
-                    self.gone.add(pid)
-                    self.states.pop(pid, None)
-                else:
-                    self.states[pid] = read[pid]
-            else:
+            if pid in unreadable:
                 self.states[pid] = "unknown"
+                logger.warning("cannot read the state of PID {}: {}", pid, unreadable[pid])
+            elif read.get(pid) is None:
+                self.gone.add(pid)
+                self.states.pop(pid, None)
+            else:
+                self.states[pid] = read[pid]
 
     def _pids_in(self, *states: str) -> list[int]:
         return sorted(pid for pid, state in self.states.items() if state in states)
@@ -220,6 +356,7 @@ class Transition:
     # verify loop ----------------------------------------------------------------------------------
     def verify(self, target: str) -> bool:
         """Re-read every state until all are `target`: CUDA_TOGGLE_VERIFY_ATTEMPTS reads, SLEEP_S apart."""
+        self.mark("verify")
         began = time.monotonic()
         pids = sorted(self.states)
         for attempt in range(1, self.config.verify_attempts + 1):
@@ -242,6 +379,7 @@ class Transition:
         Under load, one worker's lock can wait on a collective whose peer is already locked: unlocking
         the locked ones lets that collective finish, and the next round usually locks both at once.
         """
+        self.mark("lock")
         deadline = time.monotonic() + self.config.lock_deadline_s
         timeout_ms = self.config.lock_timeout_ms
         while True:
@@ -254,13 +392,13 @@ class Transition:
                 timeout_ms / 1000.0 + self.config.state_timeout_s,
                 "locked",
             )
-            if not failed:
+            if not failed and not self._pids_in("running", "unknown"):
                 return
             errors = "; ".join(self.result.record(pid).error for pid in failed)
-            unknown = [pid for pid in failed if self.states.get(pid) == "unknown"]
+            unknown = self._pids_in("unknown")
             if unknown:
                 self.rollback_to_running()
-                raise RolledBack(f"lock of PID {unknown} did not return: {errors}")
+                raise RolledBack(f"the state of PID {unknown} could not be read while locking: {errors}")
             self._unlock_for_retry()
             if self.guard.received:
                 self.rollback_to_running()
@@ -288,6 +426,7 @@ class Transition:
 
     def _checkpoint_locked(self) -> list[int]:
         """Checkpoint every locked PID at once; returns the ones that failed."""
+        self.mark("checkpoint")
         return self._phase(
             "checkpoint",
             self._pids_in("locked"),
@@ -304,21 +443,31 @@ class Transition:
             self.rollback_to_running()
             raise RolledBack(f"checkpoint failed: {errors}")
 
-    def rollback_to_running(self) -> None:
-        """Restore every checkpointed PID, then unlock every locked one; Inconsistent if that fails."""
+    def rollback_to_running(self, rounds: int = 3) -> None:
+        """Restore every checkpointed PID, then unlock every locked one; Inconsistent if that fails.
+
+        Rounds repeat while a PID is left in a state a round can act on (one whose state read failed
+        before is read again each round): no PID is skipped because a read once failed.
+        """
         logger.warning("rolling back: every process back to running")
-        self._phase(
-            "restore",
-            self._pids_in("checkpointed"),
-            self.backend.restore,
-            self.config.op_timeout_s,
-            "locked",
-            slow=True,
-        )
-        self._phase("unlock", self._pids_in("locked"), self.backend.unlock, self.config.state_timeout_s, "running")
-        if not self.verify("running"):
-            stuck = {pid: state for pid, state in self.states.items() if state != "running"}
-            raise Inconsistent(f"rollback failed, processes not running: {stuck}")
+        self.mark("rollback")
+        for _ in range(rounds):
+            self._reread(self._pids_in("unknown"))
+            self._phase(
+                "restore",
+                self._pids_in("checkpointed"),
+                self.backend.restore,
+                self.config.op_timeout_s,
+                "locked",
+                slow=True,
+            )
+            self._phase("unlock", self._pids_in("locked"), self.backend.unlock, self.config.state_timeout_s, "running")
+            if self.verify("running"):
+                return
+            if not self._pids_in("checkpointed", "locked", "unknown"):
+                break
+        stuck = {pid: state for pid, state in self.states.items() if state != "running"}
+        raise Inconsistent(f"rollback failed, processes not running: {stuck}")
 
     def suspend(self) -> None:
         self.lock_all()
@@ -337,6 +486,7 @@ class Transition:
     def resume(self) -> None:
         """Restore all, then unlock all. A restore that fails without leaving its PID `failed` is rolled
         back to a consistent suspend (the restored ones are checkpointed again), so it can be retried."""
+        self.mark("restore")
         failed = self._phase(
             "restore",
             self._pids_in("checkpointed"),
@@ -349,20 +499,25 @@ class Transition:
             errors = "; ".join(self.result.record(pid).error for pid in failed)
             stuck = self._pids_in("failed", "unknown")
             if stuck:
-                raise Inconsistent(f"restore failed and left {stuck} stuck ({errors})")
-            again = self._checkpoint_locked()
-            if again or not self.verify("checkpointed"):
-                raise Inconsistent(
-                    f"restore failed ({errors}) and the restored processes could not be checkpointed again"
+                raise Inconsistent(f"restore failed and left {stuck} stuck or unreadable ({errors})")
+            if self._pids_in("checkpointed"):  # the restore did not act: go back to a consistent suspend
+                self.mark("rollback")
+                again = self._checkpoint_locked()
+                if again or not self.verify("checkpointed"):
+                    raise Inconsistent(
+                        f"restore failed ({errors}) and the restored processes could not be checkpointed again"
+                    )
+                raise RolledBack(
+                    f"restore failed ({errors}); every process is checkpointed again: the server is "
+                    "still suspended, fix the cause and resume again"
                 )
-            raise RolledBack(
-                f"restore failed ({errors}); every process is checkpointed again: the server is "
-                "still suspended, fix the cause and resume again"
-            )
+            # the call failed but every PID is restored by now (e.g. it landed late): carry on
+        self.mark("unlock")
         for _ in range(3):  # an unlock that fails once is retried: every worker is restored by now
+            self._reread(self._pids_in("unknown"))
             if not self._phase(
                 "unlock", self._pids_in("locked"), self.backend.unlock, self.config.state_timeout_s, "running"
-            ):
+            ) and not self._pids_in("unknown"):
                 break
         if not self.verify("running"):
             stuck = {pid: state for pid, state in self.states.items() if state != "running"}

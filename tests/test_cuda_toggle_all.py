@@ -14,7 +14,7 @@ import pytest
 from entrypoint.config import SETTINGS
 from entrypoint.errors import TOGGLE_EXIT_CODES, ExitCode
 from entrypoint.runstate import ToolLock
-from tests.toggle_fixtures import REPO, SAFE_ENV, fakegpu, sleep_until
+from tests.toggle_fixtures import REPO, SAFE_ENV, fakegpu, kill_hung_fakes, sleep_until
 
 
 def ops(env, *names: str) -> list[tuple[str, int]]:
@@ -198,7 +198,7 @@ def test_lock_deadline_rolls_back_to_running(toggle_env, fake_tree):
     assert "CUDA_TOGGLE_LOCK_DEADLINE_S" in result["error"]
     assert_all(toggle_env, tree.cuda_pids, "running")
     assert tree.status_letter(tree.dispatcher) != "T"
-    assert not (toggle_env.run_dir / "suspended.json").exists()
+    assert not list((toggle_env.run_dir / "servers").glob("*.json")), "a rolled-back suspend leaves no record"
 
 
 def test_checkpoint_failure_restores_the_others(toggle_env, fake_tree):
@@ -276,30 +276,100 @@ def test_stopped_process_is_skipped_and_said(toggle_env, fake_tree):
         os.kill(tree.root, signal.SIGCONT)
 
 
-def test_killed_tool_is_repaired_by_running(toggle_env, fake_tree):
-    """A tool killed mid-suspend leaves the dispatcher frozen; `running` restores, unlocks and continues it."""
-    tree = fake_tree()
-    fakegpu.add_fault(tree.workers[1], "checkpoint", "hang", root=toggle_env.state_dir)
+def started_calls(env, op: str) -> list[int]:
+    """PIDs the fake cuda-checkpoint was started on for `op` (argv.log is written when a call starts)."""
+    try:
+        lines = (env.state_dir / "argv.log").read_text().splitlines()
+    except FileNotFoundError:
+        return []
+    return [int(line.split("--pid ")[1].split()[0]) for line in lines if f"--action {op} " in line]
+
+
+def kill_mid_checkpoint(env, tree, fault: str, backend: str = "cli") -> None:
+    """Start a suspend, kill -9 it while worker 1's checkpoint (told `fault`) runs."""
+    fakegpu.add_fault(tree.workers[1], "checkpoint", fault, root=env.state_dir)
     tool = subprocess.Popen(
-        [sys.executable, "-m", "entrypoint.cuda_toggle_all", "checkpointed"],
+        [sys.executable, "-m", "entrypoint.cuda_toggle_all", "checkpointed", "--backend", backend],
         cwd=REPO,
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
     )
-    sleep_until(
-        lambda: (
-            ("checkpoint", tree.workers[0]) in ops(toggle_env, "checkpoint")
-            and any(r == "hang" for _, op, _, r in toggle_env.calls() if op == "checkpoint")
-        ),
-        "the hang",
-    )
+    sleep_until(lambda: tree.workers[1] in started_calls(env, "checkpoint"), "the checkpoint to start", timeout=30)
     tool.kill()
     tool.wait()
+
+
+@pytest.mark.parametrize("backend", ["cli", "driver"])
+def test_killed_tools_checkpoint_lands_and_running_waits_for_it(toggle_env, fake_tree, backend):
+    """A checkpoint left running by a killed suspend lands later: `running` waits for it, then resumes all."""
+    tree = fake_tree()
+    kill_mid_checkpoint(toggle_env, tree, "slow:1.5", backend)
     assert tree.status_letter(tree.dispatcher) == "T"
+    assert toggle_env.state(tree.workers[1]) == "locked", "the orphaned checkpoint has not landed yet"
+    code, result = toggle_env.run_json("running")
+    assert code == 0, result
+    assert any(f"checkpoint of PID {tree.workers[1]}" in note for note in result["notes"]), result["notes"]
+    landed = [i for i, (op, pid) in enumerate(ops(toggle_env, "checkpoint", "restore")) if pid == tree.workers[1]]
+    assert [ops(toggle_env, "checkpoint", "restore")[i][0] for i in landed][-2:] == ["checkpoint", "restore"]
+    assert_all(toggle_env, tree.cuda_pids, "running")
+    assert tree.status_letter(tree.dispatcher) != "T"
+
+
+def test_hung_orphan_stops_running_until_it_ends(toggle_env, fake_tree):
+    """An orphaned call that never ends: `running` touches nothing and exits INCONSISTENT naming the PID;
+    once that call is gone, `running` repairs the server."""
+    tree = fake_tree()
+    kill_mid_checkpoint(toggle_env, tree, "hang")
+    code, result = toggle_env.run_json("running", env={"CUDA_TOGGLE_OP_TIMEOUT_S": "1"})
+    assert code == ExitCode.INCONSISTENT, result
+    assert f"PID {tree.workers[1]}" in result["error"] and "CUDA_TOGGLE_OP_TIMEOUT_S" in result["error"]
+    assert tree.status_letter(tree.dispatcher) == "T", "nothing may send work while a call may still land"
+    kill_hung_fakes(toggle_env.state_dir)
     code, result = toggle_env.run_json("running")
     assert code == 0, result
     assert_all(toggle_env, tree.cuda_pids, "running")
     assert tree.status_letter(tree.dispatcher) != "T"
+
+
+def test_call_that_does_not_return_is_never_rolled_back(toggle_env, fake_tree):
+    """A restore past CUDA_TOGGLE_OP_TIMEOUT_S is in flight: its PID is not acted on again, the run ends
+    INCONSISTENT (never "rolled back"), and the next run waits for it to land, then finishes."""
+    tree = fake_tree()
+    assert toggle_env.run("checkpointed").returncode == 0
+    w0, w1 = tree.workers
+    fakegpu.add_fault(w1, "restore", "slow:4", root=toggle_env.state_dir)
+    timeouts = {"CUDA_TOGGLE_OP_TIMEOUT_S": "1", "CUDA_TOGGLE_STATE_TIMEOUT_S": "1"}
+    before = len(ops(toggle_env, "restore", "unlock", "checkpoint"))
+    code, result = toggle_env.run_json("running", env=timeouts)
+    assert code == ExitCode.INCONSISTENT, result
+    assert result["in_flight"] == [w1] and "nothing was rolled back" in result["error"]
+    assert [op for op, pid in ops(toggle_env, "restore", "unlock", "checkpoint")[before:] if pid == w1] == []
+    code, result = toggle_env.run_json("running")
+    assert code == 0, result
+    assert any(f"restore of PID {w1}" in note for note in result["notes"]), result["notes"]
+    later = ops(toggle_env, "restore", "unlock", "checkpoint")[before:]
+    assert [op for op, pid in later if pid == w1] == ["restore", "unlock"]
+    assert_all(toggle_env, tree.cuda_pids, "running")
+
+
+def test_freeze_that_does_not_take_effect_is_undone():
+    """A SIGSTOP that has not taken effect in time is cancelled with SIGCONT before the error is raised,
+    and the message says so (nothing claims a rollback that did not happen)."""
+    from entrypoint.errors import SuspendError
+    from entrypoint.processes import describe
+    from entrypoint.transition import freeze
+
+    sleeper = subprocess.Popen(["sleep", "30"])
+    try:
+        with pytest.raises(SuspendError) as failure:
+            freeze(describe(sleeper.pid), wait_s=0)
+        assert "SIGCONT sent" in failure.value.message and "rolled back" not in failure.value.message
+        sleep_until(lambda: fakegpu.process_status(sleeper.pid) not in ("T", "t"), "the process to run again")
+        time.sleep(0.1)
+        assert fakegpu.process_status(sleeper.pid) not in ("T", "t"), "the stop must not land later"
+    finally:
+        sleeper.kill()
+        sleeper.wait()
 
 
 def test_running_continues_a_frozen_dispatcher_even_when_cuda_runs(toggle_env, fake_tree):

@@ -397,7 +397,7 @@ def test_idle_server_is_suspended_and_the_next_request_wakes_it(server, gate, fa
 
     status = front.wait_for_state("suspended", timeout=10)
     assert status["last_suspend_s"] > 0 and status["last_failure_at"] is None
-    assert (run_dir / "suspended.json").exists()
+    assert list((run_dir / "servers").glob("*.json")), "the suspend record of the server"
     assert [fakegpu.read_state(w.pid) for w in upstream.workers()] == ["checkpointed"] * 2
     assert upstream.engine_core().status() == psutil.STATUS_STOPPED
     baseline = {index: mib for index, _, _, mib in fakegpu.read_gpus(fake_gpu)}
@@ -720,7 +720,8 @@ def test_idle_suspend_is_hybrid_when_vllm_has_sleep_mode(server, gate, run_dir):
     reference = answer_text(chat_answer(upstream.url, "hybrid", 8))
     front = gate(upstream, GATE_IDLE_SUSPEND_S="0.5")
     front.wait_for_state("suspended")
-    assert json.loads((run_dir / "suspended.json").read_text())["mode"] == "hybrid"
+    (record,) = (run_dir / "servers").glob("*.json")
+    assert json.loads(record.read_text())["mode"] == "hybrid"
     assert requests.post(front.url + "/wake_up", timeout=5).status_code == 404  # still private
 
     assert answer_text(chat_answer(front.url, "hybrid", 8)) == reference
