@@ -102,7 +102,7 @@ def _checked_pid(pid: int, force: bool) -> ServerRoot:
     if describe(pid) is None:
         raise SuspendError(f"no process with PID {pid}: check the PID given with --pid", ExitCode.SERVER_NOT_FOUND)
     if force:
-        return ServerRoot(pid, "--pid (forced)")
+        return ServerRoot(pid, "--pid")
     if pid == 1 or pid == os.getpid() or pid in ancestors_of(os.getpid()):
         raise SuspendError(
             f"--pid {pid} is an init process or an ancestor of this tool, whose tree holds every process (other "

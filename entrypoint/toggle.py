@@ -520,7 +520,8 @@ def _resume(
             started,
             states,
         )
-    record.clear(config.run_dir)
+    if record is not None:
+        record.clear(config.run_dir)
     _finish(result, states, started)
     result.ok = True
     return result
