@@ -89,6 +89,7 @@ class SuspendPlan:
     checkpoint: list[int]  # every CUDA process to lock and checkpoint
     holders: list[int]
     freeze: list[ProcessInfo] = field(default_factory=list)  # sigstop only
+    mode_fallback: bool = False  # mode was auto: a hybrid whose sleep fails may go on plain
     refusals: list[str] = field(default_factory=list)  # going on needs --force
     blockers: list[str] = field(default_factory=list)  # cannot go on, even with --force
     notes: list[str] = field(default_factory=list)
@@ -178,6 +179,7 @@ def plan_suspend(
     frozen_pids = {p.pid for p in freeze}
     checkpoint = sorted(pid for pid in obs.states if pid not in frozen_pids)
     plan = SuspendPlan(chosen_quiesce, chosen_mode, checkpoint, holders, freeze, blockers=blockers)
+    plan.mode_fallback = mode == "auto" and obs.capabilities.pause
     if not checkpoint:
         return plan
     stuck = [pid for pid in checkpoint if obs.states[pid] == "failed"]

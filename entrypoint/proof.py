@@ -14,6 +14,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 
 from .gpus import GpuReading
+from .runstate import GpuRecord
 
 
 @dataclass
@@ -83,36 +84,24 @@ def released_proof(before: GpuReading, after: GpuReading, server_pids: list[int]
     return MemoryProof(all(p.ok for p in proofs), "whole GPU", proofs, {})
 
 
-def returned_proof(before: GpuReading, after: GpuReading, released: dict[str, int], share: float = 0.9) -> MemoryProof:
-    """The resume's proof: each GPU holds again (at least `share` of) what the suspend released from it.
-
-    `released` maps a GPU's UUID to the MiB the suspend released there (from the suspend record).
-    """
-    if not released:
+def returned_proof(after: GpuReading, suspended: list[GpuRecord], share: float = 0.9) -> MemoryProof:
+    """The resume's proof: each GPU the suspend released memory from holds it again: at least what it held
+    while suspended plus `share` of what was released (vLLM's wake-up sizes its KV cache anew)."""
+    if not suspended:
         return MemoryProof(True, "not recorded", [], {}, "")
     if not after.gpus:
         return MemoryProof(False, "none", [], {}, f"GPU memory unknown ({after.problem})")
-    before_by_uuid, after_by_uuid = before.by_uuid(), after.by_uuid()
+    after_by_uuid = after.by_uuid()
     proofs = []
-    for uuid, mib in released.items():
-        was, now = before_by_uuid.get(uuid), after_by_uuid.get(uuid)
-        if now is None:
-            proofs.append(GpuProof(-1, uuid, was.used_mib if was else 0, 0, 0, False))
-            continue
-        floor = (was.used_mib if was else 0) + int(mib * share)
-        proofs.append(GpuProof(now.index, uuid, was.used_mib if was else 0, now.used_mib, floor, now.used_mib >= floor))
-    ok = all(p.ok for p in proofs)
-    return MemoryProof(
-        ok,
-        "whole GPU",
-        proofs,
-        {},
-        ""
-        if ok
-        else "GPU memory did not come back: "
-        + ", ".join(
-            f"GPU{p.index} {p.used_before_mib} -> {p.used_after_mib} MiB (expected >= {p.limit_mib})"
-            for p in proofs
-            if not p.ok
-        ),
-    )
+    for gpu in suspended:
+        now = after_by_uuid.get(gpu.uuid)
+        floor = gpu.used_after_mib + int(gpu.released_mib * share)
+        used = now.used_mib if now else 0
+        proofs.append(GpuProof(gpu.index, gpu.uuid, gpu.used_after_mib, used, floor, now is not None and used >= floor))
+    missing = [
+        f"GPU{p.index} {p.used_before_mib} -> {p.used_after_mib} MiB (expected >= {p.limit_mib})"
+        for p in proofs
+        if not p.ok
+    ]
+    problem = "GPU memory did not come back: " + ", ".join(missing) if missing else ""
+    return MemoryProof(not missing, "whole GPU", proofs, {}, problem)

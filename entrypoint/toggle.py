@@ -172,10 +172,19 @@ def _quiesce(plan: SuspendPlan, control: VllmControl, result: ToggleResult) -> N
     began = time.monotonic()
     if plan.quiesce == "scheduler":
         if plan.mode == "hybrid":
-            control.sleep(level=1)  # mode=keep: pauses the scheduler, weights to host RAM, KV cache dropped
-            result.phases["sleep"] = time.monotonic() - began
-            logger.info("vLLM sleeps (level 1, requests kept) after {:.2f} s", result.phases["sleep"])
-        else:
+            try:
+                control.sleep(level=1)  # mode=keep: pauses the scheduler, weights to host RAM, KV cache dropped
+                result.phases["sleep"] = time.monotonic() - began
+                logger.info("vLLM sleeps (level 1, requests kept) after {:.2f} s", result.phases["sleep"])
+                return
+            except VllmControlError as error:
+                if not plan.mode_fallback or control.is_sleeping() and not control.is_paused():
+                    raise
+                logger.warning("sleep failed ({}): a plain suspend instead, vLLM's scheduler paused", error)
+                result.notes.append(f"sleep failed ({error}): plain suspend")
+                plan.mode = result.mode = "plain"
+                began = time.monotonic()
+        if plan.mode == "plain":
             control.pause()
             result.phases["pause"] = time.monotonic() - began
             logger.info("vLLM's scheduler paused (requests kept) after {:.2f} s", result.phases["pause"])
@@ -209,6 +218,7 @@ def _unquiesce(
             began = time.monotonic()
             control.wake_up()
             result.phases["wake_up"] = time.monotonic() - began
+            result.mode = "hybrid"
             result.notes.append("woke vLLM up (its scheduler runs again)")
         elif paused or sleeping:
             began = time.monotonic()
@@ -301,6 +311,9 @@ def _suspend(
     try:
         mark_phase(config.run_dir, "quiesce")
         _quiesce(plan, control, result)
+        if record.mode != plan.mode:  # the sleep failed and vLLM was paused instead: `running` must resume it
+            record.mode = plan.mode
+            record.save(config.run_dir)
     except (VllmControlError, SuspendError) as error:
         problems = _unquiesce(control, record, plan.freeze, result)
         record.clear(config.run_dir)
@@ -496,8 +509,7 @@ def _resume(
 
     after = read_gpus(config)
     result.gpus_after = after.to_json()
-    released = {g.uuid: g.released_mib for g in (record.gpus if record else []) if g.released_mib > 0}
-    memory = returned_proof(obs.gpus, after, released)
+    memory = returned_proof(after, [g for g in (record.gpus if record else []) if g.released_mib > 0])
     flags = _vllm_flags(control)
     result.evidence = {"gpus": memory.to_json(), "vllm": flags}
     failures = []

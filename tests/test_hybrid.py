@@ -64,13 +64,31 @@ def test_plain_mode_and_servers_without_sleep_mode(toggle_env, sleepy_server, st
 
 
 class RefusesToSleep(BaseHTTPRequestHandler):
-    """A vLLM-like endpoint that has sleep mode but whose /sleep fails."""
+    """vLLM 0.20.2's control endpoints in front of a stand-in, except that /sleep fails; the API goes through
+    to the stand-in (`upstream`, set by the test)."""
+
+    upstream = ""
+    paused = False
 
     def do_GET(self):  # noqa: N802
-        self._answer(200, {"is_sleeping": False})
+        if self.path == "/version":
+            self._answer(200, {"version": "0.20.2"})
+        elif self.path in ("/is_paused", "/is_sleeping"):
+            self._answer(200, {self.path[1:]: RefusesToSleep.paused})
+        else:
+            upstream = requests.get(self.upstream + self.path, timeout=30)
+            self._answer(upstream.status_code, upstream.json())
 
     def do_POST(self):  # noqa: N802
-        self._answer(500, {"error": "sleep failed"})
+        if self.path.startswith("/sleep"):
+            self._answer(500, {"error": "sleep failed"})
+        elif self.path.startswith(("/pause", "/resume")):
+            RefusesToSleep.paused = self.path.startswith("/pause")
+            self._answer(200, {"status": "ok"})
+        else:
+            body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+            upstream = requests.post(self.upstream + self.path, json=body, timeout=30)
+            self._answer(upstream.status_code, upstream.json())
 
     def _answer(self, status, body):
         data = json.dumps(body).encode()
@@ -85,7 +103,8 @@ class RefusesToSleep(BaseHTTPRequestHandler):
 
 
 def test_failed_sleep_falls_back_to_plain(toggle_env, sleepy_server):
-    """If /sleep fails, the suspend goes on as a plain one and says so."""
+    """If /sleep fails, the suspend goes on as a plain one (vLLM's scheduler paused instead) and says so."""
+    RefusesToSleep.upstream = sleepy_server.url
     endpoint = ThreadingHTTPServer(("127.0.0.1", 0), RefusesToSleep)
     threading.Thread(target=endpoint.serve_forever, daemon=True).start()
     try:
@@ -93,8 +112,8 @@ def test_failed_sleep_falls_back_to_plain(toggle_env, sleepy_server):
         code, down = toggle_env.run_json(
             "checkpointed", "--pid", str(sleepy_server.pid), env={"CUDA_TOGGLE_SERVER_URL": url}
         )
-        assert code == 0 and down["mode"] == "plain"
-        assert any("sleep failed" in note for note in down["notes"])
+        assert code == 0 and (down["mode"], down["quiesce"]) == ("plain", "scheduler"), down
+        assert any("sleep failed" in note for note in down["notes"]) and RefusesToSleep.paused
         assert set(toggle_env.used_mib().values()) == {4}
         assert (
             toggle_env.run("running", "--pid", str(sleepy_server.pid), env={"CUDA_TOGGLE_SERVER_URL": url}).returncode
