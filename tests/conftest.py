@@ -5,7 +5,6 @@ from __future__ import annotations
 import contextlib
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -27,6 +26,8 @@ FAKE_GPU_BASELINE_MIB = 4  # what nvidia-smi shows on an idle GPU
 
 sys.path.insert(0, str(FAKES_DIR))
 import fakegpu  # noqa: E402
+
+from tests.testing import free_port  # noqa: E402
 
 
 @pytest.fixture
@@ -128,12 +129,6 @@ class StandinServer:
             with contextlib.suppress(psutil.NoSuchProcess):
                 member.send_signal(signal.SIGKILL)  # psutil refuses if the PID was reused meanwhile
         wait_until_dead(family, timeout=10)
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 @pytest.fixture

@@ -13,7 +13,6 @@ import json
 import os
 import re
 import shutil
-import socket
 import subprocess
 import sys
 import tempfile
@@ -29,7 +28,8 @@ import psutil
 import pytest
 import requests
 
-REPO = Path(__file__).resolve().parents[1]
+from tests.testing import REPO, free_port, wait_until
+
 VENV_BIN = Path(sys.executable).parent
 STANDIN = REPO / "tests" / "fakes" / "standin_vllm.py"
 SERVICE = "vllm-qwen3-8b-awq"
@@ -76,23 +76,6 @@ def tool(name: str) -> str:
 
 def clean_env(**extra: str) -> dict[str, str]:
     return {"PATH": os.environ["PATH"], "HOME": os.environ.get("HOME", "/root"), **extra}
-
-
-def wait_until(predicate: Callable[[], object], timeout_s: float, what: str, interval_s: float = 0.1):
-    deadline = time.monotonic() + timeout_s
-    while True:
-        result = predicate()
-        if result:
-            return result
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout_s}s waiting for {what}")
-        time.sleep(interval_s)
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def title(process: psutil.Process) -> str:
@@ -694,7 +677,7 @@ class Supervised:
         return self.rpc().supervisor.getProcessInfo(program)
 
     def wait_for_log(self, text: str, timeout_s: float = 30) -> None:
-        wait_until(lambda: text in self.log(), timeout_s, f"{text!r} in the log:\n{self.log()[-3000:]}")
+        wait_until(lambda: text in self.log(), f"{text!r} in the log:\n{self.log()[-3000:]}", timeout_s)
 
     def shutdown(self) -> None:
         """Stop supervisord, then kill whatever of its session is left (stopped processes too)."""
@@ -753,7 +736,7 @@ def start_supervised(server_cmd: str, vllm_args: list[str], upstream_port: int =
         )
     supervised = Supervised(process, tmp, env, gate_port)
     try:
-        wait_until(lambda: (tmp / "run" / "supervisord.sock").exists(), 30, "supervisord's socket")
+        wait_until(lambda: (tmp / "run" / "supervisord.sock").exists(), "supervisord's socket", 30)
     except BaseException:
         supervised.shutdown()
         raise
@@ -794,8 +777,8 @@ def ensure_running(supervised: Supervised, port: int, program: str = "vllm") -> 
     """Start `program` if a test stopped it; wait until it is RUNNING and serving. Returns its PID."""
     if supervised.info(program)["statename"] in ("STOPPED", "EXITED", "FATAL"):
         assert "started" in supervised.ctl("start", program).stdout
-    wait_until(lambda: supervised.info(program)["statename"] == "RUNNING", 60, f"{program} RUNNING")
-    wait_until(lambda: models_status(port) == 200, 60, f"/v1/models answering 200 on port {port}")
+    wait_until(lambda: supervised.info(program)["statename"] == "RUNNING", f"{program} RUNNING", 60)
+    wait_until(lambda: models_status(port) == 200, f"/v1/models answering 200 on port {port}", 60)
     return supervised.info(program)["pid"]
 
 
@@ -819,7 +802,7 @@ def engine_and_workers(pid: int) -> tuple[psutil.Process, list[psutil.Process]]:
         workers = [p for p in tree if title(p).startswith("VLLM::Worker_TP")]
         return (engines, workers) if len(engines) == 1 and len(workers) == 2 else None
 
-    engines, workers = wait_until(find, 30, f"EngineCore and two workers under {pid}")
+    engines, workers = wait_until(find, f"EngineCore and two workers under {pid}", 30)
     return engines[0], workers
 
 
@@ -925,7 +908,7 @@ def assert_all_gone(tree: list[psutil.Process], log: str) -> None:
         return [f"{p.pid} {title(p)!r} {p.status()}" for p in tree if alive(p)]
 
     try:
-        wait_until(lambda: not survivors(), 15, "every process of the tree to end")
+        wait_until(lambda: not survivors(), "every process of the tree to end", 15)
     except AssertionError:
         raise AssertionError(f"survivors: {survivors()}\n{log[-3000:]}") from None
 
@@ -948,7 +931,7 @@ def test_supervisorctl_stop_ends_a_suspended_server(standin):
     engine, _ = engine_and_workers(pid)
     tree = process_tree(pid)
     engine.suspend()
-    wait_until(lambda: engine.status() == psutil.STATUS_STOPPED, 5, "EngineCore stopped")
+    wait_until(lambda: engine.status() == psutil.STATUS_STOPPED, "EngineCore stopped", 5)
     started = time.monotonic()
     result = supervised.ctl("stop", "vllm")
     assert "vllm: stopped" in result.stdout, result.stdout + result.stderr
@@ -980,7 +963,7 @@ def test_container_stop_ends_a_suspended_server():
     """SIGTERM to supervisord (docker stop) with EngineCore stopped: supervisord exits, nothing survives."""
     supervised, port = start_standin()
     try:
-        wait_until(lambda: supervised.info()["pid"], 30, "vllm spawned")
+        wait_until(lambda: supervised.info()["pid"], "vllm spawned", 30)
         pid = supervised.info()["pid"]
         engine, _ = engine_and_workers(pid)
         supervised.wait_for_log("standin: ready")
@@ -1045,7 +1028,7 @@ def test_stopped_child_gets_its_sigterm_when_the_server_stops(leaky_server, tmp_
     """vllm-reaper sends SIGCONT to the group on stop: a SIGSTOPped child handles its SIGTERM and exits."""
     supervised, child = leaky_server("graceful")
     child.suspend()
-    wait_until(lambda: child.status() == psutil.STATUS_STOPPED, 5, "child stopped")
+    wait_until(lambda: child.status() == psutil.STATUS_STOPPED, "child stopped", 5)
     assert "vllm: stopped" in supervised.ctl("stop", "vllm").stdout
     assert_all_gone([child], supervised.log())
     assert (tmp_path / "graceful").exists(), "the child was killed instead of handling its SIGTERM"

@@ -10,7 +10,7 @@ import pytest
 
 from entrypoint.config import SETTINGS
 from entrypoint.errors import ExitCode
-from tests.toggle_fixtures import REPO
+from tests.testing import REPO
 
 README = (REPO / "README.md").read_text()
 SCRIPTS = re.findall(r'^([\w-]+) = "entrypoint\.([\w.]+):main"', (REPO / "pyproject.toml").read_text(), re.M)
