@@ -29,6 +29,22 @@ import fakegpu  # noqa: E402
 
 from tests.testing import free_port  # noqa: E402
 
+# The slow tier: `make check` runs every test, `make check-fast` leaves these out. Whole files here (the
+# install test builds a venv, the GPU suite's CPU run, the fault tests and the benchmark start many servers,
+# the dummy-model test imports transformers); single
+# slow tests carry @pytest.mark.slow themselves (the container tests that start supervisord).
+SLOW_FILES = {"test_install.py", "test_gpu_suite_cpu.py", "test_faults.py", "test_benchmarks.py", "test_dummy_model.py"}
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line("markers", "slow: left out of `make check-fast` (the quick tier); `make check` runs it")
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    for item in items:
+        if item.path.name in SLOW_FILES:
+            item.add_marker(pytest.mark.slow)
+
 
 @pytest.fixture
 def fake_gpu(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:

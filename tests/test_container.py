@@ -806,6 +806,7 @@ def engine_and_workers(pid: int) -> tuple[psutil.Process, list[psutil.Process]]:
     return engines[0], workers
 
 
+@pytest.mark.slow
 def test_supervisord_runs_vllm_and_answers_through_its_socket(standin):
     """supervisord starts the server with the compose-style arguments; supervisorctl works over the socket."""
     supervised, port = standin
@@ -818,6 +819,7 @@ def test_supervisord_runs_vllm_and_answers_through_its_socket(standin):
     assert supervised.ctl("status", "vllm-reaper").stdout.split()[1] == "RUNNING"
 
 
+@pytest.mark.slow
 def test_wait_for_model_sees_the_standin_served_under_supervisord(standin):
     """wait-for-model.sh finds the served model on the supervised stand-in."""
     supervised, port = standin
@@ -826,6 +828,7 @@ def test_wait_for_model_sees_the_standin_served_under_supervisord(standin):
     assert result.returncode == 0, result.stdout + result.stderr
 
 
+@pytest.mark.slow
 def test_supervisord_pid_of_vllm_is_the_root_of_the_tp2_tree(standin):
     """supervisord's XML-RPC PID of `vllm` is the API server; below it EngineCore and two TP workers."""
     supervised, port = standin
@@ -840,6 +843,7 @@ def test_supervisord_pid_of_vllm_is_the_root_of_the_tp2_tree(standin):
     assert {os.getpgid(p.pid) for p in process_tree(pid)} == {pid}
 
 
+@pytest.mark.slow
 def test_cuda_toggle_all_finds_the_supervised_server(standin):
     """cuda-toggle-all's server lookup gets the same PID from supervisord's socket."""
     from entrypoint.config import load_config
@@ -854,6 +858,7 @@ def test_cuda_toggle_all_finds_the_supervised_server(standin):
     assert "supervisord" in root.how
 
 
+@pytest.mark.slow
 def test_sleep_calls_go_to_the_port_on_vllm_command_line(standin):
     """The hybrid suspend finds vLLM's own address (for /sleep) in its command line: the internal port,
     not the gate's; the gate's GATE_UPSTREAM is the same address."""
@@ -867,6 +872,7 @@ def test_sleep_calls_go_to_the_port_on_vllm_command_line(standin):
     assert VllmControl(url, 10).is_sleeping() is False  # sleep mode is on: the endpoint answers there
 
 
+@pytest.mark.slow
 def test_supervisord_runs_the_gate_in_front_of_vllm(standin):
     """Program `gate` runs next to `vllm`; requests to the gate's port reach the server and come back."""
     supervised, port = standin
@@ -886,6 +892,7 @@ def test_supervisord_runs_the_gate_in_front_of_vllm(standin):
     supervised.wait_for_log("vllm-gate listening on http://127.0.0.1:")
 
 
+@pytest.mark.slow
 def test_gate_hides_the_dev_endpoints_that_sleep_mode_opens(standin):
     """Sleep mode reaches vLLM (flag and VLLM_SERVER_DEV_MODE=1), its endpoints answer on the internal
     port, and through the gate they are 404 and never forwarded."""
@@ -913,6 +920,7 @@ def assert_all_gone(tree: list[psutil.Process], log: str) -> None:
         raise AssertionError(f"survivors: {survivors()}\n{log[-3000:]}") from None
 
 
+@pytest.mark.slow
 def test_supervisorctl_stop_ends_the_whole_tree(standin):
     """`supervisorctl stop vllm` leaves no process of the server's tree behind."""
     supervised, port = standin
@@ -924,6 +932,7 @@ def test_supervisorctl_stop_ends_the_whole_tree(standin):
     assert supervised.info()["statename"] == "STOPPED"
 
 
+@pytest.mark.slow
 def test_supervisorctl_stop_ends_a_suspended_server(standin):
     """With EngineCore SIGSTOPped (as while suspended), `supervisorctl stop vllm` still ends every process."""
     supervised, port = standin
@@ -940,6 +949,7 @@ def test_supervisorctl_stop_ends_a_suspended_server(standin):
     supervised.wait_for_log(f"vllm (pid {pid}) is stopping: sent SIGCONT", 10)
 
 
+@pytest.mark.slow
 def test_supervisorctl_stop_all_ends_the_gate_and_the_server():
     """`supervisorctl stop all` stops the gate and vLLM: no process of either is left, the port is closed."""
     supervised, port = start_standin()
@@ -959,6 +969,7 @@ def test_supervisorctl_stop_all_ends_the_gate_and_the_server():
         shutil.rmtree(supervised.tmp, ignore_errors=True)
 
 
+@pytest.mark.slow
 def test_container_stop_ends_a_suspended_server():
     """SIGTERM to supervisord (docker stop) with EngineCore stopped: supervisord exits, nothing survives."""
     supervised, port = start_standin()
@@ -1024,6 +1035,7 @@ def leaky_server(tmp_path: Path) -> Iterator[Callable[[str], tuple[Supervised, p
         shutil.rmtree(supervised.tmp, ignore_errors=True)
 
 
+@pytest.mark.slow
 def test_stopped_child_gets_its_sigterm_when_the_server_stops(leaky_server, tmp_path: Path):
     """vllm-reaper sends SIGCONT to the group on stop: a SIGSTOPped child handles its SIGTERM and exits."""
     supervised, child = leaky_server("graceful")
@@ -1034,6 +1046,7 @@ def test_stopped_child_gets_its_sigterm_when_the_server_stops(leaky_server, tmp_
     assert (tmp_path / "graceful").exists(), "the child was killed instead of handling its SIGTERM"
 
 
+@pytest.mark.slow
 def test_child_left_behind_by_the_server_is_killed(leaky_server):
     """A stopped child that ignores SIGTERM and outlives the server is killed when the stop is reported."""
     supervised, child = leaky_server("stubborn")
