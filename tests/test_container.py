@@ -1054,23 +1054,3 @@ def test_child_left_behind_by_the_server_is_killed(leaky_server):
     assert "vllm: stopped" in supervised.ctl("stop", "vllm").stdout
     assert_all_gone([child], supervised.log())
     supervised.wait_for_log("members of its process group remain: sending SIGKILL", 10)
-
-
-# ---------------------------------------------------------------------------------------------------
-# README
-
-
-def test_readme_covers_the_container_side():
-    """The README names the make targets, the settings and the sections the lead fills in."""
-    readme = (REPO / "README.md").read_text()
-    for heading in ["## cuda-toggle-all", "## selftest", "## Troubleshooting"]:
-        assert re.search(rf"^{re.escape(heading)}\s*$", readme, re.M), heading
-    for target in MAKE_TARGETS:
-        assert f"make {target}" in readme or f"`{target}`" in readme, target
-    for name in REQUIRED_ENV:
-        assert name in readme, name
-    for flag in ["--disable-custom-all-reduce", "SYS_PTRACE", "seccomp=unconfined", "ipc: host"]:
-        assert flag in readme, flag
-    assert "CLEANUP=1 make test" in readme
-    for name in [*GATE_ENV, "VLLM_SLEEP_MODE=0", "--enable-sleep-mode", "VLLM_SERVER_DEV_MODE=1", "127.0.0.1:8001"]:
-        assert name in readme, name
