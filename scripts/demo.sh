@@ -51,5 +51,5 @@ run cuda-toggle-all status --pid "$standin_pid"
 run cuda-toggle-all checkpointed --pid "$standin_pid"
 run cuda-toggle-all status --pid "$standin_pid"
 run cuda-toggle-all running --pid "$standin_pid"
-run selftest --url "http://127.0.0.1:$port" --pid "$standin_pid" --max-tokens 8 --inflight-tokens 200 --timeout 60
+run selftest --url "http://127.0.0.1:$port" --pid "$standin_pid" --max-tokens 8 --inflight-tokens 1000 --timeout 60
 echo "=== make demo: done (the CPU stand-in; on a GPU host: make test) ==="
