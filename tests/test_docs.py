@@ -173,14 +173,23 @@ def test_readme_and_docs_cover_the_container_side():
     assert "CLEANUP=1 make test" in text
 
 
-def test_relative_links_in_the_docs_point_at_files_that_exist():
-    """Every relative link of README.md, docs/ and the other READMEs leads to a file of the repository."""
+def heading_anchors(page) -> set[str]:
+    """The anchors GitHub gives a page's headings: lower case, punctuation dropped, blanks to hyphens."""
+    headings = re.findall(r"^#+ (.+)$", page.read_text(), re.M)
+    return {re.sub(r"[^\w\- ]", "", heading.strip().lower()).replace(" ", "-") for heading in headings}
+
+
+def test_relative_links_in_the_docs_point_at_files_and_headings_that_exist():
+    """Every relative link of the tracked Markdown files leads to a file of the repository, and to a heading of it."""
     pages = [REPO / name for name in tracked_files() if name.endswith(".md")]
     for page in pages:
-        for target in re.findall(r"\]\(([^)#\s]+)(?:#[^)]*)?\)", page.read_text()):
+        for target, anchor in re.findall(r"\]\(([^)#\s]*)(?:#([^)\s]*))?\)", page.read_text()):
             if "://" in target or target.startswith("mailto:"):
                 continue
-            assert (page.parent / target).exists(), f"{page.relative_to(REPO)} links to {target}, which is not there"
+            linked = page.parent / target if target else page
+            assert linked.exists(), f"{page.relative_to(REPO)} links to {target}, which is not there"
+            if anchor and linked.suffix == ".md":
+                assert anchor in heading_anchors(linked), f"{page.relative_to(REPO)} links to {target}#{anchor}"
 
 
 def test_no_tracked_file_refers_to_a_path_outside_the_repository():
