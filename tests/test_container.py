@@ -260,7 +260,7 @@ def test_hadolint_passes_without_output():
 def test_dockerfile_base_image_follows_vllm_version():
     """The base image is vllm/vllm-openai at the VLLM_VERSION build arg, v0.20.2 by default."""
     text = dockerfile()
-    assert re.search(r"^ARG VLLM_VERSION=v0\.11\.0$", text, re.M)
+    assert re.search(r"^ARG VLLM_VERSION=v0\.20\.2$", text, re.M)
     assert re.search(r"^FROM vllm/vllm-openai:\$\{VLLM_VERSION\}$", text, re.M)
 
 
