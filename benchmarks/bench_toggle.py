@@ -35,8 +35,9 @@ from loguru import logger
 
 from benchmarks.seed_protocol import seed_cuda_pids, seed_toggle_all
 from entrypoint.backend_cli import CliBackend
-from entrypoint.config import Config, load_config
+from entrypoint.config import DEFAULT_MATCH, Config, load_config
 from entrypoint.errors import SuspendError
+from entrypoint.safety import REQUIRED_SERVER_ENV
 from entrypoint.toggle import RESUME, SUSPEND, toggle
 
 REPO = Path(__file__).resolve().parent.parent
@@ -44,8 +45,10 @@ FAKES_DIR = REPO / "tests" / "fakes"
 sys.path.insert(0, str(FAKES_DIR))
 import fakegpu  # noqa: E402
 
-# A correctly configured TP vLLM, as the tests start their fake trees (the safety checks refuse otherwise).
-from tests.toggle_fixtures import SAFE_ARGS, SAFE_ENV, VLLM_TITLE  # noqa: E402
+# A correctly configured TP=2 vLLM, as the fake trees are started (the safety checks refuse otherwise).
+SAFE_ENV = dict(REQUIRED_SERVER_ENV)
+SAFE_ARGS = "--tensor-parallel-size 2 --disable-custom-all-reduce"
+VLLM_TITLE = DEFAULT_MATCH[0]
 
 GPU_TOTAL_MIB, GPU_BASELINE_MIB = 81559, 4  # an idle H100 80GB, as the tests' fake GPU
 PR_SET_PDEATHSIG = 1

@@ -1,4 +1,4 @@
-"""The seed's suspend/resume algorithm (MULTI-GPU-TEST.md, Tasks 7 and 8), over any Backend.
+"""The seed's suspend/resume algorithm (the project's starting scripts), over any Backend.
 
 Kept as the baseline cuda-toggle-all is measured against, on the fake GPU (bench_toggle.py) and on real GPUs
 (with the driver backend). It reproduces the seed on purpose, flaws included:
@@ -7,7 +7,7 @@ Kept as the baseline cuda-toggle-all is measured against, on the fake GPU (bench
   whatever the target is, so a second `suspend` resumes the server (and a second `resume` suspends it);
 - an error of one toggle is ignored (the seed's `|| true`) and the next PID is toggled anyway;
 - nothing freezes the dispatcher, and each PID is locked+checkpointed (or restored+unlocked) before the next
-  one is touched, which is what FACTS.md warns can hang NCCL peers on real GPUs.
+  one is touched, which can hang NCCL peers on real GPUs (docs/facts.md).
 
 Two readings of the seed differ: its inline script toggles every PID once and prints the states once; its
 prose says the helper re-toggles the PIDs not yet in the target on every verify attempt. The baseline here is

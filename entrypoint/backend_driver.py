@@ -1,7 +1,7 @@
 """Backend that calls cuCheckpointProcess* in libcuda.so.1 through ctypes: no external binary.
 
 Never calls cuInit: the calls work without it, and with it this process would keep a few MiB
-on every GPU while the server is suspended (measured on an H200, driver 580).
+on every GPU while the server is suspended (measured on driver 580: docs/facts.md).
 """
 
 from __future__ import annotations

@@ -5,7 +5,6 @@ from __future__ import annotations
 import contextlib
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -27,6 +26,38 @@ FAKE_GPU_BASELINE_MIB = 4  # what nvidia-smi shows on an idle GPU
 
 sys.path.insert(0, str(FAKES_DIR))
 import fakegpu  # noqa: E402
+
+from tests.testing import free_port  # noqa: E402
+
+# The slow tier: `make check` runs every test, `make check-fast` (the edit loop) leaves these out: a test
+# that starts a server (the stand-in vLLM, a fake vLLM process tree, the gate, supervisord) takes seconds,
+# so the quick tier keeps the tests that run in-process or start only short-lived commands. Slow are the
+# tests that use a fixture starting one, whole files that do (the install test builds a venv; the GPU
+# suite's CPU run, the fault tests and the benchmark start many servers; the dummy-model test loads
+# transformers), and tests marked @pytest.mark.slow themselves (those that start supervisord); but for
+# the few whole cycles of QUICK_CYCLES.
+SLOW_FILES = {"test_install.py", "test_gpu_suite_cpu.py", "test_faults.py", "test_benchmarks.py", "test_dummy_model.py"}
+SERVER_FIXTURES = {"standin_server", "fake_tree"}
+# A few whole cycles stay in the quick tier, so that the edit loop still suspends and resumes something.
+QUICK_CYCLES = {
+    "test_cuda_toggle_all.py::test_suspend_and_resume_move_every_cuda_process[driver]",
+    "test_quiesce.py::test_scheduler_pause_suspends_any_tp_size_and_keeps_every_request[1-plain]",
+    "test_quiesce.py::test_scheduler_pause_suspends_any_tp_size_and_keeps_every_request[2-hybrid]",
+    "test_selftest.py::test_passing_run_at_tp2",
+    "test_gate.py::test_idle_server_is_suspended_and_the_next_request_wakes_it",
+}
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line("markers", "slow: left out of `make check-fast` (the quick tier); `make check` runs it")
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    for item in items:
+        if f"{item.path.name}::{item.name}" in QUICK_CYCLES:
+            continue
+        if item.path.name in SLOW_FILES or SERVER_FIXTURES & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.slow)
 
 
 @pytest.fixture
@@ -128,12 +159,6 @@ class StandinServer:
             with contextlib.suppress(psutil.NoSuchProcess):
                 member.send_signal(signal.SIGKILL)  # psutil refuses if the PID was reused meanwhile
         wait_until_dead(family, timeout=10)
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 @pytest.fixture

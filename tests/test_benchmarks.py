@@ -18,7 +18,7 @@ from benchmarks.seed_protocol import seed_cuda_pids, seed_toggle_all
 from entrypoint.backend_cli import CliBackend
 from entrypoint.backend_driver import DriverBackend
 from entrypoint.config import load_config
-from tests.toggle_fixtures import REPO
+from tests.testing import REPO
 
 BACKENDS = {"cli": CliBackend, "driver": DriverBackend}  # the driver one has no `toggle`: it is emulated
 

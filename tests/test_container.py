@@ -13,7 +13,6 @@ import json
 import os
 import re
 import shutil
-import socket
 import subprocess
 import sys
 import tempfile
@@ -29,7 +28,8 @@ import psutil
 import pytest
 import requests
 
-REPO = Path(__file__).resolve().parents[1]
+from tests.testing import REPO, free_port, wait_until
+
 VENV_BIN = Path(sys.executable).parent
 STANDIN = REPO / "tests" / "fakes" / "standin_vllm.py"
 SERVICE = "vllm-qwen3-8b-awq"
@@ -76,23 +76,6 @@ def tool(name: str) -> str:
 
 def clean_env(**extra: str) -> dict[str, str]:
     return {"PATH": os.environ["PATH"], "HOME": os.environ.get("HOME", "/root"), **extra}
-
-
-def wait_until(predicate: Callable[[], object], timeout_s: float, what: str, interval_s: float = 0.1):
-    deadline = time.monotonic() + timeout_s
-    while True:
-        result = predicate()
-        if result:
-            return result
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout_s}s waiting for {what}")
-        time.sleep(interval_s)
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def title(process: psutil.Process) -> str:
@@ -277,7 +260,7 @@ def test_hadolint_passes_without_output():
 def test_dockerfile_base_image_follows_vllm_version():
     """The base image is vllm/vllm-openai at the VLLM_VERSION build arg, v0.20.2 by default."""
     text = dockerfile()
-    assert re.search(r"^ARG VLLM_VERSION=v0\.11\.0$", text, re.M)
+    assert re.search(r"^ARG VLLM_VERSION=v0\.20\.2$", text, re.M)
     assert re.search(r"^FROM vllm/vllm-openai:\$\{VLLM_VERSION\}$", text, re.M)
 
 
@@ -694,7 +677,7 @@ class Supervised:
         return self.rpc().supervisor.getProcessInfo(program)
 
     def wait_for_log(self, text: str, timeout_s: float = 30) -> None:
-        wait_until(lambda: text in self.log(), timeout_s, f"{text!r} in the log:\n{self.log()[-3000:]}")
+        wait_until(lambda: text in self.log(), f"{text!r} in the log:\n{self.log()[-3000:]}", timeout_s)
 
     def shutdown(self) -> None:
         """Stop supervisord, then kill whatever of its session is left (stopped processes too)."""
@@ -753,7 +736,7 @@ def start_supervised(server_cmd: str, vllm_args: list[str], upstream_port: int =
         )
     supervised = Supervised(process, tmp, env, gate_port)
     try:
-        wait_until(lambda: (tmp / "run" / "supervisord.sock").exists(), 30, "supervisord's socket")
+        wait_until(lambda: (tmp / "run" / "supervisord.sock").exists(), "supervisord's socket", 30)
     except BaseException:
         supervised.shutdown()
         raise
@@ -794,8 +777,8 @@ def ensure_running(supervised: Supervised, port: int, program: str = "vllm") -> 
     """Start `program` if a test stopped it; wait until it is RUNNING and serving. Returns its PID."""
     if supervised.info(program)["statename"] in ("STOPPED", "EXITED", "FATAL"):
         assert "started" in supervised.ctl("start", program).stdout
-    wait_until(lambda: supervised.info(program)["statename"] == "RUNNING", 60, f"{program} RUNNING")
-    wait_until(lambda: models_status(port) == 200, 60, f"/v1/models answering 200 on port {port}")
+    wait_until(lambda: supervised.info(program)["statename"] == "RUNNING", f"{program} RUNNING", 60)
+    wait_until(lambda: models_status(port) == 200, f"/v1/models answering 200 on port {port}", 60)
     return supervised.info(program)["pid"]
 
 
@@ -819,10 +802,11 @@ def engine_and_workers(pid: int) -> tuple[psutil.Process, list[psutil.Process]]:
         workers = [p for p in tree if title(p).startswith("VLLM::Worker_TP")]
         return (engines, workers) if len(engines) == 1 and len(workers) == 2 else None
 
-    engines, workers = wait_until(find, 30, f"EngineCore and two workers under {pid}")
+    engines, workers = wait_until(find, f"EngineCore and two workers under {pid}", 30)
     return engines[0], workers
 
 
+@pytest.mark.slow
 def test_supervisord_runs_vllm_and_answers_through_its_socket(standin):
     """supervisord starts the server with the compose-style arguments; supervisorctl works over the socket."""
     supervised, port = standin
@@ -835,6 +819,7 @@ def test_supervisord_runs_vllm_and_answers_through_its_socket(standin):
     assert supervised.ctl("status", "vllm-reaper").stdout.split()[1] == "RUNNING"
 
 
+@pytest.mark.slow
 def test_wait_for_model_sees_the_standin_served_under_supervisord(standin):
     """wait-for-model.sh finds the served model on the supervised stand-in."""
     supervised, port = standin
@@ -843,6 +828,7 @@ def test_wait_for_model_sees_the_standin_served_under_supervisord(standin):
     assert result.returncode == 0, result.stdout + result.stderr
 
 
+@pytest.mark.slow
 def test_supervisord_pid_of_vllm_is_the_root_of_the_tp2_tree(standin):
     """supervisord's XML-RPC PID of `vllm` is the API server; below it EngineCore and two TP workers."""
     supervised, port = standin
@@ -857,6 +843,7 @@ def test_supervisord_pid_of_vllm_is_the_root_of_the_tp2_tree(standin):
     assert {os.getpgid(p.pid) for p in process_tree(pid)} == {pid}
 
 
+@pytest.mark.slow
 def test_cuda_toggle_all_finds_the_supervised_server(standin):
     """cuda-toggle-all's server lookup gets the same PID from supervisord's socket."""
     from entrypoint.config import load_config
@@ -871,6 +858,7 @@ def test_cuda_toggle_all_finds_the_supervised_server(standin):
     assert "supervisord" in root.how
 
 
+@pytest.mark.slow
 def test_sleep_calls_go_to_the_port_on_vllm_command_line(standin):
     """The hybrid suspend finds vLLM's own address (for /sleep) in its command line: the internal port,
     not the gate's; the gate's GATE_UPSTREAM is the same address."""
@@ -884,6 +872,7 @@ def test_sleep_calls_go_to_the_port_on_vllm_command_line(standin):
     assert VllmControl(url, 10).is_sleeping() is False  # sleep mode is on: the endpoint answers there
 
 
+@pytest.mark.slow
 def test_supervisord_runs_the_gate_in_front_of_vllm(standin):
     """Program `gate` runs next to `vllm`; requests to the gate's port reach the server and come back."""
     supervised, port = standin
@@ -903,6 +892,7 @@ def test_supervisord_runs_the_gate_in_front_of_vllm(standin):
     supervised.wait_for_log("vllm-gate listening on http://127.0.0.1:")
 
 
+@pytest.mark.slow
 def test_gate_hides_the_dev_endpoints_that_sleep_mode_opens(standin):
     """Sleep mode reaches vLLM (flag and VLLM_SERVER_DEV_MODE=1), its endpoints answer on the internal
     port, and through the gate they are 404 and never forwarded."""
@@ -925,11 +915,12 @@ def assert_all_gone(tree: list[psutil.Process], log: str) -> None:
         return [f"{p.pid} {title(p)!r} {p.status()}" for p in tree if alive(p)]
 
     try:
-        wait_until(lambda: not survivors(), 15, "every process of the tree to end")
+        wait_until(lambda: not survivors(), "every process of the tree to end", 15)
     except AssertionError:
         raise AssertionError(f"survivors: {survivors()}\n{log[-3000:]}") from None
 
 
+@pytest.mark.slow
 def test_supervisorctl_stop_ends_the_whole_tree(standin):
     """`supervisorctl stop vllm` leaves no process of the server's tree behind."""
     supervised, port = standin
@@ -941,6 +932,7 @@ def test_supervisorctl_stop_ends_the_whole_tree(standin):
     assert supervised.info()["statename"] == "STOPPED"
 
 
+@pytest.mark.slow
 def test_supervisorctl_stop_ends_a_suspended_server(standin):
     """With EngineCore SIGSTOPped (as while suspended), `supervisorctl stop vllm` still ends every process."""
     supervised, port = standin
@@ -948,7 +940,7 @@ def test_supervisorctl_stop_ends_a_suspended_server(standin):
     engine, _ = engine_and_workers(pid)
     tree = process_tree(pid)
     engine.suspend()
-    wait_until(lambda: engine.status() == psutil.STATUS_STOPPED, 5, "EngineCore stopped")
+    wait_until(lambda: engine.status() == psutil.STATUS_STOPPED, "EngineCore stopped", 5)
     started = time.monotonic()
     result = supervised.ctl("stop", "vllm")
     assert "vllm: stopped" in result.stdout, result.stdout + result.stderr
@@ -957,6 +949,7 @@ def test_supervisorctl_stop_ends_a_suspended_server(standin):
     supervised.wait_for_log(f"vllm (pid {pid}) is stopping: sent SIGCONT", 10)
 
 
+@pytest.mark.slow
 def test_supervisorctl_stop_all_ends_the_gate_and_the_server():
     """`supervisorctl stop all` stops the gate and vLLM: no process of either is left, the port is closed."""
     supervised, port = start_standin()
@@ -976,11 +969,12 @@ def test_supervisorctl_stop_all_ends_the_gate_and_the_server():
         shutil.rmtree(supervised.tmp, ignore_errors=True)
 
 
+@pytest.mark.slow
 def test_container_stop_ends_a_suspended_server():
     """SIGTERM to supervisord (docker stop) with EngineCore stopped: supervisord exits, nothing survives."""
     supervised, port = start_standin()
     try:
-        wait_until(lambda: supervised.info()["pid"], 30, "vllm spawned")
+        wait_until(lambda: supervised.info()["pid"], "vllm spawned", 30)
         pid = supervised.info()["pid"]
         engine, _ = engine_and_workers(pid)
         supervised.wait_for_log("standin: ready")
@@ -1041,16 +1035,18 @@ def leaky_server(tmp_path: Path) -> Iterator[Callable[[str], tuple[Supervised, p
         shutil.rmtree(supervised.tmp, ignore_errors=True)
 
 
+@pytest.mark.slow
 def test_stopped_child_gets_its_sigterm_when_the_server_stops(leaky_server, tmp_path: Path):
     """vllm-reaper sends SIGCONT to the group on stop: a SIGSTOPped child handles its SIGTERM and exits."""
     supervised, child = leaky_server("graceful")
     child.suspend()
-    wait_until(lambda: child.status() == psutil.STATUS_STOPPED, 5, "child stopped")
+    wait_until(lambda: child.status() == psutil.STATUS_STOPPED, "child stopped", 5)
     assert "vllm: stopped" in supervised.ctl("stop", "vllm").stdout
     assert_all_gone([child], supervised.log())
     assert (tmp_path / "graceful").exists(), "the child was killed instead of handling its SIGTERM"
 
 
+@pytest.mark.slow
 def test_child_left_behind_by_the_server_is_killed(leaky_server):
     """A stopped child that ignores SIGTERM and outlives the server is killed when the stop is reported."""
     supervised, child = leaky_server("stubborn")
@@ -1058,23 +1054,3 @@ def test_child_left_behind_by_the_server_is_killed(leaky_server):
     assert "vllm: stopped" in supervised.ctl("stop", "vllm").stdout
     assert_all_gone([child], supervised.log())
     supervised.wait_for_log("members of its process group remain: sending SIGKILL", 10)
-
-
-# ---------------------------------------------------------------------------------------------------
-# README
-
-
-def test_readme_covers_the_container_side():
-    """The README names the make targets, the settings and the sections the lead fills in."""
-    readme = (REPO / "README.md").read_text()
-    for heading in ["## cuda-toggle-all", "## selftest", "## Troubleshooting"]:
-        assert re.search(rf"^{re.escape(heading)}\s*$", readme, re.M), heading
-    for target in MAKE_TARGETS:
-        assert f"make {target}" in readme or f"`{target}`" in readme, target
-    for name in REQUIRED_ENV:
-        assert name in readme, name
-    for flag in ["--disable-custom-all-reduce", "SYS_PTRACE", "seccomp=unconfined", "ipc: host"]:
-        assert flag in readme, flag
-    assert "CLEANUP=1 make test" in readme
-    for name in [*GATE_ENV, "VLLM_SLEEP_MODE=0", "--enable-sleep-mode", "VLLM_SERVER_DEV_MODE=1", "127.0.0.1:8001"]:
-        assert name in readme, name

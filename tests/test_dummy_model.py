@@ -13,7 +13,7 @@ import sys
 import pytest
 import transformers
 
-from tests.toggle_fixtures import REPO
+from tests.testing import REPO
 
 ENDOFTEXT_ID, IM_START_ID, IM_END_ID = 151643, 151644, 151645
 

@@ -31,11 +31,11 @@ from aiohttp import web
 
 from entrypoint.config import Config, load_config
 from entrypoint.toggle import toggle
-from tests.conftest import STANDIN_MODEL, StandinServer, fakegpu, free_port
+from tests.conftest import STANDIN_MODEL, StandinServer, fakegpu
+from tests.testing import REPO, free_port, wait_until
 
-REPO = Path(__file__).resolve().parent.parent
 TOGGLE_ALL_CLI = [sys.executable, "-m", "entrypoint.cuda_toggle_all"]
-# What a TP=2 vLLM must run with for cuda-toggle-all's safety checks to let it suspend (FACTS.md).
+# What a TP=2 vLLM must run with for cuda-toggle-all's safety checks to let it suspend (docs/facts.md).
 # SPT_NOENV keeps setproctitle off the stand-in's environ, which the checks read in /proc/PID/environ.
 SAFE_ENV = {
     "NCCL_P2P_DISABLE": "1",
@@ -118,14 +118,6 @@ def series(name: str, **labels: str) -> str:
     if not labels:
         return name
     return name + "{" + ",".join(f'{key}="{value}"' for key, value in labels.items()) + "}"
-
-
-def wait_until(condition: Callable[[], bool], what: str, timeout: float = 10.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
-        time.sleep(0.02)
 
 
 @dataclass

@@ -10,7 +10,7 @@ import sys
 
 import pytest
 
-from tests.toggle_fixtures import REPO
+from tests.testing import REPO
 
 
 @pytest.mark.timeout(300)  # about 90 s on 2 idle cores

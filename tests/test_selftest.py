@@ -21,8 +21,8 @@ from entrypoint.errors import ExitCode, SuspendError
 from entrypoint.openai_client import TokenTrace
 from entrypoint.selftest import SELFTEST_EXIT_CODES, cli
 from entrypoint.selftest_checks import fair_reference, same_as_reference
-from tests.conftest import free_port
-from tests.toggle_fixtures import REPO, SAFE_ENV, fakegpu
+from tests.testing import REPO, free_port
+from tests.toggle_fixtures import SAFE_ENV, fakegpu
 
 SAFE_ARGS = ("--disable-custom-all-reduce", "--gpu-memory-utilization", "0.02")
 # Seconds per generated token: the request in flight (300 tokens) streams for 3 s, longer than the library

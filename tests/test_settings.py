@@ -10,7 +10,6 @@ import json
 import subprocess
 import sys
 from collections.abc import Callable, Mapping
-from pathlib import Path
 
 import pytest
 
@@ -18,8 +17,8 @@ from entrypoint.config import SETTINGS, Config, load_config
 from entrypoint.errors import ExitCode, SuspendError
 from entrypoint.gate_config import GATE_SETTINGS, GateConfig, load_gate_config
 from entrypoint.settings import NUMERIC_KINDS, Setting, parse_settings
+from tests.testing import REPO
 
-REPO = Path(__file__).resolve().parent.parent
 TABLES: list[tuple[str, dict[str, Setting], type, Callable[[Mapping[str, str]], object]]] = [
     ("CUDA_TOGGLE", SETTINGS, Config, load_config),
     ("GATE", GATE_SETTINGS, GateConfig, load_gate_config),

@@ -25,6 +25,7 @@ from tests.conftest import (
     process_title,
     wait_until_dead,
 )
+from tests.testing import wait_until as wait_for
 
 QUESTION = [{"role": "user", "content": "What does the fake GPU say?"}]
 SLEEP_PATHS = [
@@ -84,14 +85,6 @@ def nvidia_smi_used_mib() -> dict[int, int]:
         check=True,
     ).stdout
     return {int(index): int(used) for index, used in (line.split(",") for line in output.splitlines())}
-
-
-def wait_for(condition, timeout: float = 5.0, what: str = "condition"):
-    deadline = time.monotonic() + timeout
-    while not (result := condition()):
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.02)
-    return result
 
 
 def test_process_tree_and_titles_match_vllm_v1(standin_server):

@@ -8,7 +8,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -18,13 +17,14 @@ import psutil
 import pytest
 
 from entrypoint.safety import REQUIRED_SERVER_ENV
+from tests.testing import REPO
+from tests.testing import wait_until as sleep_until  # noqa: F401 (the name its tests import from here)
 
 FAKES_DIR = Path(__file__).resolve().parent / "fakes"
-REPO = FAKES_DIR.parent.parent
 sys.path.insert(0, str(FAKES_DIR))
 import fakegpu  # noqa: E402
 
-# What a correctly configured TP=2 vLLM runs with (see FACTS.md); the safety checks refuse without it.
+# What a correctly configured TP=2 vLLM runs with (docs/facts.md); the safety checks refuse without it.
 SAFE_ENV = dict(REQUIRED_SERVER_ENV)
 SAFE_ARGS = "--tensor-parallel-size 2 --disable-custom-all-reduce"
 VLLM_TITLE = "python3 -m vllm.entrypoints.openai.api_server"
@@ -190,11 +190,3 @@ def fake_tree(fake_gpu: Path, server_tag: str) -> Iterator[Callable[..., FakeTre
     yield start
     for tree in trees:
         tree.kill()
-
-
-def sleep_until(condition: Callable[[], bool], what: str, timeout: float = 10.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
-        time.sleep(0.02)

@@ -42,7 +42,6 @@ import os
 import platform
 import shutil
 import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -65,6 +64,7 @@ from entrypoint.gpus import read_gpus  # noqa: E402
 from entrypoint.openai_client import OpenAIClient  # noqa: E402
 from entrypoint.safety import REQUIRED_SERVER_ENV  # noqa: E402
 from entrypoint.toggle import RESUME, SUSPEND, status, toggle  # noqa: E402
+from tests.testing import free_port  # noqa: E402
 
 WORK = Path(os.environ.get("SUITE_WORK", "/tmp/gpu-suite"))
 RESULTS = Path(os.environ.get("SUITE_RESULTS", str(WORK / "results.json")))
@@ -170,12 +170,6 @@ class Server:
         self.suspends += 1
         self.save()
         return first
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 def server_from_settings(args: argparse.Namespace) -> Server:
