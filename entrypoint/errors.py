@@ -23,7 +23,6 @@ class ExitCode(IntEnum):
     CHAT_FAILED = 12  # a chat completion failed or came back empty
     NOT_SUSPENDED = 13  # after suspend, a process is not checkpointed or a GPU still holds memory
     NOT_RESUMED = 14  # after resume, a process is not running or the memory did not come back
-    ANSWER_CHANGED = 15  # the answer after resume differs from the answer before
     INFLIGHT_LOST = 16  # the request sent while suspended was not answered after resume
     INFLIGHT_CUT = 17  # the request running across the suspend was aborted, cut short, or not in flight
     LOGPROBS_DIFFER = 18  # a request run alone after resume differs from before (tokens or logprobs)
@@ -50,7 +49,6 @@ EXIT_CODE_MEANINGS = {
     ExitCode.CHAT_FAILED: "chat completion failed or empty",
     ExitCode.NOT_SUSPENDED: "suspend not proven (state or GPU memory)",
     ExitCode.NOT_RESUMED: "resume not proven (state or GPU memory)",
-    ExitCode.ANSWER_CHANGED: "answer after resume differs from before",
     ExitCode.INFLIGHT_LOST: "request sent while suspended was lost",
     ExitCode.INFLIGHT_CUT: "request in flight at the suspend was aborted or cut short",
     ExitCode.LOGPROBS_DIFFER: "request run alone after resume differs by tokens or logprobs",
