@@ -27,6 +27,7 @@ from .gate_config import GateConfig, gate_settings_help, load_gate_config
 from .gate_control import PowerController
 from .gate_limits import ConnectionLimiter, ensure_open_file_limit
 from .gate_metrics import CONTENT_TYPE, GateMetrics
+from .gate_models import Fleet, check_host_ram
 from .gate_proxy import Forwarder
 from .render import print_settings, setup_logging
 
@@ -62,11 +63,15 @@ async def name_the_server(request: web.Request, response: web.StreamResponse) ->
 
 def build_app(gate: GateConfig, toggle_config: Config, limiter: ConnectionLimiter | None = None) -> web.Application:
     metrics = GateMetrics()
-    controller = PowerController(gate, toggle_config, metrics)
-    forwarder = Forwarder(gate, controller, metrics)
+    # With GATE_MODELS, one controller per model; the default model's stands for "the server" in the
+    # single-server fields of /gate/status and /gate/metrics.
+    fleet = Fleet(gate, toggle_config, metrics) if gate.models else None
+    controller = fleet.default.controller if fleet else PowerController(gate, toggle_config, metrics)
+    forwarder = Forwarder(gate, controller, metrics, fleet)
 
     async def gate_status(request: web.Request) -> web.Response:
-        return web.json_response(controller.status_json())
+        status = controller.status_json()
+        return web.json_response({**status, **fleet.status_json()} if fleet else status)
 
     async def gate_metrics(request: web.Request) -> web.Response:
         if limiter is not None:
@@ -74,17 +79,25 @@ def build_app(gate: GateConfig, toggle_config: Config, limiter: ConnectionLimite
         text = metrics.render(
             phase=controller.refresh().value, in_flight=controller.in_flight, waiting=controller.waiting
         )
+        if fleet is not None:
+            text += fleet.render_metrics()
         return web.Response(body=text.encode(), headers={"Content-Type": CONTENT_TYPE})
 
     async def on_startup(app: web.Application) -> None:
         await forwarder.open()
-        controller.start_watching()
+        if fleet is not None:
+            await fleet.open()  # starts every controller's watcher, and the servers one after another
+        else:
+            controller.start_watching()
 
     async def on_shutdown(app: web.Application) -> None:  # after the gate stopped accepting connections
         await forwarder.drain(SHUTDOWN_GRACE_S)
 
     async def on_cleanup(app: web.Application) -> None:
-        await controller.close()
+        if fleet is not None:
+            await fleet.close()
+        else:
+            await controller.close()
         await forwarder.close()
 
     middlewares = [limiter.track_busy] if limiter is not None else []
@@ -118,6 +131,7 @@ def listening_socket(host: str, port: int) -> socket.socket:
 
 async def serve(gate: GateConfig, toggle_config: Config) -> None:
     ensure_open_file_limit(gate.max_connections)
+    check_host_ram(gate, toggle_config)
     quiet_aiohttp_server_log()
     limiter = ConnectionLimiter(gate.max_connections)
     app = build_app(gate, toggle_config, limiter)
@@ -139,7 +153,7 @@ async def serve(gate: GateConfig, toggle_config: Config) -> None:
             "vllm-gate listening on http://{}:{}, forwarding to {} (idle suspend: {}; at most {} connections)",
             gate.host,
             gate.port,
-            gate.upstream,
+            ", ".join(f"{m.name} at {gate.model_upstream(m)}" for m in gate.models) or gate.upstream,
             f"{gate.idle_suspend_s:g} s" if gate.idle_suspend_s else "off",
             gate.max_connections,
         )
