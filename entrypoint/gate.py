@@ -15,6 +15,7 @@ import os
 import signal
 import socket
 import sys
+from pathlib import Path
 
 import click
 from aiohttp import web
@@ -28,6 +29,7 @@ from .gate_control import PowerController
 from .gate_limits import ConnectionLimiter, ensure_open_file_limit
 from .gate_metrics import CONTENT_TYPE, GateMetrics
 from .gate_models import Fleet, check_host_ram
+from .gate_programs import write_programs
 from .gate_proxy import Forwarder
 from .render import print_settings, setup_logging
 
@@ -200,8 +202,15 @@ EPILOG = "\n\n".join(
 @click.command(epilog=EPILOG, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110})
 @click.option("--print-config", is_flag=True, help="Print the settings in force (GATE_* and CUDA_TOGGLE_*), then exit.")
 @click.option("--json", "as_json", is_flag=True, help="With --print-config: one JSON object.")
+@click.option(
+    "--write-programs",
+    "programs_dir",
+    type=click.Path(file_okay=False, path_type=Path),
+    help="With GATE_MODELS: write DIR/models.conf (a supervisord program per model) and each model's"
+    " arguments next to VLLM_ARGS_FILE, then exit (docker/entrypoint.sh runs it).",
+)
 @click.option("-v", "--verbose", is_flag=True, help="Debug logging.")
-def cli(print_config: bool, as_json: bool, verbose: bool) -> None:
+def cli(print_config: bool, as_json: bool, programs_dir: Path | None, verbose: bool) -> None:
     """Forward requests to vLLM, wake it on request, suspend it when idle, keep its internals private.
 
     Forwards vLLM's public API only: each known route with its methods (/v1/chat/completions,
@@ -217,6 +226,14 @@ def cli(print_config: bool, as_json: bool, verbose: bool) -> None:
     except SuspendError as failure:
         logger.error(failure.message)
         sys.exit(int(failure.exit_code))
+    if programs_dir is not None:
+        try:
+            programs = write_programs(gate, Path(os.environ.get("VLLM_ARGS_FILE", "/run/vllm/args")), programs_dir)
+        except (SuspendError, OSError) as failure:
+            logger.error(getattr(failure, "message", str(failure)))
+            sys.exit(int(getattr(failure, "exit_code", ExitCode.USAGE)))
+        logger.info("supervisord programs for GATE_MODELS: {}", ", ".join(programs) or "none (GATE_MODELS unset)")
+        return
     if print_config:
         rows = gate.describe() + toggle_config.describe()
         replaced = {
