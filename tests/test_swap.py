@@ -269,3 +269,43 @@ def test_bad_model_lists_exit_2_with_the_fix(tmp_path: Path, value: str, message
     assert process.wait(timeout=20) == 2
     log = process.log_path.read_text()  # type: ignore[attr-defined]
     assert message in log and "Traceback" not in log
+
+
+def test_supervisord_runs_a_program_per_model_started_one_after_another(fake_gpu: Path):
+    """Under the real supervisord (entrypoint.sh, supervisord.conf): `vllm-beta` starts and is suspended before
+    `vllm` (the default model) starts; then a request for beta swaps the two programs' servers."""
+    from tests.test_container import STANDIN, start_supervised
+
+    ports = {model: free_port() for model in MODELS}
+    entries = ",".join(f"{model}:standin-{model}:{ports[model]}:{SHARE}" for model in MODELS)
+    base_args = ["--model", "standin", "--tensor-parallel-size", "1", "--host", "127.0.0.1", "--port", "1"]
+    settings = {key: value for key, value in library_env(fake_gpu, Path()).items() if not key.endswith(("URL", "DIR"))}
+    supervised = start_supervised(
+        f"{sys.executable} {STANDIN}", base_args, ports["alpha"], GATE_MODELS=entries, VLLM_SLEEP_MODE="1",
+        FAKE_CUDA_STATE_DIR=str(fake_gpu), SPT_NOENV="1", STANDIN_STEP_S="0.005", **settings,
+    )  # fmt: skip
+    try:
+
+        def started() -> bool:
+            try:
+                return requests.get(f"{supervised.gate_url}/gate/status", timeout=1).json()["started"]
+            except (requests.ConnectionError, ValueError):
+                return False
+
+        wait_until(started, "the gate to start both programs", timeout=45)
+        # STARTING: younger than supervisord's startsecs (10 s), and running.
+        assert {supervised.info(program)["statename"] for program in ("vllm", "vllm-beta")} <= {"STARTING", "RUNNING"}
+        log = supervised.log()
+        order = [
+            log.index("model beta: supervisord program vllm-beta: started"),
+            log.index("suspended of model beta"),
+            log.index("model alpha: supervisord program vllm: started"),
+        ]
+        assert order == sorted(order), log[-3000:]
+        body = {"model": "beta", "prompt": "hi", "max_tokens": 4, "temperature": 0}
+        response = requests.post(f"{supervised.gate_url}/v1/completions", json=body, timeout=30)
+        assert response.status_code == 200 and response.json()["model"] == "beta", response.text
+        models = requests.get(f"{supervised.gate_url}/gate/status", timeout=5).json()["models"]
+        assert (models["alpha"]["state"], models["beta"]["state"]) == ("suspended", "running")
+    finally:
+        supervised.shutdown()
