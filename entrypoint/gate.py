@@ -194,6 +194,8 @@ EPILOG = "\n\n".join(
         "\b\nServed by the gate itself:"
         "\n  GET /gate/status    JSON: state, since, in_flight, waiting, last_suspend_s, last_resume_s,"
         "\n                      last_failure_at (details of a failure are in the gate's log)"
+        "\n                      (with GATE_MODELS also `started` and `models`: per model its state, swaps,"
+        "\n                      swap seconds, waits; docs/gate.md, Several models)"
         "\n  GET /gate/metrics   Prometheus text",
     ]
 )

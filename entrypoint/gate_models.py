@@ -57,9 +57,13 @@ def run_dir_of(base: str, model: ModelEntry) -> str:
 
 def listening_pid(port: int) -> int | None:
     """The process that listens on `port` (vLLM's API server, the root of its tree); None if none does."""
+    try:
+        connections = psutil.net_connections(kind="tcp")
+    except psutil.AccessDenied:
+        return None
     pids = {
         conn.pid
-        for conn in psutil.net_connections(kind="tcp")
+        for conn in connections
         if conn.status == psutil.CONN_LISTEN and conn.laddr and conn.laddr.port == port and conn.pid
     }
     for pid in sorted(pids):

@@ -309,3 +309,14 @@ def test_supervisord_runs_a_program_per_model_started_one_after_another(fake_gpu
         assert (models["alpha"]["state"], models["beta"]["state"]) == ("suspended", "running")
     finally:
         supervised.shutdown()
+
+
+def test_each_model_is_suspended_when_idle_and_a_request_brings_it_back(swapped):
+    """GATE_IDLE_SUSPEND_S applies per model: both idle ones end suspended; a request resumes one with no swap out."""
+    fleet = swapped(GATE_IDLE_SUSPEND_S="1")
+    wait_until(lambda: fleet.model_status("alpha")["state"] == "suspended", "alpha's idle suspend", timeout=15)
+    assert fleet.holders_on_gpu() == []
+    assert fleet.text("beta", "idle") != "" and fleet.holders_on_gpu() == ["beta"]
+    assert "swap to model beta: suspending nothing" in fleet.gate.log()
+    wait_until(lambda: fleet.model_status("beta")["state"] == "suspended", "beta's idle suspend", timeout=15)
+    assert fleet.model_status("alpha")["swaps"] == 0 and fleet.model_status("beta")["swaps"] == 1
