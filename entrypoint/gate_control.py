@@ -61,6 +61,7 @@ class TransitionOutcome:
     ok: bool
     seconds: float
     message: str = ""
+    exit_code: int = 0  # the library's ExitCode when it failed
 
 
 def tool_lock_purpose(run_dir: str) -> str | None:
@@ -249,7 +250,8 @@ class PowerController:
             notes = "; ".join(result.notes)
             outcome = TransitionOutcome(transition, trigger, True, time.monotonic() - started, notes)
         except SuspendError as failure:
-            outcome = TransitionOutcome(transition, trigger, False, time.monotonic() - started, failure.message)
+            seconds = time.monotonic() - started
+            outcome = TransitionOutcome(transition, trigger, False, seconds, failure.message, int(failure.exit_code))
         except Exception as error:  # a bug in the library must not leave requests waiting for good
             logger.opt(exception=error).error("{} raised unexpectedly", transition)
             message = f"{transition} failed: {type(error).__name__}: {error}"

@@ -43,6 +43,9 @@ from .gate_metrics import PHASES, GateMetrics
 from .gpus import GpuReading, read_gpus
 from .toggle import warm_up
 
+# A server the library cannot find, or whose tree has no CUDA process (not started, or gone), holds no GPU
+# memory: it is not in the way of a swap.
+NOT_HOLDING_GPUS = (ExitCode.SERVER_NOT_FOUND, ExitCode.NO_CUDA_PROCESSES)
 # A little room for rounding: shares of 0.5 + 0.5 fit, 0.5 + 0.51 do not.
 SHARE_SLACK = 1e-6
 DRAIN_POLL_S = 0.01
@@ -420,7 +423,9 @@ class Fleet:
                 await asyncio.shield(controller.transition)
             if controller.refresh() is Phase.RUNNING:
                 outcome = await asyncio.shield(controller.start(Phase.SUSPENDING, f"swap to {target.name}"))
-                if not outcome.ok:
+                if not outcome.ok and outcome.exit_code in NOT_HOLDING_GPUS:
+                    logger.warning("model {}: no server on the GPUs, not in the way ({})", victim.name, outcome.message)
+                elif not outcome.ok:
                     raise ResumeFailed(f"suspending model {victim.name} to make room failed: {outcome.message}")
         finally:
             controller.draining = False

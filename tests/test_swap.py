@@ -120,30 +120,24 @@ def swapped(fake_gpu: Path, tmp_path: Path, standin_server) -> Iterator[Callable
         front.stop()
 
 
-def test_start_leaves_the_default_resident_and_lists_every_model(swapped):
-    """At start the other server is suspended and the default runs; /v1/models lists both; routing is by model."""
+def test_alternating_requests_swap_the_servers(swapped):
+    """At start only the default is resident and /v1/models lists both; then requests alternating between the
+    models swap them each time, only one is ever on the GPU, and the answers stay right."""
     fleet = swapped()
-    assert fleet.holders_on_gpu() == ["alpha"]
-    assert fleet.model_status("alpha")["state"] == "running" and fleet.model_status("alpha")["default"]
-    assert fleet.model_status("beta")["state"] == "suspended"
+    assert fleet.holders_on_gpu() == ["alpha"]  # at start: the default runs, the other is suspended
+    assert fleet.model_status("alpha")["default"] and fleet.model_status("beta")["state"] == "suspended"
     listed = requests.get(f"{fleet.gate.url}/v1/models", timeout=5).json()
-    assert [entry["id"] for entry in listed["data"]] == ["alpha", "beta"]
-    assert (
-        fleet.text("alpha", "hello")
-        == fleet.servers["alpha"]
-        .post("/v1/completions", {"model": "alpha", "prompt": "hello", "max_tokens": 8, "temperature": 0})
+    assert [entry["id"] for entry in listed["data"]] == ["alpha", "beta"]  # listing wakes nothing
+    unknown = fleet.ask("gamma", "steady")
+    assert unknown.status_code == 404 and unknown.json()["error"]["type"] == "NotFoundError"
+    assert fleet.holders_on_gpu() == ["alpha"]
+    # Greedy answers of the stand-in depend on the prompt only: the resident server's answer is both models'.
+    expected = (
+        fleet.servers["alpha"]
+        .post("/v1/completions", {"model": "alpha", "prompt": "steady", "max_tokens": 8, "temperature": 0})
         .json()["choices"][0]["text"]
     )
-    unknown = fleet.ask("gamma", "hello")
-    assert unknown.status_code == 404 and unknown.json()["error"]["type"] == "NotFoundError"
-    assert fleet.holders_on_gpu() == ["alpha"]  # neither listing nor an unknown model swapped anything
-
-
-def test_alternating_requests_swap_the_servers(swapped):
-    """Requests alternating between the models swap them each time; only one is ever on the GPU; answers stay right."""
-    fleet = swapped()
-    # Greedy answers of the stand-in depend on the prompt only: the resident server's answer is both models'.
-    expected = fleet.text("alpha", "steady")
+    assert fleet.text("alpha", "steady") == expected
     for model in ("beta", "alpha", "beta", "alpha"):
         assert fleet.text(model, "steady") == expected
         assert fleet.holders_on_gpu() == [model]
@@ -320,3 +314,11 @@ def test_each_model_is_suspended_when_idle_and_a_request_brings_it_back(swapped)
     assert "swap to model beta: suspending nothing" in fleet.gate.log()
     wait_until(lambda: fleet.model_status("beta")["state"] == "suspended", "beta's idle suspend", timeout=15)
     assert fleet.model_status("alpha")["swaps"] == 0 and fleet.model_status("beta")["swaps"] == 1
+
+
+def test_a_model_whose_server_is_gone_does_not_block_swaps(swapped):
+    """The resident model's server died: a request for the other model still swaps it in and is answered."""
+    fleet = swapped()
+    fleet.servers["alpha"].kill_tree()
+    assert fleet.text("beta", "alone") != "" and fleet.model_status("beta")["state"] == "running"
+    assert "model alpha: no server on the GPUs, not in the way" in fleet.gate.log()
