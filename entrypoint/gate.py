@@ -4,6 +4,7 @@ Listens where clients expect vLLM (GATE_HOST:GATE_PORT) and forwards the OpenAI 
 operational paths to vLLM on loopback (GATE_UPSTREAM); vLLM's development endpoints stay private.
 A request that needs the GPUs wakes a suspended server first; an idle server is suspended after
 GATE_IDLE_SUSPEND_S. The gate serves /gate/status (JSON) and /gate/metrics (Prometheus) itself.
+With GATE_MODELS it fronts several vLLM servers, one per model, and swaps them on the GPUs (gate_models.py).
 """
 
 from __future__ import annotations

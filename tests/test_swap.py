@@ -33,6 +33,7 @@ class Swapped:
     gate: Gate
     servers: dict[str, StandinServer]
     fake_gpu: Path
+    run_dir: Path  # CUDA_TOGGLE_RUN_DIR: the default model's suspend record; models/NAME/ for the others
 
     def ask(self, model: str, prompt: str, max_tokens: int = 8, timeout: float = 30) -> requests.Response:
         body = {"model": model, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0}
@@ -113,7 +114,7 @@ def swapped(fake_gpu: Path, tmp_path: Path, standin_server) -> Iterator[Callable
             return status["started"]
 
         wait_until(placed, "the gate to start both servers", timeout=20)
-        return Swapped(front, servers, fake_gpu)
+        return Swapped(front, servers, fake_gpu, tmp_path / "run")
 
     yield start
     for front in gates:
@@ -138,9 +139,12 @@ def test_alternating_requests_swap_the_servers(swapped):
         .json()["choices"][0]["text"]
     )
     assert fleet.text("alpha", "steady") == expected
+    records = {"alpha": fleet.run_dir / "suspended.json", "beta": fleet.run_dir / "models" / "beta" / "suspended.json"}
     for model in ("beta", "alpha", "beta", "alpha"):
         assert fleet.text(model, "steady") == expected
         assert fleet.holders_on_gpu() == [model]
+        # Each server keeps its own suspend record: the suspended one's is there, the resident one's is not.
+        assert {name for name, record in records.items() if record.exists()} == set(MODELS) - {model}
     alpha, beta = fleet.model_status("alpha"), fleet.model_status("beta")
     assert (alpha["state"], beta["state"]) == ("running", "suspended")
     assert (alpha["swaps"], beta["swaps"]) == (2, 2)
