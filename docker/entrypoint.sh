@@ -23,6 +23,17 @@ if (($# > 0)); then
 fi
 mv -f "$tmp" "$VLLM_ARGS_FILE"
 
+# Several models (GATE_MODELS): the gate writes one supervisord program per model, and each model's
+# arguments (these, then its own --model, --port...), read by supervisord.conf's [include]. Without it, an
+# earlier container start's programs are removed: one server, as configured above.
+programs_dir="$SUPERVISOR_RUN_DIR/programs"
+if [[ -n ${GATE_MODELS:-} ]]; then
+  read -r -a gate <<<"${GATE_LAUNCHER:-vllm-gate}"
+  "${gate[@]}" --write-programs "$programs_dir"
+else
+  rm -f "$programs_dir/models.conf"
+fi
+
 printf 'entrypoint: %d vLLM argument(s) saved to %s; starting supervisord (%s)\n' \
   "$#" "$VLLM_ARGS_FILE" "$SUPERVISOR_CONF" >&2
 exec "$SUPERVISORD_BIN" -n -c "$SUPERVISOR_CONF"

@@ -8,6 +8,7 @@
 #   PROCESS_STATE_STOPPING -> SIGCONT to the group: the pending SIGTERM is delivered, all shut down.
 #   PROCESS_STATE_STOPPED / EXITED -> SIGKILL to whatever is left of the group (the API server can
 #     exit before its children; killasgroup only helps while the API server itself is still alive).
+# It acts on program VLLM_PROGRAM (`vllm`) and, with GATE_MODELS, on each other model's `vllm-NAME`.
 # stdout is supervisord's protocol channel; messages go to stderr.
 set -euo pipefail
 export LC_ALL=C
@@ -30,7 +31,7 @@ field() {
 }
 
 handle() {
-  local event=$1 pid=$2
+  local event=$1 pid=$2 program=$3
   case $event in
     PROCESS_STATE_STOPPING)
       if kill -CONT -- "-$pid" 2>/dev/null; then
@@ -56,8 +57,9 @@ while true; do
     IFS= read -r -N "$len" payload || true
   fi
   pid=$(field pid "$payload")
-  if [[ $(field processname "$payload") == "$program" && $pid =~ ^[0-9]+$ ]]; then
-    handle "$(field eventname "$header")" "$pid"
+  name=$(field processname "$payload")
+  if [[ ($name == "$program" || $name == "$program"-*) && $pid =~ ^[0-9]+$ ]]; then
+    handle "$(field eventname "$header")" "$pid" "$name"
   fi
   printf 'RESULT 2\nOK'
 done

@@ -4,6 +4,7 @@ Listens where clients expect vLLM (GATE_HOST:GATE_PORT) and forwards the OpenAI 
 operational paths to vLLM on loopback (GATE_UPSTREAM); vLLM's development endpoints stay private.
 A request that needs the GPUs wakes a suspended server first; an idle server is suspended after
 GATE_IDLE_SUSPEND_S. The gate serves /gate/status (JSON) and /gate/metrics (Prometheus) itself.
+With GATE_MODELS it fronts several vLLM servers, one per model, and swaps them on the GPUs (gate_models.py).
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import os
 import signal
 import socket
 import sys
+from pathlib import Path
 
 import click
 from aiohttp import web
@@ -27,6 +29,8 @@ from .gate_config import GateConfig, gate_settings_help, load_gate_config
 from .gate_control import PowerController
 from .gate_limits import ConnectionLimiter, ensure_open_file_limit
 from .gate_metrics import CONTENT_TYPE, GateMetrics
+from .gate_models import Fleet, check_host_ram
+from .gate_programs import write_programs
 from .gate_proxy import Forwarder
 from .render import print_settings, setup_logging
 
@@ -62,11 +66,15 @@ async def name_the_server(request: web.Request, response: web.StreamResponse) ->
 
 def build_app(gate: GateConfig, toggle_config: Config, limiter: ConnectionLimiter | None = None) -> web.Application:
     metrics = GateMetrics()
-    controller = PowerController(gate, toggle_config, metrics)
-    forwarder = Forwarder(gate, controller, metrics)
+    # With GATE_MODELS, one controller per model; the default model's stands for "the server" in the
+    # single-server fields of /gate/status and /gate/metrics.
+    fleet = Fleet(gate, toggle_config, metrics) if gate.models else None
+    controller = fleet.default.controller if fleet else PowerController(gate, toggle_config, metrics)
+    forwarder = Forwarder(gate, controller, metrics, fleet)
 
     async def gate_status(request: web.Request) -> web.Response:
-        return web.json_response(controller.status_json())
+        status = controller.status_json()
+        return web.json_response({**status, **fleet.status_json()} if fleet else status)
 
     async def gate_metrics(request: web.Request) -> web.Response:
         if limiter is not None:
@@ -74,17 +82,25 @@ def build_app(gate: GateConfig, toggle_config: Config, limiter: ConnectionLimite
         text = metrics.render(
             phase=controller.refresh().value, in_flight=controller.in_flight, waiting=controller.waiting
         )
+        if fleet is not None:
+            text += fleet.render_metrics()
         return web.Response(body=text.encode(), headers={"Content-Type": CONTENT_TYPE})
 
     async def on_startup(app: web.Application) -> None:
         await forwarder.open()
-        controller.start_watching()
+        if fleet is not None:
+            await fleet.open()  # starts every controller's watcher, and the servers one after another
+        else:
+            controller.start_watching()
 
     async def on_shutdown(app: web.Application) -> None:  # after the gate stopped accepting connections
         await forwarder.drain(SHUTDOWN_GRACE_S)
 
     async def on_cleanup(app: web.Application) -> None:
-        await controller.close()
+        if fleet is not None:
+            await fleet.close()
+        else:
+            await controller.close()
         await forwarder.close()
 
     middlewares = [limiter.track_busy] if limiter is not None else []
@@ -118,6 +134,7 @@ def listening_socket(host: str, port: int) -> socket.socket:
 
 async def serve(gate: GateConfig, toggle_config: Config) -> None:
     ensure_open_file_limit(gate.max_connections)
+    check_host_ram(gate, toggle_config)
     quiet_aiohttp_server_log()
     limiter = ConnectionLimiter(gate.max_connections)
     app = build_app(gate, toggle_config, limiter)
@@ -139,7 +156,7 @@ async def serve(gate: GateConfig, toggle_config: Config) -> None:
             "vllm-gate listening on http://{}:{}, forwarding to {} (idle suspend: {}; at most {} connections)",
             gate.host,
             gate.port,
-            gate.upstream,
+            ", ".join(f"{m.name} at {gate.model_upstream(m)}" for m in gate.models) or gate.upstream,
             f"{gate.idle_suspend_s:g} s" if gate.idle_suspend_s else "off",
             gate.max_connections,
         )
@@ -178,6 +195,8 @@ EPILOG = "\n\n".join(
         "\b\nServed by the gate itself:"
         "\n  GET /gate/status    JSON: state, since, in_flight, waiting, last_suspend_s, last_resume_s,"
         "\n                      last_failure_at (details of a failure are in the gate's log)"
+        "\n                      (with GATE_MODELS also `started` and `models`: per model its state, swaps,"
+        "\n                      swap seconds, waits; docs/gate.md, Several models)"
         "\n  GET /gate/metrics   Prometheus text",
     ]
 )
@@ -186,8 +205,15 @@ EPILOG = "\n\n".join(
 @click.command(epilog=EPILOG, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110})
 @click.option("--print-config", is_flag=True, help="Print the settings in force (GATE_* and CUDA_TOGGLE_*), then exit.")
 @click.option("--json", "as_json", is_flag=True, help="With --print-config: one JSON object.")
+@click.option(
+    "--write-programs",
+    "programs_dir",
+    type=click.Path(file_okay=False, path_type=Path),
+    help="With GATE_MODELS: write DIR/models.conf (a supervisord program per model) and each model's"
+    " arguments next to VLLM_ARGS_FILE, then exit (docker/entrypoint.sh runs it).",
+)
 @click.option("-v", "--verbose", is_flag=True, help="Debug logging.")
-def cli(print_config: bool, as_json: bool, verbose: bool) -> None:
+def cli(print_config: bool, as_json: bool, programs_dir: Path | None, verbose: bool) -> None:
     """Forward requests to vLLM, wake it on request, suspend it when idle, keep its internals private.
 
     Forwards vLLM's public API only: each known route with its methods (/v1/chat/completions,
@@ -203,6 +229,14 @@ def cli(print_config: bool, as_json: bool, verbose: bool) -> None:
     except SuspendError as failure:
         logger.error(failure.message)
         sys.exit(int(failure.exit_code))
+    if programs_dir is not None:
+        try:
+            programs = write_programs(gate, Path(os.environ.get("VLLM_ARGS_FILE", "/run/vllm/args")), programs_dir)
+        except (SuspendError, OSError) as failure:
+            logger.error(getattr(failure, "message", str(failure)))
+            sys.exit(int(getattr(failure, "exit_code", ExitCode.USAGE)))
+        logger.info("supervisord programs for GATE_MODELS: {}", ", ".join(programs) or "none (GATE_MODELS unset)")
+        return
     if print_config:
         rows = gate.describe() + toggle_config.describe()
         replaced = {

@@ -4,6 +4,7 @@ in config.py; both tables use settings.py."""
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
@@ -51,6 +52,68 @@ def _extra_paths(paths: tuple[str, ...]) -> tuple[str, ...]:
     return paths
 
 
+# A served name becomes part of a supervisord program name and of a directory name: letters, digits, . _ -
+MODEL_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
+MODELS_FORMAT = "served-name:model:port:memory-share"
+MODELS_EXAMPLE = "qwen3-8b-awq:Qwen/Qwen3-8B-AWQ:8001:0.45,tiny:Qwen/Qwen3-0.6B:8002:0.45"
+
+
+@dataclass(frozen=True)
+class ModelEntry:
+    """One vLLM server of GATE_MODELS: its served name, the model it loads, its loopback port, and the
+    share of each GPU's memory it takes (its --gpu-memory-utilization)."""
+
+    name: str
+    model: str
+    port: int
+    share: float
+    default: bool = False
+
+    @property
+    def program(self) -> str:
+        """The supervisord program that runs it: the default model keeps `vllm` (make suspend acts on it)."""
+        return "vllm" if self.default else f"vllm-{self.name}"
+
+
+def _model_entry(text: str, index: int) -> ModelEntry:
+    parts = text.split(":")
+    fix = f"write each entry as {MODELS_FORMAT}, like {MODELS_EXAMPLE}"
+    if len(parts) < 4:
+        raise BadValue(f"has {text!r}, which is not {MODELS_FORMAT}", fix)
+    name, model, port_text, share_text = parts[0], ":".join(parts[1:-2]), parts[-2], parts[-1]
+    if not MODEL_NAME.fullmatch(name):
+        raise BadValue(
+            f"has the served name {name!r}",
+            "use letters, digits, '.', '_' and '-' only (at most 64), first a letter or digit",
+        )
+    if not model.strip():
+        raise BadValue(f"has no model in {text!r}", fix)
+    try:
+        port = int(port_text)
+    except ValueError:
+        raise BadValue(f"has the port {port_text!r} in {text!r}", "give a port from 1 to 65535") from None
+    if not 1 <= port <= 65535:
+        raise BadValue(f"has the port {port} in {text!r}", "give a port from 1 to 65535")
+    try:
+        share = float(share_text)
+    except ValueError:
+        raise BadValue(f"has the memory share {share_text!r} in {text!r}", "give a number above 0, at most 1") from None
+    if not 0 < share <= 1:  # NaN fails this too
+        raise BadValue(f"has the memory share {share_text} in {text!r}", "give a number above 0, at most 1")
+    return ModelEntry(name, model.strip(), port, share, default=index == 0)
+
+
+def _models(entries: tuple[str, ...]) -> tuple[ModelEntry, ...]:
+    models = tuple(_model_entry(text, index) for index, text in enumerate(entries))
+    for attribute, what in (("name", "served name"), ("port", "port")):
+        values = [getattr(model, attribute) for model in models]
+        repeated = sorted({str(value) for value in values if values.count(value) > 1})
+        if repeated:
+            listed = ", ".join(repeated)
+            raise BadValue(f"gives the {what} {listed} to several models", f"give each model its own {what}")
+    return models
+
+
 GATE_SETTINGS: dict[str, Setting] = {
     s.env: s
     for s in [
@@ -61,6 +124,27 @@ GATE_SETTINGS: dict[str, Setting] = {
             "http://127.0.0.1:8001",
             "the vLLM server behind the gate (keep it on loopback), like http://127.0.0.1:8001",
             check=_upstream,
+        ),
+        Setting(
+            "GATE_MODELS",
+            "",
+            "several models, one vLLM server each, sharing the GPUs: comma-separated "
+            + MODELS_FORMAT
+            + " entries, the first the default (requests without a model). Each server listens on the"
+            " host of GATE_UPSTREAM at its own port; the gate starts them one after another, keeps"
+            " resident those whose shares fit (sum at most 1) and swaps the others in on request"
+            " (docs/gate.md, Several models). Unset: one server, at GATE_UPSTREAM",
+            "list",
+            check=_models,
+        ),
+        Setting(
+            "GATE_START_TIMEOUT_S",
+            "1800",
+            "with GATE_MODELS: how long one server may take to load before the gate gives up on it and starts the next",
+            "float",
+            1,
+            DAY_S,
+            "seconds",
         ),
         Setting(
             "GATE_PASSIVE_PATHS",
@@ -182,11 +266,17 @@ class GateConfig:
     max_bodies_mib: int
     max_connections: int
     keepalive_s: float
+    models: tuple[ModelEntry, ...] = ()  # empty: one server, at `upstream`
+    start_timeout_s: float = 1800.0
     sources: Mapping[str, str] = field(default_factory=dict, compare=False)
 
     def describe(self) -> list[tuple[str, str, str]]:
         """(variable, value in force, where it came from) for every GATE_* setting."""
         return describe(GATE_SETTINGS.values(), self.sources)
+
+    def model_upstream(self, model: ModelEntry) -> str:
+        """Where a model's server listens: GATE_UPSTREAM's scheme and host, the model's port."""
+        return str(URL(self.upstream).with_port(model.port)).rstrip("/")
 
     @property
     def routes(self) -> RouteTable:
@@ -197,6 +287,17 @@ def load_gate_config(environ: Mapping[str, str]) -> GateConfig:
     """Parse GATE_* variables of `environ` into a GateConfig; a bad value raises SuspendError(USAGE)."""
     values, sources = parse_settings(GATE_SETTINGS.values(), environ)
     config = GateConfig(**values, sources=sources)
+    if config.models and config.server_pid is not None:
+        raise SuspendError(
+            "GATE_SERVER_PID names one server, but GATE_MODELS runs several (the gate finds each by its port):"
+            " unset GATE_SERVER_PID",
+            ExitCode.USAGE,
+        )
+    if any(model.port == config.port for model in config.models):
+        raise SuspendError(
+            f"GATE_MODELS gives a model the gate's own port {config.port} (GATE_PORT): give it another port",
+            ExitCode.USAGE,
+        )
     forwarded = config.routes
     for path in config.passive_paths:
         if forwarded.find(path) is None:

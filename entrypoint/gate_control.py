@@ -19,7 +19,7 @@ import functools
 import json
 import os
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from enum import Enum
@@ -61,6 +61,7 @@ class TransitionOutcome:
     ok: bool
     seconds: float
     message: str = ""
+    exit_code: int = 0  # the library's ExitCode when it failed
 
 
 def tool_lock_purpose(run_dir: str) -> str | None:
@@ -98,10 +99,27 @@ def phase_of_tool_run(purpose: str) -> Phase:
 
 
 class PowerController:
-    def __init__(self, gate: GateConfig, toggle_config: Config, metrics: GateMetrics):
+    def __init__(
+        self,
+        gate: GateConfig,
+        toggle_config: Config,
+        metrics: GateMetrics,
+        *,
+        name: str = "",
+        find_pid: Callable[[], int | None] | None = None,
+    ):
         self.gate = gate
         self.toggle_config = toggle_config
         self.metrics = metrics
+        self.name = name  # the model it serves, with GATE_MODELS; "" for the one server
+        # Where the server's PID comes from (called in the worker thread): GATE_SERVER_PID, or the library's
+        # own lookup, by default; with GATE_MODELS, the process listening on the model's port.
+        self.find_pid = find_pid or (lambda: gate.server_pid)
+        # With GATE_MODELS: set while a swap waits for this server's requests to finish before suspending
+        # it; new requests for it wait for a later swap instead of being forwarded.
+        self.draining = False
+        # With GATE_MODELS: off until the start-up sequence has started and placed every server.
+        self.may_idle_suspend = True
         # One thread: the gate never runs two transitions, and shutdown waits for the one in flight
         # (cutting a transition short could leave the dispatcher frozen).
         self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="gate-toggle")
@@ -121,6 +139,11 @@ class PowerController:
         self.since = time.time()
         self.watcher: asyncio.Task | None = None
 
+    @property
+    def label(self) -> str:
+        """' of model X' in log lines, with GATE_MODELS; nothing for the one server."""
+        return f" of model {self.name}" if self.name else ""
+
     # -- what state the server is in ------------------------------------------------------------
 
     def observe(self) -> Phase:
@@ -138,7 +161,7 @@ class PowerController:
         phase = self.observe()
         if phase is not self.phase:
             if self.transition is None:
-                logger.info("the server is now {} (changed outside the gate: cuda-toggle-all)", phase.value)
+                logger.info("the server{} is now {} (changed outside the gate)", self.label, phase.value)
             self.set_phase(phase)
         return phase
 
@@ -220,14 +243,15 @@ class PowerController:
     async def run_transition(self, phase: Phase, trigger: str) -> TransitionOutcome:
         transition, target = ("suspend", SUSPEND) if phase is Phase.SUSPENDING else ("resume", RESUME)
         started = time.monotonic()
-        logger.debug("{} started (trigger: {})", transition, trigger)
-        call = functools.partial(toggle, target, self.toggle_config, pid=self.gate.server_pid)
+        logger.debug("{}{} started (trigger: {})", transition, self.label, trigger)
+        call = functools.partial(self.call_library, toggle, target)
         try:
             result = await asyncio.get_running_loop().run_in_executor(self.executor, call)
             notes = "; ".join(result.notes)
             outcome = TransitionOutcome(transition, trigger, True, time.monotonic() - started, notes)
         except SuspendError as failure:
-            outcome = TransitionOutcome(transition, trigger, False, time.monotonic() - started, failure.message)
+            seconds = time.monotonic() - started
+            outcome = TransitionOutcome(transition, trigger, False, seconds, failure.message, int(failure.exit_code))
         except Exception as error:  # a bug in the library must not leave requests waiting for good
             logger.opt(exception=error).error("{} raised unexpectedly", transition)
             message = f"{transition} failed: {type(error).__name__}: {error}"
@@ -253,12 +277,13 @@ class PowerController:
             self.believed_suspended = False  # the record tells the truth again
             self.last_failure_at = None
             extra = f" ({outcome.message})" if outcome.message else ""
-            logger.info("{} in {:.2f} s (trigger: {}){}", past, outcome.seconds, outcome.trigger, extra)
+            logger.info("{}{} in {:.2f} s (trigger: {}){}", past, self.label, outcome.seconds, outcome.trigger, extra)
             return
         self.last_failure_at = time.time()
         logger.error(
-            "{} failed after {:.2f} s (trigger: {}): {}",
+            "{}{} failed after {:.2f} s (trigger: {}): {}",
             outcome.transition,
+            self.label,
             outcome.seconds,
             outcome.trigger,
             outcome.message,
@@ -269,7 +294,7 @@ class PowerController:
 
     async def reread_cuda_states(self) -> None:
         """After a failure the record may not tell the truth: ask the CUDA driver what the server is."""
-        call = functools.partial(status, self.toggle_config, pid=self.gate.server_pid)
+        call = functools.partial(self.call_library, status)
         try:
             overall = (await asyncio.get_running_loop().run_in_executor(self.executor, call)).state
         except SuspendError as failure:
@@ -281,6 +306,10 @@ class PowerController:
         # Anything but `running` (checkpointed, locked, mixed) must not get requests: a resume repairs it.
         self.believed_suspended = overall not in ("running", "none")
         logger.info("CUDA states read after the failure: {}", overall)
+
+    def call_library(self, function: Callable, *args: object) -> object:
+        """Run toggle() or status() of the library on this server (in the worker thread)."""
+        return function(*args, self.toggle_config, pid=self.find_pid())
 
     # -- the watcher: suspends by someone else, and idle suspends ---------------------------------
 
@@ -306,7 +335,8 @@ class PowerController:
             self.start(Phase.RESUMING, "in-flight")
             return
         idle_s = self.gate.idle_suspend_s
-        nothing_to_do = phase is Phase.RUNNING and self.in_flight == 0 and self.waiting == 0
+        nothing_to_do = phase is Phase.RUNNING and self.in_flight == 0 and self.waiting == 0 and not self.draining
+        nothing_to_do = nothing_to_do and self.may_idle_suspend
         if idle_s > 0 and nothing_to_do and now - self.idle_since >= idle_s:
             self.start(Phase.SUSPENDING, f"idle for {now - self.idle_since:.1f} s")
 

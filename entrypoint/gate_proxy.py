@@ -8,8 +8,10 @@ disconnect and aborts the request instead of generating for nobody.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import functools
 import json
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Callable
 
 import aiohttp
 from aiohttp import web
@@ -21,6 +23,7 @@ from .gate_config import GateConfig
 from .gate_control import PowerController, ResumeFailed
 from .gate_limits import BodyBudget, BodyRefused
 from .gate_metrics import GateMetrics
+from .gate_models import Fleet, requested_model
 from .gate_paths import Body, PathClass, Verdict
 
 # RFC 9110 7.6.1: meaningful for one connection only, never forwarded.
@@ -48,6 +51,8 @@ BAD_GATEWAY = (502, "the model server did not answer", "BadGatewayError")
 # Without these, aiohttp's client would add its own Accept-Encoding (and with auto_decompress off,
 # a client that never asked for gzip would get gzip), User-Agent and Accept.
 NO_AUTO_HEADERS = ("Accept", "Accept-Encoding", "User-Agent", "Content-Type")
+MODELS_PATH = "/v1/models"
+RequestSlot = Callable[[str], contextlib.AbstractAsyncContextManager[float]]
 
 
 class ClientGone(Exception):
@@ -101,9 +106,10 @@ def returned_response_headers(upstream: aiohttp.ClientResponse) -> CIMultiDict[s
 
 
 class Forwarder:
-    def __init__(self, gate: GateConfig, controller: PowerController, metrics: GateMetrics):
+    def __init__(self, gate: GateConfig, controller: PowerController, metrics: GateMetrics, fleet: Fleet | None = None):
         self.gate = gate
         self.controller = controller
+        self.fleet = fleet  # with GATE_MODELS: routes each request to its model's server
         self.metrics = metrics
         self.upstream = URL(gate.upstream)
         self.routes = gate.routes
@@ -166,9 +172,20 @@ class Forwarder:
                 if verdict.route.body is Body.FORM and request.method == "POST" and not is_form(request):
                     logger.info("{} {}: 400, the body is not multipart/form-data", request.method, request.path)
                     return json_error(*NOT_FORM)
+                upstream, slot = self.upstream, self.controller.request_slot
+                if self.fleet is not None:
+                    if request.method == "GET" and request.path == MODELS_PATH:
+                        return web.json_response(await self.fleet.list_models())
+                    model = requested_model(body) if verdict.route.body is Body.JSON else None
+                    server = self.fleet.route(model)
+                    if server is None:
+                        logger.info("{} {}: 404, no model {!r}", request.method, request.path, model)
+                        return json_error(404, f"The model `{model}` does not exist.", "NotFoundError")
+                    upstream = URL(server.upstream)
+                    slot = functools.partial(self.fleet.request_slot, server)
                 if verdict.path_class is PathClass.PASSIVE:
-                    return await self.forward(request, body)
-                return await self.forward_awake(request, body)
+                    return await self.forward(request, body, upstream)
+                return await self.forward_awake(request, body, upstream, slot)
         except BodyRefused as refused:
             self.metrics.count_error("body_refused")
             logger.warning("{} {}: {}, {}", request.method, request.path, refused.status, refused.log)
@@ -188,37 +205,40 @@ class Forwarder:
         logger.info("{} {}: 404, not a public route", request.method, request.path)
         return json_error(*NOT_FOUND)
 
-    async def forward_awake(self, request: web.Request, body: bytes) -> web.StreamResponse:
-        """Forward once the server runs: wake it first when it is suspended."""
+    async def forward_awake(
+        self, request: web.Request, body: bytes, upstream: URL, slot: RequestSlot
+    ) -> web.StreamResponse:
+        """Forward once the server runs: wake it first when it is suspended (swap it in, with GATE_MODELS)."""
         label = f"{request.method} {request.path}"
         try:
-            async with self.controller.request_slot(label):
-                return await self.forward(request, body)
+            async with slot(label):
+                return await self.forward(request, body, upstream)
         except ResumeFailed as failure:
             self.metrics.count_error("resume_failed")
             logger.warning("{}: 503, the resume failed: {}", label, failure.message)
             return json_error(*UNAVAILABLE)
 
-    def upstream_url(self, request: web.Request) -> URL:
+    @staticmethod
+    def upstream_url(request: web.Request, upstream: URL) -> URL:
         # The raw (still %-encoded) path: vLLM decodes it exactly as the gate did when it classified it.
         target = request.rel_url.raw_path
         if request.rel_url.raw_query_string:
             target += "?" + request.rel_url.raw_query_string
-        return URL(str(self.upstream) + target, encoded=True)
+        return URL(str(upstream) + target, encoded=True)
 
-    async def forward(self, request: web.Request, body: bytes) -> web.StreamResponse:
+    async def forward(self, request: web.Request, body: bytes, upstream_base: URL) -> web.StreamResponse:
         assert self.session is not None, "Forwarder.open() was not awaited"
         try:
             upstream = await self.session.request(
                 request.method,
-                self.upstream_url(request),
+                self.upstream_url(request, upstream_base),
                 headers=forwarded_request_headers(request),
                 data=body if body else None,
                 allow_redirects=False,
             )
         except (aiohttp.ClientError, OSError, asyncio.TimeoutError) as error:
             self.metrics.count_error("upstream_unreachable")
-            logger.warning("{} {}: 502, {} did not answer: {!r}", request.method, request.path, self.upstream, error)
+            logger.warning("{} {}: 502, {} did not answer: {!r}", request.method, request.path, upstream_base, error)
             return json_error(*BAD_GATEWAY)
         response = web.StreamResponse(
             status=upstream.status, reason=upstream.reason, headers=returned_response_headers(upstream)

@@ -1,0 +1,328 @@
+"""Several models behind one gate (GATE_MODELS): two stand-in vLLM servers on one fake GPU, swapped by the gate.
+
+Each stand-in (TP=1, sleep mode on) takes 60% of GPU 0, so the two cannot be resident together: the library
+refuses to restore one while the other holds the GPU. The gate runs as a subprocess; suspends and resumes go
+through the real library and the fake cuda-checkpoint.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import threading
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import requests
+
+from tests.conftest import StandinServer, fakegpu, free_port
+from tests.test_gate import REPO, SAFE_ENV, Gate, parse_metrics, series, wait_until
+
+MODELS = ("alpha", "beta")  # alpha is the default (first) model
+SHARE = "0.6"  # of a fake 80 GB GPU each: two do not fit
+# The library checks host RAM before each suspend: a figure that holds both, whatever this machine has.
+HOST_RAM_MIB = "400000"
+
+
+@dataclass
+class Swapped:
+    gate: Gate
+    servers: dict[str, StandinServer]
+    fake_gpu: Path
+    run_dir: Path  # CUDA_TOGGLE_RUN_DIR: the default model's suspend record; models/NAME/ for the others
+
+    def ask(self, model: str, prompt: str, max_tokens: int = 8, timeout: float = 30) -> requests.Response:
+        body = {"model": model, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0}
+        return requests.post(f"{self.gate.url}/v1/completions", json=body, timeout=timeout)
+
+    def text(self, model: str, prompt: str, max_tokens: int = 8) -> str:
+        response = self.ask(model, prompt, max_tokens)
+        assert response.status_code == 200, response.text
+        assert response.json()["model"] == model  # answered by that model's own server
+        return response.json()["choices"][0]["text"]
+
+    def model_status(self, model: str) -> dict:
+        return self.gate.status()["models"][model]
+
+    def holders_on_gpu(self) -> list[str]:
+        """The models whose EngineCore holds GPU memory now (not checkpointed)."""
+        return [
+            model
+            for model, server in self.servers.items()
+            if fakegpu.read_state(server.engine_core().pid, self.fake_gpu) in ("running", "locked")
+        ]
+
+
+def library_env(fake_gpu: Path, run_dir: Path) -> dict[str, str]:
+    return {
+        "CUDA_TOGGLE_BACKEND": "cli",
+        "CUDA_TOGGLE_GPU_QUERY": "nvidia-smi",
+        "CUDA_TOGGLE_RUN_DIR": str(run_dir),
+        "CUDA_TOGGLE_SUPERVISOR_URL": "unix:///nonexistent",
+        "CUDA_TOGGLE_VERIFY_SLEEP_S": "0.05",
+        "CUDA_TOGGLE_HOST_RAM_MIB": HOST_RAM_MIB,
+    }
+
+
+def start_gate(tmp_path: Path, environ: dict[str, str]) -> subprocess.Popen:
+    port = free_port()
+    log_path = tmp_path / f"gate-{port}.log"
+    env = {**os.environ, "GATE_HOST": "127.0.0.1", "GATE_PORT": str(port), "GATE_POLL_S": "0.05", **environ}
+    with log_path.open("wb") as log_file:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "entrypoint.gate", "--verbose"], cwd=REPO, env=env, stdout=log_file, stderr=log_file
+        )
+    process.port, process.log_path = port, log_path  # type: ignore[attr-defined]
+    return process
+
+
+@pytest.fixture
+def swapped(fake_gpu: Path, tmp_path: Path, standin_server) -> Iterator[Callable[..., Swapped]]:
+    """Factory: two stand-ins (alpha, beta) and the gate in front of both with GATE_MODELS; stopped at teardown."""
+    gates: list[Gate] = []
+
+    def start(step_s: float = 0.005, **settings: str) -> Swapped:
+        environ = {**SAFE_ENV, "VLLM_SERVER_DEV_MODE": "1", "STANDIN_STEP_S": str(step_s)}
+        servers = {
+            model: standin_server(
+                "--served-model-name",
+                model,
+                "--gpu-memory-utilization",
+                SHARE,
+                "--enable-sleep-mode",
+                tensor_parallel_size=1,
+                env=environ,
+            )  # fmt: skip
+            for model in MODELS
+        }
+        entries = ",".join(f"{model}:standin-{model}:{servers[model].port}:{SHARE}" for model in MODELS)
+        process = start_gate(tmp_path, {**library_env(fake_gpu, tmp_path / "run"), "GATE_MODELS": entries, **settings})
+        front = Gate(process, process.port, process.log_path)  # type: ignore[attr-defined]
+        gates.append(front)
+
+        def placed() -> bool:
+            if process.poll() is not None:
+                raise AssertionError(f"the gate exited ({process.returncode}):\n{front.log()}")
+            try:
+                status = requests.get(front.url + "/gate/status", timeout=1).json()
+            except requests.ConnectionError:
+                return False
+            return status["started"]
+
+        wait_until(placed, "the gate to start both servers", timeout=20)
+        return Swapped(front, servers, fake_gpu, tmp_path / "run")
+
+    yield start
+    for front in gates:
+        front.stop()
+
+
+def test_alternating_requests_swap_the_servers(swapped):
+    """At start only the default is resident and /v1/models lists both; then requests alternating between the
+    models swap them each time, only one is ever on the GPU, and the answers stay right."""
+    fleet = swapped()
+    assert fleet.holders_on_gpu() == ["alpha"]  # at start: the default runs, the other is suspended
+    assert fleet.model_status("alpha")["default"] and fleet.model_status("beta")["state"] == "suspended"
+    listed = requests.get(f"{fleet.gate.url}/v1/models", timeout=5).json()
+    assert [entry["id"] for entry in listed["data"]] == ["alpha", "beta"]  # listing wakes nothing
+    unknown = fleet.ask("gamma", "steady")
+    assert unknown.status_code == 404 and unknown.json()["error"]["type"] == "NotFoundError"
+    assert fleet.holders_on_gpu() == ["alpha"]
+    # Greedy answers of the stand-in depend on the prompt only: the resident server's answer is both models'.
+    expected = (
+        fleet.servers["alpha"]
+        .post("/v1/completions", {"model": "alpha", "prompt": "steady", "max_tokens": 8, "temperature": 0})
+        .json()["choices"][0]["text"]
+    )
+    assert fleet.text("alpha", "steady") == expected
+    records = {"alpha": fleet.run_dir / "suspended.json", "beta": fleet.run_dir / "models" / "beta" / "suspended.json"}
+    for model in ("beta", "alpha", "beta", "alpha"):
+        assert fleet.text(model, "steady") == expected
+        assert fleet.holders_on_gpu() == [model]
+        # Each server keeps its own suspend record: the suspended one's is there, the resident one's is not.
+        assert {name for name, record in records.items() if record.exists()} == set(MODELS) - {model}
+    alpha, beta = fleet.model_status("alpha"), fleet.model_status("beta")
+    assert (alpha["state"], beta["state"]) == ("running", "suspended")
+    assert (alpha["swaps"], beta["swaps"]) == (2, 2)
+    assert alpha["swap_seconds"] > 0 and beta["last_swap_s"] > 0
+    assert alpha["failed_swaps"] == beta["failed_swaps"] == 0
+    assert beta["waited_requests"] == 2 and beta["waited_seconds"] > 0
+    metrics = fleet.gate.metrics()
+    assert metrics[series("vllm_gate_model_swaps_total", model="beta")] == 2
+    assert metrics[series("vllm_gate_model_swap_seconds_total", model="alpha")] > 0
+    assert metrics[series("vllm_gate_model_waited_requests_total", model="alpha")] == 2
+    assert metrics[series("vllm_gate_model_state", model="alpha", state="running")] == 1
+    assert metrics[series("vllm_gate_model_state", model="beta", state="suspended")] == 1
+    assert metrics[series("vllm_gate_transitions_total", transition="suspend", outcome="ok")] == 5  # 1 at start
+
+
+def test_concurrent_requests_for_both_models_are_all_answered(swapped):
+    """Eight clients asking both models at once: every request is answered, by the right model, correctly."""
+    fleet = swapped()
+    expected = dict.fromkeys(MODELS, fleet.text("alpha", "together"))
+
+    def client(index: int) -> list[tuple[str, str]]:
+        answers = []
+        for turn in range(2):
+            model = MODELS[(index + turn) % 2]
+            answers.append((model, fleet.text(model, "together")))
+        return answers
+
+    with ThreadPoolExecutor(max_workers=8) as pool:
+        results = [answer for answers in pool.map(client, range(8)) for answer in answers]
+    assert len(results) == 16
+    assert all(text == expected[model] for model, text in results)
+    assert len(fleet.holders_on_gpu()) == 1
+    status = fleet.gate.status()
+    assert all(entry["in_flight"] == 0 and entry["waiting"] == 0 for entry in status["models"].values())
+
+
+def test_swap_under_load_waits_for_the_requests_in_flight_and_loses_nothing(swapped):
+    """Long requests on alpha finish whole before beta is swapped in; beta's requests wait, then all answer."""
+    fleet = swapped(step_s=0.02)
+    outcomes: dict[str, list] = {"alpha": [], "beta": []}
+    lock = threading.Lock()
+
+    def ask(model: str, max_tokens: int) -> None:
+        response = fleet.ask(model, f"load {model}", max_tokens=max_tokens)
+        with lock:
+            outcomes[model].append(response)
+
+    alpha_clients = [threading.Thread(target=ask, args=("alpha", 40)) for _ in range(3)]
+    for thread in alpha_clients:
+        thread.start()
+    wait_until(lambda: fleet.model_status("alpha")["in_flight"] == 3, "alpha's three requests in flight")
+    beta_clients = [threading.Thread(target=ask, args=("beta", 5)) for _ in range(3)]
+    for thread in beta_clients:
+        thread.start()
+    wait_until(lambda: fleet.model_status("beta")["waiting"] == 3, "beta's requests waiting")
+    assert fleet.holders_on_gpu() == ["alpha"]  # alpha is not suspended under its requests
+    # A new request for alpha during the drain waits for a later swap, after beta's turn.
+    late = threading.Thread(target=ask, args=("alpha", 5))
+    late.start()
+    for thread in alpha_clients + beta_clients + [late]:
+        thread.join(timeout=30)
+    assert len(outcomes["alpha"]) == 4 and len(outcomes["beta"]) == 3
+    for response in outcomes["alpha"] + outcomes["beta"]:
+        assert response.status_code == 200, response.text
+        choice = response.json()["choices"][0]
+        assert choice["finish_reason"] == "length"
+    assert sorted(r.json()["usage"]["completion_tokens"] for r in outcomes["alpha"]) == [5, 40, 40, 40]
+    for model, server in fleet.servers.items():
+        aborted = parse_metrics(server.get("/metrics").text)["standin:aborted_requests_total"]
+        assert aborted == 0, model
+    assert fleet.model_status("beta")["swaps"] == 1 and fleet.model_status("alpha")["swaps"] == 1
+    assert "waiting for its 3 request(s) in flight" in fleet.gate.log()
+
+
+def test_failed_swap_answers_503_and_the_next_request_swaps(swapped):
+    """A suspend that fails during a swap: that request gets 503, the resident model keeps serving, a retry swaps."""
+    fleet = swapped()
+    fakegpu.add_fault(fleet.servers["alpha"].engine_core().pid, "checkpoint", "error", root=fleet.fake_gpu)
+    refused = fleet.ask("beta", "retry")
+    assert refused.status_code == 503, refused.text
+    assert fleet.model_status("beta")["failed_swaps"] == 1
+    assert fleet.holders_on_gpu() == ["alpha"] and fleet.text("alpha", "still") != ""
+    assert fleet.text("beta", "retry") != "" and fleet.holders_on_gpu() == ["beta"]
+    assert "swap to model beta failed" in fleet.gate.log()
+
+
+def test_host_ram_that_cannot_hold_the_suspended_servers_is_refused_at_start(fake_gpu: Path, tmp_path: Path):
+    """GATE_MODELS whose suspended servers need more host RAM than there is: exit 2, naming the fix."""
+    environ = {
+        **library_env(fake_gpu, tmp_path / "run"),
+        "CUDA_TOGGLE_HOST_RAM_MIB": "60000",  # one suspended server needs 0.6 x 2 fake GPUs = 97870 MiB
+        "GATE_MODELS": f"alpha:a:{free_port()}:0.6,beta:b:{free_port()}:0.6",
+    }
+    process = start_gate(tmp_path, environ)
+    assert process.wait(timeout=20) == 2
+    log = process.log_path.read_text()  # type: ignore[attr-defined]
+    assert "host RAM must hold up to 97870 MiB" in log and "60000 MiB is available" in log
+    assert "Lower the memory shares in GATE_MODELS" in log and "Traceback" not in log
+    smaller = start_gate(tmp_path, {**environ, "GATE_MODELS": environ["GATE_MODELS"].replace("0.6", "0.3")})
+    try:
+        wait_until(lambda: "vllm-gate listening" in smaller.log_path.read_text(), "the gate to start", 15)  # type: ignore[attr-defined]
+    finally:
+        smaller.terminate()
+        smaller.wait(timeout=15)
+
+
+@pytest.mark.parametrize(
+    ("value", "message"),
+    [
+        ("alpha:m:8001", "which is not served-name:model:port:memory-share"),
+        ("al pha:m:8001:0.5", "has the served name 'al pha'"),
+        ("alpha:m:8001:1.5", "has the memory share 1.5"),
+        ("alpha:m:8001:0.5,alpha:n:8002:0.5", "gives the served name alpha to several models"),
+        ("alpha:m:8001:0.5,beta:n:8001:0.5", "gives the port 8001 to several models"),
+    ],
+)
+def test_bad_model_lists_exit_2_with_the_fix(tmp_path: Path, value: str, message: str):
+    """A malformed GATE_MODELS stops the gate at once with exit 2 and says what to write instead."""
+    process = start_gate(tmp_path, {"GATE_MODELS": value})
+    assert process.wait(timeout=20) == 2
+    log = process.log_path.read_text()  # type: ignore[attr-defined]
+    assert message in log and "Traceback" not in log
+
+
+def test_supervisord_runs_a_program_per_model_started_one_after_another(fake_gpu: Path):
+    """Under the real supervisord (entrypoint.sh, supervisord.conf): `vllm-beta` starts and is suspended before
+    `vllm` (the default model) starts; then a request for beta swaps the two programs' servers."""
+    from tests.test_container import STANDIN, start_supervised
+
+    ports = {model: free_port() for model in MODELS}
+    entries = ",".join(f"{model}:standin-{model}:{ports[model]}:{SHARE}" for model in MODELS)
+    base_args = ["--model", "standin", "--tensor-parallel-size", "1", "--host", "127.0.0.1", "--port", "1"]
+    settings = {key: value for key, value in library_env(fake_gpu, Path()).items() if not key.endswith(("URL", "DIR"))}
+    supervised = start_supervised(
+        f"{sys.executable} {STANDIN}", base_args, ports["alpha"], GATE_MODELS=entries, VLLM_SLEEP_MODE="1",
+        FAKE_CUDA_STATE_DIR=str(fake_gpu), SPT_NOENV="1", STANDIN_STEP_S="0.005", **settings,
+    )  # fmt: skip
+    try:
+
+        def started() -> bool:
+            try:
+                return requests.get(f"{supervised.gate_url}/gate/status", timeout=1).json()["started"]
+            except (requests.ConnectionError, ValueError):
+                return False
+
+        wait_until(started, "the gate to start both programs", timeout=45)
+        # STARTING: younger than supervisord's startsecs (10 s), and running.
+        assert {supervised.info(program)["statename"] for program in ("vllm", "vllm-beta")} <= {"STARTING", "RUNNING"}
+        log = supervised.log()
+        order = [
+            log.index("model beta: supervisord program vllm-beta: started"),
+            log.index("suspended of model beta"),
+            log.index("model alpha: supervisord program vllm: started"),
+        ]
+        assert order == sorted(order), log[-3000:]
+        body = {"model": "beta", "prompt": "hi", "max_tokens": 4, "temperature": 0}
+        response = requests.post(f"{supervised.gate_url}/v1/completions", json=body, timeout=30)
+        assert response.status_code == 200 and response.json()["model"] == "beta", response.text
+        models = requests.get(f"{supervised.gate_url}/gate/status", timeout=5).json()["models"]
+        assert (models["alpha"]["state"], models["beta"]["state"]) == ("suspended", "running")
+    finally:
+        supervised.shutdown()
+
+
+def test_each_model_is_suspended_when_idle_and_a_request_brings_it_back(swapped):
+    """GATE_IDLE_SUSPEND_S applies per model: both idle ones end suspended; a request resumes one with no swap out."""
+    fleet = swapped(GATE_IDLE_SUSPEND_S="1")
+    wait_until(lambda: fleet.model_status("alpha")["state"] == "suspended", "alpha's idle suspend", timeout=15)
+    assert fleet.holders_on_gpu() == []
+    assert fleet.text("beta", "idle") != "" and fleet.holders_on_gpu() == ["beta"]
+    assert "swap to model beta: suspending nothing" in fleet.gate.log()
+    wait_until(lambda: fleet.model_status("beta")["state"] == "suspended", "beta's idle suspend", timeout=15)
+    assert fleet.model_status("alpha")["swaps"] == 0 and fleet.model_status("beta")["swaps"] == 1
+
+
+def test_a_model_whose_server_is_gone_does_not_block_swaps(swapped):
+    """The resident model's server died: a request for the other model still swaps it in and is answered."""
+    fleet = swapped()
+    fleet.servers["alpha"].kill_tree()
+    assert fleet.text("beta", "alone") != "" and fleet.model_status("beta")["state"] == "running"
+    assert "model alpha: no server on the GPUs, not in the way" in fleet.gate.log()
