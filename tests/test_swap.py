@@ -19,6 +19,7 @@ from pathlib import Path
 import pytest
 import requests
 
+from entrypoint.runstate import SuspendRecord
 from tests.conftest import StandinServer, fakegpu, free_port
 from tests.test_gate import REPO, SAFE_ENV, Gate, parse_metrics, series, wait_until
 
@@ -139,12 +140,12 @@ def test_alternating_requests_swap_the_servers(swapped):
         .json()["choices"][0]["text"]
     )
     assert fleet.text("alpha", "steady") == expected
-    records = {"alpha": fleet.run_dir / "suspended.json", "beta": fleet.run_dir / "models" / "beta" / "suspended.json"}
+    run_dirs = {"alpha": str(fleet.run_dir), "beta": str(fleet.run_dir / "models" / "beta")}
     for model in ("beta", "alpha", "beta", "alpha"):
         assert fleet.text(model, "steady") == expected
         assert fleet.holders_on_gpu() == [model]
         # Each server keeps its own suspend record: the suspended one's is there, the resident one's is not.
-        assert {name for name, record in records.items() if record.exists()} == set(MODELS) - {model}
+        assert {name for name, run_dir in run_dirs.items() if SuspendRecord.any(run_dir)} == set(MODELS) - {model}
     alpha, beta = fleet.model_status("alpha"), fleet.model_status("beta")
     assert (alpha["state"], beta["state"]) == ("running", "suspended")
     assert (alpha["swaps"], beta["swaps"]) == (2, 2)

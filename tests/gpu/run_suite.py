@@ -753,7 +753,7 @@ def gate(args: argparse.Namespace) -> None:
                 toggle(SUSPEND, config, mode=args.mode)
                 time.sleep(args.hold_s)  # the clients' requests wake it: the gate resumes on demand
                 deadline = time.monotonic() + 300
-                while (WORK / "run" / "suspended.json").exists() and time.monotonic() < deadline:
+                while SuspendRecord.any(str(WORK / "run")) and time.monotonic() < deadline:
                     time.sleep(0.2)
         results["load"] = {
             "clients": args.clients,
