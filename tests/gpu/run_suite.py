@@ -62,6 +62,7 @@ from entrypoint.config import load_config  # noqa: E402
 from entrypoint.errors import SuspendError  # noqa: E402
 from entrypoint.gpus import read_gpus  # noqa: E402
 from entrypoint.openai_client import OpenAIClient  # noqa: E402
+from entrypoint.runstate import SuspendRecord  # noqa: E402
 from entrypoint.safety import REQUIRED_SERVER_ENV  # noqa: E402
 from entrypoint.toggle import RESUME, SUSPEND, status, toggle  # noqa: E402
 from tests.testing import free_port  # noqa: E402
@@ -1095,13 +1096,11 @@ def measured_resume(config, row: dict) -> bool:
 
 def wait_resumed(timeout_s: float = 600) -> bool:
     """Wait until no suspend record is left (the gate resumed the server)."""
-    from entrypoint.runstate import SuspendRecord
-
-    record = SuspendRecord.path(load_config().run_dir)
+    run_dir = load_config().run_dir
     deadline = time.monotonic() + timeout_s
-    while record.exists() and time.monotonic() < deadline:
+    while SuspendRecord.any(run_dir) and time.monotonic() < deadline:
         time.sleep(0.1)
-    return not record.exists()
+    return not SuspendRecord.any(run_dir)
 
 
 def cycle_log(label: str, row: dict) -> None:
