@@ -509,7 +509,7 @@ def _resume(
 
     after = read_gpus(config)
     result.gpus_after = after.to_json()
-    memory = returned_proof(after, [g for g in (record.gpus if record else []) if g.released_mib > 0])
+    memory = returned_proof(after, [g for g in (record.gpus if record else []) if g.released_mib > 0], holders)
     flags = _vllm_flags(control)
     result.evidence = {"gpus": memory.to_json(), "vllm": flags}
     failures = []

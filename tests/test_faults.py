@@ -37,6 +37,8 @@ from tests.toggle_fixtures import REPO, SAFE_ENV, fakegpu
 QUIESCE_PATHS = ["scheduler", "sigstop"]  # the first is the default of the tests that take one
 
 SEED = int(os.environ.get("FAULT_SEED", "11"))
+# Each test runs many whole suspend/resume cycles with slowed phases: minutes on a loaded 2-core machine.
+pytestmark = pytest.mark.timeout(400)
 CHUNKS, KILLS_PER_CHUNK = 5, 4  # 20 kills of each direction
 BACKENDS = ("cli", "driver")  # the killed run's backend: each round of the phase list uses the next one
 SERVER_ARGS = ("--disable-custom-all-reduce", "--gpu-memory-utilization", "0.02")
@@ -285,7 +287,6 @@ def assert_signal_outcome(rig: Rig, target: str, code: int, result: dict | None,
         assert before is None or states == before, (code, before, states)
 
 
-@pytest.mark.parametrize("rig", QUIESCE_PATHS, indirect=True)
 @pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
 @pytest.mark.parametrize("target", ["checkpointed", "running"])
 def test_signal_at_every_phase(rig, target, signum):
@@ -339,7 +340,9 @@ def test_signal_during_a_hybrid_suspend_and_resume(rig, signum):
             if tool.returncode == 0 and target == "checkpointed":
                 assert asleep and result["mode"] == "hybrid"
             else:
-                assert not asleep or tool.returncode == ExitCode.TRANSITION_FAILED and target == "running", (
+                # a resume that failed (6) or was interrupted before anything changed (130) leaves it suspended
+                stayed = tool.returncode in (ExitCode.TRANSITION_FAILED, ExitCode.INTERRUPTED)
+                assert not asleep or stayed and target == "running", (
                     tool.returncode,
                     result,
                 )
