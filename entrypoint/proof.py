@@ -89,19 +89,17 @@ def returned_proof(
 ) -> MemoryProof:
     """The resume's proof that the memory came back.
 
-    Where the GPU query lists the server's processes: every model holder holds GPU memory again (other
-    servers sharing the GPUs may have come and gone meanwhile, so whole-GPU figures would mislead). Else
-    each GPU the suspend released memory from holds at least what it held while suspended plus `share` of
-    what was released (vLLM's wake-up sizes its KV cache anew).
+    Where the GPU query lists every model holder of the server holding memory again, that is the proof
+    (other servers sharing the GPUs may have come and gone meanwhile, so whole-GPU figures would mislead).
+    Else each GPU the suspend released memory from must hold at least what it held while suspended plus
+    `share` of what was released (vLLM's wake-up sizes its KV cache anew).
     """
     if not suspended:
         return MemoryProof(True, "not recorded", [], {}, "")
     if not after.gpus:
         return MemoryProof(False, "none", [], {}, f"GPU memory unknown ({after.problem})")
-    if any(after.pids_mib.get(pid, 0) > 0 for pid in holders):
-        empty = [pid for pid in holders if after.pids_mib.get(pid, 0) <= 0]
-        problem = f"GPU memory did not come back to PID {empty}" if empty else ""
-        return MemoryProof(not empty, "per-process", [], {}, problem)
+    if holders and all(after.pids_mib.get(pid, 0) > 0 for pid in holders):
+        return MemoryProof(True, "per-process", [], {}, "")
     after_by_uuid = after.by_uuid()
     proofs = []
     for gpu in suspended:
