@@ -21,7 +21,7 @@ import os
 import time
 from collections.abc import AsyncIterator, Callable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from enum import Enum
 from pathlib import Path
 
@@ -33,6 +33,7 @@ from .gate_config import GateConfig
 from .gate_metrics import GateMetrics
 from .runstate import SuspendRecord
 from .toggle import RESUME, SUSPEND, status, toggle
+from .transition import OverlapHooks
 
 # A request that keeps finding the server suspended again (someone suspending in a loop) gives up.
 MAX_WAKE_ROUNDS = 5
@@ -62,6 +63,7 @@ class TransitionOutcome:
     seconds: float
     message: str = ""
     exit_code: int = 0  # the library's ExitCode when it failed
+    steps: dict[str, float] = field(default_factory=dict)  # the library's phases and their seconds
 
 
 def tool_lock_purpose(run_dir: str) -> str | None:
@@ -231,27 +233,34 @@ class PowerController:
 
     # -- transitions -----------------------------------------------------------------------------
 
-    def start(self, phase: Phase, trigger: str) -> asyncio.Task[TransitionOutcome]:
-        """Start the gate's suspend (Phase.SUSPENDING) or resume (Phase.RESUMING); one at a time."""
+    def start(self, phase: Phase, trigger: str, hooks: OverlapHooks | None = None) -> asyncio.Task[TransitionOutcome]:
+        """Start the gate's suspend (Phase.SUSPENDING) or resume (Phase.RESUMING); one at a time.
+
+        `hooks` overlap it with another server's transition (a swap, see gate_models.py)."""
         if self.transition is not None:
             raise RuntimeError("a transition of the gate is already in flight")
         self.transition_phase = phase
         self.set_phase(phase)
-        self.transition = asyncio.get_running_loop().create_task(self.run_transition(phase, trigger))
+        self.transition = asyncio.get_running_loop().create_task(self.run_transition(phase, trigger, hooks))
         return self.transition
 
-    async def run_transition(self, phase: Phase, trigger: str) -> TransitionOutcome:
+    async def run_transition(self, phase: Phase, trigger: str, hooks: OverlapHooks | None) -> TransitionOutcome:
         transition, target = ("suspend", SUSPEND) if phase is Phase.SUSPENDING else ("resume", RESUME)
         started = time.monotonic()
         logger.debug("{}{} started (trigger: {})", transition, self.label, trigger)
-        call = functools.partial(self.call_library, toggle, target)
+        call = functools.partial(self.call_library, toggle, target, hooks=hooks)
         try:
             result = await asyncio.get_running_loop().run_in_executor(self.executor, call)
             notes = "; ".join(result.notes)
-            outcome = TransitionOutcome(transition, trigger, True, time.monotonic() - started, notes)
+            outcome = TransitionOutcome(
+                transition, trigger, True, time.monotonic() - started, notes, steps=dict(result.phases)
+            )
         except SuspendError as failure:
             seconds = time.monotonic() - started
-            outcome = TransitionOutcome(transition, trigger, False, seconds, failure.message, int(failure.exit_code))
+            steps = dict(getattr(failure.result, "phases", {}) or {})
+            outcome = TransitionOutcome(
+                transition, trigger, False, seconds, failure.message, int(failure.exit_code), steps
+            )
         except Exception as error:  # a bug in the library must not leave requests waiting for good
             logger.opt(exception=error).error("{} raised unexpectedly", transition)
             message = f"{transition} failed: {type(error).__name__}: {error}"
@@ -307,9 +316,9 @@ class PowerController:
         self.believed_suspended = overall not in ("running", "none")
         logger.info("CUDA states read after the failure: {}", overall)
 
-    def call_library(self, function: Callable, *args: object) -> object:
+    def call_library(self, function: Callable, *args: object, **options: object) -> object:
         """Run toggle() or status() of the library on this server (in the worker thread)."""
-        return function(*args, self.toggle_config, pid=self.find_pid())
+        return function(*args, self.toggle_config, pid=self.find_pid(), **options)
 
     # -- the watcher: suspends by someone else, and idle suspends ---------------------------------
 

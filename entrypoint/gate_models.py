@@ -23,6 +23,7 @@ import asyncio
 import contextlib
 import functools
 import json
+import threading
 import time
 import xmlrpc.client
 from collections.abc import AsyncIterator
@@ -42,6 +43,7 @@ from .gate_control import Phase, PowerController, ResumeFailed
 from .gate_metrics import PHASES, GateMetrics
 from .gpus import GpuReading, read_gpus
 from .toggle import warm_up
+from .transition import OverlapHooks
 
 # A server the library cannot find, or whose tree has no CUDA process (not started, or gone), holds no GPU
 # memory: it is not in the way of a swap.
@@ -49,6 +51,10 @@ NOT_HOLDING_GPUS = (ExitCode.SERVER_NOT_FOUND, ExitCode.NO_CUDA_PROCESSES)
 # A little room for rounding: shares of 0.5 + 0.5 fit, 0.5 + 0.51 do not.
 SHARE_SLACK = 1e-6
 DRAIN_POLL_S = 0.01
+# How long a resumed server waits, locked, for the servers in its way to finish suspending. Their suspends
+# end on their own timeouts; this bound only keeps a worker thread from waiting for good on a gate that
+# lost track (when it passes, the resume is withdrawn).
+ROOM_WAIT_S = 3600.0
 READY_PATH = "/v1/models"
 
 
@@ -133,6 +139,7 @@ class ModelStats:
     swaps: int = 0  # swaps that brought this model in (a resume, after suspending others if needed)
     swap_seconds: float = 0.0
     last_swap_s: float | None = None
+    last_swap_steps: dict[str, dict[str, float]] = field(default_factory=dict)  # transition -> phase -> s
     failed_swaps: int = 0
     waited_requests: int = 0
     waited_seconds: float = 0.0
@@ -151,6 +158,14 @@ class ModelServer:
     @property
     def name(self) -> str:
         return self.entry.name
+
+
+def describe_steps(steps: dict[str, dict[str, float]]) -> str:
+    """'suspend a: sleep 0.20, checkpoint 0.75; resume b: restore 0.80, ...' for the log."""
+    return "; ".join(
+        f"{name}: " + ", ".join(f"{phase} {seconds:.2f}" for phase, seconds in phases.items())
+        for name, phases in steps.items()
+    )
 
 
 class Fleet:
@@ -382,20 +397,13 @@ class Fleet:
             if controller.transition is not None:  # an idle suspend of its own, say
                 await asyncio.shield(controller.transition)
             if controller.refresh() is not Phase.RUNNING:
-                victims = self.victims_for(target)
-                logger.info(
-                    "swap to model {}: suspending {}", target.name, ", ".join(v.name for v in victims) or "nothing"
-                )
-                for victim in victims:
-                    await self.evict(victim, target)
-                outcome = await asyncio.shield(controller.start(Phase.RESUMING, "request (swap)"))
-                if not outcome.ok:
-                    raise ResumeFailed(f"resuming model {target.name} failed: {outcome.message}")
+                steps = await self.overlapped_swap(target)
                 seconds = time.monotonic() - started
                 target.stats.swaps += 1
                 target.stats.swap_seconds += seconds
                 target.stats.last_swap_s = seconds
-                logger.info("swapped model {} in after {:.2f} s", target.name, seconds)
+                target.stats.last_swap_steps = steps
+                logger.info("swapped model {} in after {:.2f} s ({})", target.name, seconds, describe_steps(steps))
         except ResumeFailed as failure:
             target.stats.failed_swaps += 1
             logger.error("swap to model {} failed: {}", target.name, failure.message)
@@ -410,8 +418,78 @@ class Fleet:
             self.swap_task = None
             self.schedule()
 
-    async def evict(self, victim: ModelServer, target: ModelServer) -> None:
-        """Suspend `victim` once its requests in flight are done; new ones wait for it meanwhile."""
+    async def overlapped_swap(self, target: ModelServer) -> dict[str, dict[str, float]]:
+        """Suspend the servers in the way and resume `target`, overlapping the two where that is safe.
+
+        A victim's suspend reports when vLLM's sleep has freed its weights and KV cache (OverlapHooks): the
+        target's restore starts then, while the victim's CUDA contexts are checkpointed. The target stays
+        locked (no CUDA call of its runs) until every victim's suspend has ended and proven its memory
+        released; only then does it unlock and wake up, so the two are never resident together. A victim
+        whose suspend fails (and so runs again) withdraws the target's resume: its restored processes are
+        checkpointed again. Without per-process GPU figures, or without sleep mode, nothing overlaps.
+
+        Returns the steps of every transition (name -> phase -> seconds), for the status and the log.
+        """
+        victims = self.victims_for(target)
+        logger.info("swap to model {}: suspending {}", target.name, ", ".join(v.name for v in victims) or "nothing")
+        steps: dict[str, dict[str, float]] = {}
+        suspending: list[asyncio.Task[dict[str, float]]] = []
+        try:
+            for victim in victims:
+                suspending.append(await self.evict(victim, target))
+        except ResumeFailed:
+            await asyncio.gather(*suspending, return_exceptions=True)
+            raise
+        room = threading.Event()
+        room_ok: list[bool] = []
+
+        def room_made() -> bool:  # in the target's worker thread, between its restore and its unlock
+            return room.wait(ROOM_WAIT_S) and bool(room_ok)
+
+        overlapping = any(not task.done() for task in suspending)
+        hooks = OverlapHooks(room_made=room_made) if overlapping else None
+        resuming = target.controller.start(Phase.RESUMING, "request (swap)", hooks)
+        try:
+            ended = await asyncio.gather(*suspending, return_exceptions=True)
+            failures = [result for result in ended if isinstance(result, BaseException)]
+            if not failures:
+                room_ok.append(True)
+        finally:
+            room.set()  # cancelled or failed: the target's resume is withdrawn, never left waiting
+        for victim, result in zip(victims, ended, strict=True):
+            if isinstance(result, dict):
+                steps[f"suspend {victim.name}"] = result
+        outcome = await asyncio.shield(resuming)
+        steps[f"resume {target.name}"] = outcome.steps
+        for failure in failures:
+            if isinstance(failure, ResumeFailed):
+                raise failure
+            raise ResumeFailed(f"{type(failure).__name__}: {failure}")
+        if not outcome.ok:
+            raise ResumeFailed(f"resuming model {target.name} failed: {outcome.message}")
+        return steps
+
+    async def evict(self, victim: ModelServer, target: ModelServer) -> asyncio.Task[dict[str, float]]:
+        """Start suspending `victim` once its requests in flight are done (new ones wait for it meanwhile).
+
+        Returns when its GPU memory is free for `target`: when its suspend has ended, or earlier, when the
+        suspend says vLLM's sleep released it (see overlapped_swap). The task returned ends with the
+        suspend, with its steps; raises ResumeFailed when the suspend failed.
+        """
+        loop = asyncio.get_running_loop()
+        released = asyncio.Event()
+        hooks = OverlapHooks(memory_released=lambda: loop.call_soon_threadsafe(released.set))
+        suspending = loop.create_task(self.suspend_victim(victim, target, hooks))
+        waiting = loop.create_task(released.wait())
+        await asyncio.wait({suspending, waiting}, return_when=asyncio.FIRST_COMPLETED)
+        waiting.cancel()
+        if suspending.done():
+            suspending.result()  # raises ResumeFailed when it failed
+        else:
+            logger.info("model {}: memory released, checkpointing it while {} restores", victim.name, target.name)
+        return suspending
+
+    async def suspend_victim(self, victim: ModelServer, target: ModelServer, hooks: OverlapHooks) -> dict[str, float]:
         controller = victim.controller
         controller.draining = True
         try:
@@ -421,12 +499,14 @@ class Fleet:
                 await asyncio.sleep(DRAIN_POLL_S)
             if controller.transition is not None:
                 await asyncio.shield(controller.transition)
-            if controller.refresh() is Phase.RUNNING:
-                outcome = await asyncio.shield(controller.start(Phase.SUSPENDING, f"swap to {target.name}"))
-                if not outcome.ok and outcome.exit_code in NOT_HOLDING_GPUS:
-                    logger.warning("model {}: no server on the GPUs, not in the way ({})", victim.name, outcome.message)
-                elif not outcome.ok:
-                    raise ResumeFailed(f"suspending model {victim.name} to make room failed: {outcome.message}")
+            if controller.refresh() is not Phase.RUNNING:
+                return {}
+            outcome = await asyncio.shield(controller.start(Phase.SUSPENDING, f"swap to {target.name}", hooks))
+            if not outcome.ok and outcome.exit_code in NOT_HOLDING_GPUS:
+                logger.warning("model {}: no server on the GPUs, not in the way ({})", victim.name, outcome.message)
+            elif not outcome.ok:
+                raise ResumeFailed(f"suspending model {victim.name} to make room failed: {outcome.message}")
+            return outcome.steps
         finally:
             controller.draining = False
 
@@ -445,6 +525,10 @@ class Fleet:
                 "swaps": stats.swaps,
                 "swap_seconds": round(stats.swap_seconds, 6),
                 "last_swap_s": stats.last_swap_s,
+                "last_swap_steps": {
+                    name: {phase: round(seconds, 4) for phase, seconds in phases.items()}
+                    for name, phases in stats.last_swap_steps.items()
+                },
                 "failed_swaps": stats.failed_swaps,
                 "waited_requests": stats.waited_requests,
                 "waited_seconds": round(stats.waited_seconds, 6),

@@ -62,18 +62,28 @@ def released_proof(before: GpuReading, after: GpuReading, server_pids: list[int]
     own_before = {pid: mib for pid, mib in before.pids_mib.items() if pid in server_pids}
     if own_before:
         left = {pid: mib for pid, mib in after.pids_mib.items() if pid in server_pids and mib > 0}
-        others_total = sum(g.used_mib for g in before.gpus) - sum(own_before.values())
+        # The memory no listed process holds (the driver's own, or what the query cannot see) must not have
+        # grown: the server's memory cannot hide there. Other listed processes may come and go meanwhile
+        # (another server on these GPUs resuming: the gate's swap overlaps the two).
+        unlisted_before = sum(g.used_mib for g in before.gpus) - sum(before.pids_mib.values())
+        unlisted_after = sum(g.used_mib for g in after.gpus) - sum(after.pids_mib.values())
+        grew_mib = unlisted_after - max(0, unlisted_before)
         proofs = []
         for gpu in before.gpus:
             now = after_by_uuid.get(gpu.uuid)
             used_after = now.used_mib if now else 0
             proofs.append(GpuProof(gpu.index, gpu.uuid, gpu.used_mib, used_after, gpu.used_mib, True))
-        total_after = sum(p.used_after_mib for p in proofs)
-        ok = not left and total_after <= max(0, others_total) + residual_mib
+        ok = not left and grew_mib <= residual_mib
+        problem = ""
+        if not left and not ok:
+            problem = (
+                f"GPU memory that no process is listed for grew by {grew_mib} MiB (limit {residual_mib}): "
+                "the server's memory may still be held"
+            )
         if not ok:  # name the GPUs that still hold more than the residual, for the message
             for proof in proofs:
                 proof.ok = proof.used_after_mib <= residual_mib
-        return MemoryProof(ok, "per-process", proofs, left)
+        return MemoryProof(ok, "per-process", proofs, left, problem)
     proofs = []
     for gpu in before.gpus:
         now = after_by_uuid.get(gpu.uuid)
@@ -82,6 +92,16 @@ def released_proof(before: GpuReading, after: GpuReading, server_pids: list[int]
         limit = residual_mib if server_gpu else max(residual_mib, gpu.used_mib)
         proofs.append(GpuProof(gpu.index, gpu.uuid, gpu.used_mib, used_after, limit, used_after <= limit))
     return MemoryProof(all(p.ok for p in proofs), "whole GPU", proofs, {})
+
+
+def proves_per_process_alone(reading: GpuReading, server_pids: list[int]) -> bool:
+    """Whether the suspend's proof will count the server's own processes in one consistent reading.
+
+    Only then may another server on the same GPUs grow while this one suspends (the gate's overlapped
+    swap). NVML reads a GPU's total and its process list together; nvidia-smi needs two calls, between
+    which a restoring neighbour could add memory that would count as unlisted.
+    """
+    return reading.source == "nvml" and any(pid in reading.pids_mib for pid in server_pids)
 
 
 def returned_proof(

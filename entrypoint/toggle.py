@@ -27,10 +27,20 @@ from .gpus import GpuReading, read_gpus
 from .operations import settle_orphans
 from .plan import Observation, SuspendPlan, dispatcher_candidates, model_holders, plan_suspend
 from .processes import ProcessInfo, describe, inherited_environ, same_process, walk_tree
-from .proof import released_proof, returned_proof
+from .proof import proves_per_process_alone, released_proof, returned_proof
 from .results import PidResult, ToggleResult
 from .runstate import FrozenProcess, GpuRecord, ProcessRecord, SuspendRecord, ToolLock
-from .transition import Inconsistent, RolledBack, SignalGuard, Transition, freeze, mark_phase, read_states, thaw
+from .transition import (
+    Inconsistent,
+    OverlapHooks,
+    RolledBack,
+    SignalGuard,
+    Transition,
+    freeze,
+    mark_phase,
+    read_states,
+    thaw,
+)
 from .vllm_control import VllmControl, VllmControlError, server_url
 
 SUSPEND, RESUME = "checkpointed", "running"
@@ -106,12 +116,14 @@ def toggle(
     backend_name: str | None = None,
     mode: str | None = None,
     quiesce: str | None = None,
+    hooks: OverlapHooks | None = None,
 ) -> ToggleResult:
     """Move every CUDA process of the server to `target` (checkpointed or running).
 
     Returns the result when the server reached the target and that was proven; raises SuspendError
-    (with `.result`) otherwise.
+    (with `.result`) otherwise. `hooks` let the gate overlap a swap's suspend and resume (transition.py).
     """
+    hooks = hooks or OverlapHooks()
     target = TARGET_ALIASES[target]
     started = time.monotonic()
     # One guard for the whole run: SIGINT/SIGTERM are deferred, and acted on between phases (a phase of the
@@ -125,9 +137,11 @@ def toggle(
         try:
             if target == SUSPEND:
                 requested_quiesce = quiesce or (config.quiesce if freeze_dispatcher else "none")
-                result = _suspend(config, backend, obs, force, started, mode or config.mode, requested_quiesce, guard)
+                result = _suspend(
+                    config, backend, obs, force, started, mode or config.mode, requested_quiesce, guard, hooks
+                )
             else:
-                result = _resume(config, backend, obs, force, started, guard)
+                result = _resume(config, backend, obs, force, started, guard, hooks)
         except SuspendError as failure:
             if isinstance(failure.result, ToggleResult):
                 failure.result.notes[:0] = settled
@@ -253,6 +267,7 @@ def _suspend(
     mode: str,
     quiesce: str,
     guard: SignalGuard,
+    hooks: OverlapHooks,
 ) -> ToggleResult:
     record = _record_of(config, obs)
     plan = plan_suspend(
@@ -326,6 +341,8 @@ def _suspend(
             started,
             states,
         )
+    if hooks.memory_released and plan.mode == "hybrid" and proves_per_process_alone(obs.gpus, plan.checkpoint):
+        hooks.memory_released()  # the weights and KV cache are in host RAM: another server may restore now
     transition = Transition(config, backend, result, states, guard, _gpu_progress(config))
     try:
         if guard.received:
@@ -399,7 +416,13 @@ def _dead_while_suspended(record: SuspendRecord | None) -> list[str]:
 
 
 def _resume(
-    config: Config, backend: Backend, obs: Observation, force: bool, started: float, guard: SignalGuard
+    config: Config,
+    backend: Backend,
+    obs: Observation,
+    force: bool,
+    started: float,
+    guard: SignalGuard,
+    hooks: OverlapHooks,
 ) -> ToggleResult:
     record = _record_of(config, obs)
     holders = model_holders(obs)
@@ -475,10 +498,18 @@ def _resume(
     _interrupted_before_any_change(guard, result, started, states)
     if all(state == "running" for state in states.values()):
         result.notes.append("every CUDA process was running already")
+        if hooks.room_made and not hooks.room_made():
+            raise _fail(
+                result,
+                "the resume was withdrawn before vLLM woke up: the GPU memory it needs was not made free",
+                ExitCode.TRANSITION_FAILED,
+                started,
+                states,
+            )
     else:
         transition = Transition(config, backend, result, states, guard, _gpu_progress(config))
         try:
-            transition.resume()
+            transition.resume(hooks.room_made)
         except RolledBack as failure:
             raise _fail(result, f"resume failed: {failure}", ExitCode.TRANSITION_FAILED, started, states)
         except Inconsistent as failure:
@@ -516,7 +547,9 @@ def _resume(
     if not memory.ok:
         failures.append(memory.failure())
     if obs.capabilities.reachable:
+        began = time.monotonic()
         probe = control.probe(timeout_s=config.sleep_timeout_s)
+        result.phases["probe"] = time.monotonic() - began
         result.evidence["probe"] = probe.to_json()
         if not probe.ok:
             failures.append(f"a one-token completion failed: {probe.error}")

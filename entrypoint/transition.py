@@ -20,6 +20,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import NoReturn
 
 from loguru import logger
 
@@ -37,6 +38,22 @@ class RolledBack(Exception):
 
 class Inconsistent(Exception):
     """The transition failed and could not be rolled back."""
+
+
+@dataclass(frozen=True)
+class OverlapHooks:
+    """Let a caller overlap one server's suspend with another's resume on the same GPUs (the gate's swap).
+
+    Both are called from the thread that runs the transition.
+    - memory_released: a suspend calls it once vLLM's sleep has handed the weights and KV cache back,
+      when its memory proof counts per process (so the other server growing meanwhile cannot fail it);
+      the checkpoint of what is left (the CUDA contexts) goes on while the other server restores.
+    - room_made: a resume calls it between restore and unlock and waits for its answer; False withdraws
+      the resume (the restored processes, still locked, are checkpointed again; vLLM never woke up).
+    """
+
+    memory_released: Callable[[], None] | None = None
+    room_made: Callable[[], bool] | None = None
 
 
 @dataclass
@@ -469,6 +486,14 @@ class Transition:
         stuck = {pid: state for pid, state in self.states.items() if state != "running"}
         raise Inconsistent(f"rollback failed, processes not running: {stuck}")
 
+    def _back_to_checkpointed(self, why: str, advice: str = "") -> NoReturn:
+        """Checkpoint the restored (still locked) processes again: a consistent suspend, to be resumed later."""
+        self.mark("rollback")
+        again = self._checkpoint_locked()
+        if again or not self.verify("checkpointed"):
+            raise Inconsistent(f"{why}, and the restored processes could not be checkpointed again")
+        raise RolledBack(f"{why}; every process is checkpointed again: the server is still suspended{advice}")
+
     def suspend(self) -> None:
         self.lock_all()
         if self.guard.received:
@@ -483,9 +508,12 @@ class Transition:
             raise RolledBack("not every process reached checkpointed")
 
     # resume ----------------------------------------------------------------------------------------
-    def resume(self) -> None:
+    def resume(self, room_made: Callable[[], bool] | None = None) -> None:
         """Restore all, then unlock all. A restore that fails without leaving its PID `failed` is rolled
-        back to a consistent suspend (the restored ones are checkpointed again), so it can be retried."""
+        back to a consistent suspend (the restored ones are checkpointed again), so it can be retried.
+
+        `room_made` (see OverlapHooks) is asked between the two: while it waits, the restored processes
+        stay locked, so no CUDA call of theirs runs; when it says no, they are checkpointed again."""
         self.mark("restore")
         failed = self._phase(
             "restore",
@@ -501,17 +529,14 @@ class Transition:
             if stuck:
                 raise Inconsistent(f"restore failed and left {stuck} stuck or unreadable ({errors})")
             if self._pids_in("checkpointed"):  # the restore did not act: go back to a consistent suspend
-                self.mark("rollback")
-                again = self._checkpoint_locked()
-                if again or not self.verify("checkpointed"):
-                    raise Inconsistent(
-                        f"restore failed ({errors}) and the restored processes could not be checkpointed again"
-                    )
-                raise RolledBack(
-                    f"restore failed ({errors}); every process is checkpointed again: the server is "
-                    "still suspended, fix the cause and resume again"
-                )
+                self._back_to_checkpointed(f"restore failed ({errors})", ", fix the cause and resume again")
             # the call failed but every PID is restored by now (e.g. it landed late): carry on
+        if room_made is not None:
+            began = time.monotonic()
+            made = room_made()
+            self.result.phases["wait_for_room"] = time.monotonic() - began
+            if not made:
+                self._back_to_checkpointed("the resume was withdrawn: the GPU memory it needs was not made free")
         self.mark("unlock")
         for _ in range(3):  # an unlock that fails once is retried: every worker is restored by now
             self._reread(self._pids_in("unknown"))

@@ -27,6 +27,7 @@ MODELS = ("alpha", "beta")  # alpha is the default (first) model
 SHARE = "0.6"  # of a fake 80 GB GPU each: two do not fit
 # The library checks host RAM before each suspend: a figure that holds both, whatever this machine has.
 HOST_RAM_MIB = "400000"
+FAKE_NVML = REPO / "tests" / "fakes" / "nvml"
 
 
 @dataclass
@@ -86,8 +87,12 @@ def swapped(fake_gpu: Path, tmp_path: Path, standin_server) -> Iterator[Callable
     """Factory: two stand-ins (alpha, beta) and the gate in front of both with GATE_MODELS; stopped at teardown."""
     gates: list[Gate] = []
 
-    def start(step_s: float = 0.005, **settings: str) -> Swapped:
+    def start(step_s: float = 0.005, nvml: bool = False, **settings: str) -> Swapped:
+        """nvml: the gate reads the fake GPU through the fake NVML (per-process figures in one reading), which
+        lets a swap overlap the two servers' transitions; else through the fake nvidia-smi."""
         environ = {**SAFE_ENV, "VLLM_SERVER_DEV_MODE": "1", "STANDIN_STEP_S": str(step_s)}
+        if nvml:
+            settings = {"PYTHONPATH": f"{FAKE_NVML}:{REPO}", "CUDA_TOGGLE_GPU_QUERY": "nvml", **settings}
         servers = {
             model: standin_server(
                 "--served-model-name",
@@ -115,11 +120,15 @@ def swapped(fake_gpu: Path, tmp_path: Path, standin_server) -> Iterator[Callable
             return status["started"]
 
         wait_until(placed, "the gate to start both servers", timeout=20)
+        # Here both stand-ins loaded before the gate started (the gate starts real servers in turn): from now
+        # on the fake GPU must never hold more than it has.
+        (fake_gpu / "overcommitted").unlink(missing_ok=True)
         return Swapped(front, servers, fake_gpu, tmp_path / "run")
 
     yield start
     for front in gates:
         front.stop()
+    assert fakegpu.overcommits(fake_gpu) == []  # no two servers were ever resident together
 
 
 def test_alternating_requests_swap_the_servers(swapped):
@@ -230,6 +239,54 @@ def test_failed_swap_answers_503_and_the_next_request_swaps(swapped):
     assert fleet.holders_on_gpu() == ["alpha"] and fleet.text("alpha", "still") != ""
     assert fleet.text("beta", "retry") != "" and fleet.holders_on_gpu() == ["beta"]
     assert "swap to model beta failed" in fleet.gate.log()
+
+
+def finished_at(fleet: Swapped, op: str, model: str) -> list[int]:
+    """When each `op` of `model`'s EngineCore returned ok (monotonic ns, from the fakes' call log)."""
+    pid = fleet.servers[model].engine_core().pid
+    return [stamp for stamp, name, caller, result in fakegpu.read_calls(fleet.fake_gpu) if (name, caller) == (op, pid)
+            and result == "ok"]  # fmt: skip
+
+
+def test_swap_restores_the_next_server_while_the_last_one_is_checkpointed(swapped):
+    """With per-process figures (NVML), beta restores once alpha's sleep freed the GPU, while alpha's contexts are
+    checkpointed; beta unlocks and wakes only after alpha's suspend ended: never both resident, steps published."""
+    fleet = swapped(nvml=True)
+    fakegpu.add_fault(fleet.servers["alpha"].engine_core().pid, "checkpoint", "slow:0.6", root=fleet.fake_gpu)
+    assert fleet.text("beta", "overlap") != "" and fleet.holders_on_gpu() == ["beta"]
+    (restored,), (checkpointed,), (unlocked,) = (
+        finished_at(fleet, "restore", "beta"), finished_at(fleet, "checkpoint", "alpha")[-1:],
+        finished_at(fleet, "unlock", "beta"),
+    )  # fmt: skip
+    assert restored < checkpointed < unlocked
+    steps = fleet.model_status("beta")["last_swap_steps"]
+    assert {"sleep", "lock", "checkpoint", "verify"} <= set(steps["suspend alpha"])
+    assert steps["suspend alpha"]["checkpoint"] >= 0.6
+    assert {"restore", "wait_for_room", "unlock", "wake_up", "probe"} <= set(steps["resume beta"])
+    assert steps["resume beta"]["wait_for_room"] > 0.3  # it waited, locked, for alpha's checkpoint
+    assert "memory released, checkpointing it while beta restores" in fleet.gate.log()
+    for model in ("alpha", "beta", "alpha"):  # and on: each swap overlaps
+        assert fleet.text(model, "overlap") != "" and fleet.holders_on_gpu() == [model]
+    assert fleet.gate.log().count("memory released, checkpointing it while") == 4
+
+
+def test_a_victim_that_fails_to_checkpoint_withdraws_the_overlapped_resume(swapped):
+    """alpha's checkpoint fails after beta began restoring: alpha runs again, beta is checkpointed again without
+    ever waking, the request gets 503, alpha keeps serving, and the next request for beta swaps."""
+    fleet = swapped(nvml=True)
+    alpha_pid = fleet.servers["alpha"].engine_core().pid
+    fakegpu.add_fault(alpha_pid, "checkpoint", "error-after:0.4", root=fleet.fake_gpu)
+    refused = fleet.ask("beta", "withdrawn")
+    assert refused.status_code == 503, refused.text
+    assert fleet.holders_on_gpu() == ["alpha"] and fleet.text("alpha", "still") != ""
+    beta_pid = fleet.servers["beta"].engine_core().pid
+    assert fakegpu.read_state(beta_pid, fleet.fake_gpu) == "checkpointed"
+    assert finished_at(fleet, "restore", "beta") and finished_at(fleet, "unlock", "beta") == []
+    log = fleet.gate.log()
+    assert "the resume was withdrawn" in log and "suspending model alpha to make room failed" in log
+    status = fleet.model_status("beta")
+    assert (status["state"], status["failed_swaps"]) == ("suspended", 1)
+    assert fleet.text("beta", "withdrawn") != "" and fleet.holders_on_gpu() == ["beta"]
 
 
 def test_host_ram_that_cannot_hold_the_suspended_servers_is_refused_at_start(fake_gpu: Path, tmp_path: Path):

@@ -171,6 +171,23 @@ def used_mib(root: Path | None = None) -> dict[int, int]:
     return used
 
 
+def note_if_overcommitted(index: int, who: str) -> None:
+    """Log to `overcommitted` when GPU `index` holds more than it has (a real GPU would have failed the
+    allocation): tests read it to prove two servers were never resident together."""
+    totals = {gpu: total for gpu, _, total, _ in read_gpus()}
+    used = used_mib().get(index, 0)
+    if index in totals and used > totals[index]:
+        with (state_dir() / "overcommitted").open("a") as handle:
+            handle.write(f"{time.monotonic_ns()} GPU{index} {used}/{totals[index]} MiB after {who}\n")
+
+
+def overcommits(root: Path) -> list[str]:
+    try:
+        return (root / "overcommitted").read_text().splitlines()
+    except FileNotFoundError:
+        return []
+
+
 def process_name(pid: int) -> str:
     """What nvidia-smi shows as process_name: the first word of the command line (its title)."""
     try:

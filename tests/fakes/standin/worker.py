@@ -98,6 +98,8 @@ class Worker:
         tmp = path.with_suffix(".tmp")
         tmp.write_text(f"{self.rank} {residual if asleep else self.loaded_mib}\n")
         tmp.replace(path)  # nvidia-smi may read it at any moment: never show a half-written file
+        if not asleep:
+            fakegpu.note_if_overcommitted(self.rank, f"wake-up of PID {self.pid}")
 
 
 def run_worker(args: argparse.Namespace) -> int:
