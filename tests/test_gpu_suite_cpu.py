@@ -68,3 +68,30 @@ def test_gpu_suite_runs_its_steps_on_the_cpu_stand_in(tmp_path):
         assert all(cycle["in_flight_at_suspend"] for cycle in acceptance["parts"][part]["cycles"])
     assert by_step["refusal"]["exit_code"] == 5
     assert "| plain | 1 | yes |" in stdout  # the report's cycles table
+
+
+@pytest.mark.timeout(200)
+def test_swap_suite_swaps_two_stand_ins_under_supervisord(tmp_path):
+    """tests/gpu/swap_suite.py on the CPU: the gate starts both servers in turn, 3 alternating requests each swap
+    and answer as before, each swap's steps come from /gate/status, and the whole tree is gone after."""
+    env = {**os.environ, "SUITE_WORK": str(tmp_path / "suite")}
+    done = subprocess.run(
+        [sys.executable, "tests/gpu/swap_suite.py", "--target", "cpu", "--swaps", "2"],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=180,
+    )
+    assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-4000:]
+    (step,) = [step for step in json.loads((tmp_path / "suite" / "results.json").read_text())["steps"]]
+    summary = step["summary"]
+    assert (summary["requests"], summary["failed"], summary["different_answers"]) == (3, 0, 0)
+    assert [row["model"] for row in step["rows"]] == ["qwen3-8b-shaped", "tiny", "qwen3-8b-shaped"]
+    for row in step["rows"]:
+        resident = {name for name, state in row["states"].items() if state == "running"}
+        assert resident == {row["model"]} and row["gate_swap_s"] > 0
+        other = "tiny" if row["model"] != "tiny" else "qwen3-8b-shaped"
+        assert "wait_for_room" in row["steps"][f"resume {row['model']}"]  # overlapped (the fake NVML)
+        assert "checkpoint" in row["steps"][f"suspend {other}"]
+    assert step["after_stop_gpu_mib"] == step["idle_gpu_mib"]

@@ -940,6 +940,9 @@ def ask(url: str, body: dict, timeout: float = 900) -> Answer:
                     if data.get("usage"):
                         answer.tokens = data["usage"].get("completion_tokens", 0)
                     for choice in data.get("choices") or []:
+                        if choice.get("logprobs"):
+                            rows = _logprob_rows(choice["logprobs"].get("content"))
+                            answer.logprobs = (answer.logprobs or []) + rows
                         content = (choice.get("delta") or {}).get("content")
                         if content:
                             chunks += 1

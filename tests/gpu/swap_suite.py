@@ -1,0 +1,247 @@
+#!/usr/bin/env python3
+"""Several models on the same GPUs behind the gate: two vLLM servers that cannot be resident together, started
+in turn by the gate under the real supervisord, then swapped by alternating requests.
+
+    python3 tests/gpu/swap_suite.py [--target gpu|cpu] [--swaps 20] [--share 0.55]
+
+Like the container (docker/entrypoint.sh, supervisord.conf, GATE_MODELS): the tiny model is the default
+(program `vllm`), the 8B-shaped one (scripts/build_dummy_model.py, random weights) program `vllm-qwen3-8b-shaped`;
+each gets `--gpu-memory-utilization SHARE`, so two shares over 1 cannot be resident together. Every request is
+streamed through the gate, asks for per-token logprobs, and must give its model's first answer again; the time
+to its first token is what a client waits for a swap. The gate's /gate/status gives the swap's steps.
+Results go to SUITE_WORK/results.json (step `swap`) like run_suite.py's. --target cpu runs the same against
+two stand-ins over the fake GPU (with the fake NVML, so that swaps overlap as on a GPU host).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import os
+import signal
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import psutil
+import requests
+from run_suite import REPO, WORK, Answer, Target, ask, ensure_shaped_model, free_port, gpu_used_mib, log, save_step
+from run_suite import supervisord_wrapper as supervisord_command
+
+PROMPT = "Name three rivers of Europe and one fact about each."
+
+
+def model_list(args: argparse.Namespace, ports: dict[str, int]) -> str:
+    """GATE_MODELS: served-name:model:port:share, the default (tiny) first."""
+    paths = {"tiny": args.tiny_dir, "qwen3-8b-shaped": args.shaped_dir}
+    if args.target == "cpu":
+        paths = {name: f"standin-{name}" for name in paths}
+    return ",".join(f"{name}:{paths[name]}:{ports[name]}:{args.share}" for name in paths)
+
+
+def common_vllm_args(args: argparse.Namespace) -> list[str]:
+    """The compose file's `command:` for both servers; the gate appends each one's model, port and share."""
+    return [
+        "--tensor-parallel-size", "1", "--enforce-eager", "--attention-backend", "TRITON_ATTN",
+        "--dtype", "float16",  # AWQ needs it; the tiny model runs in it too
+        "--max-num-seqs", "16", "--max-model-len", "512", "--host", "127.0.0.1",
+        "--load-format", "dummy",  # random weights drawn by vLLM: the 8B shape has no weight files
+        "--disable-custom-all-reduce",
+    ]  # fmt: skip
+
+
+def start_servers(args: argparse.Namespace, target: Target, gate_port: int, ports: dict[str, int]) -> subprocess.Popen:
+    env = target.server_env(sleep_mode=True)
+    env.update(
+        {
+            "SUPERVISOR_RUN_DIR": str(WORK / "sv"),
+            "SUPERVISOR_CONF": str(REPO / "supervisord.conf"),
+            "SUPERVISORD_BIN": str(supervisord_command()),
+            "VLLM_ARGS_FILE": str(WORK / "vllm-args"),
+            "VLLM_LAUNCHER": str(REPO / "docker" / "run-vllm.sh"),
+            "VLLM_REAPER": str(REPO / "docker" / "vllm-reaper.sh"),
+            "VLLM_SERVER_CMD": target.server_command(),
+            "VLLM_SLEEP_MODE": "1",
+            "GATE_LAUNCHER": f"{sys.executable} -m entrypoint.gate",
+            "GATE_HOST": "127.0.0.1",
+            "GATE_PORT": str(gate_port),
+            "GATE_MODELS": model_list(args, ports),
+            "GATE_START_TIMEOUT_S": str(args.timeout),
+        }
+    )
+    if target.name == "cpu":  # per-process figures in one reading, as NVML gives on a GPU host
+        env["PYTHONPATH"] = f"{REPO / 'tests' / 'fakes' / 'nvml'}:{env['PYTHONPATH']}"
+        env["CUDA_TOGGLE_GPU_QUERY"] = "nvml"
+    (WORK / "sv").mkdir(parents=True, exist_ok=True)
+    with (WORK / "swap-server.log").open("ab") as log_file:
+        return subprocess.Popen(
+            [str(REPO / "docker" / "entrypoint.sh"), *common_vllm_args(args)],
+            env=env,
+            stdout=log_file,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+
+
+def wait_started(gate_url: str, supervisord: subprocess.Popen, timeout_s: float) -> float:
+    """Wait until the gate has started and placed both servers; progress every 15 s."""
+    began = last = time.monotonic()
+    while True:
+        try:
+            status = requests.get(f"{gate_url}/gate/status", timeout=5).json()
+            if status.get("started"):
+                return time.monotonic() - began
+            states = {name: model["state"] for name, model in status.get("models", {}).items()}
+        except (requests.RequestException, ValueError):
+            states = "gate not answering yet"
+        if supervisord.poll() is not None or time.monotonic() - began > timeout_s:
+            print((WORK / "swap-server.log").read_text()[-6000:])
+            raise SystemExit(f"the servers did not start (supervisord exit code {supervisord.poll()})")
+        if time.monotonic() - last >= 15:
+            last = time.monotonic()
+            log(f"starting the servers in turn: {time.monotonic() - began:.0f} s, {states}")
+        time.sleep(1)
+
+
+def request_body(model: str, tokens: int) -> dict:
+    return {
+        "model": model,
+        "messages": [{"role": "user", "content": PROMPT}],
+        "temperature": 0,
+        "max_tokens": tokens,
+        "ignore_eos": True,
+        "stream": True,
+        "stream_options": {"include_usage": True},
+        "logprobs": True,
+        "top_logprobs": 5,
+    }
+
+
+def same_answer(answer: Answer, reference: Answer) -> bool:
+    """The same text and, where the server gives them, the same per-token logprobs and top-5."""
+    return answer.text == reference.text and answer.logprobs == reference.logprobs
+
+
+def swap_rows(args: argparse.Namespace, gate_url: str) -> tuple[list[dict], dict[str, Answer]]:
+    """Alternating requests, the non-default model first: each one swaps. Returns a row per request."""
+    models = ["qwen3-8b-shaped", "tiny"]
+    references: dict[str, Answer] = {}
+    rows = []
+    for number in range(args.swaps + 1):
+        model = models[number % 2]
+        answer = ask(gate_url, request_body(model, args.tokens), timeout=600)
+        status = requests.get(f"{gate_url}/gate/status", timeout=10).json()["models"]
+        reference = references.setdefault(model, answer)
+        row = {
+            "request": number + 1,
+            "model": model,
+            "verdict": answer.verdict(args.tokens),
+            "same_answer": same_answer(answer, reference),
+            "logprobs": len(answer.logprobs or []),
+            "first_token_s": None if answer.first_token_s is None else round(answer.first_token_s, 3),
+            "total_s": round(answer.total_s, 3),
+            "gate_swap_s": None if status[model]["last_swap_s"] is None else round(status[model]["last_swap_s"], 3),
+            "steps": status[model]["last_swap_steps"],
+            "states": {name: entry["state"] for name, entry in status.items()},
+            "gpu_used_mib": gpu_used_mib(),
+        }
+        if answer.error:
+            row["error"] = answer.error[:300]
+        rows.append(row)
+        log(
+            f"request {number + 1} ({model}): {row['verdict']}, first token {row['first_token_s']} s, swap "
+            f"{row['gate_swap_s']} s, same answer {row['same_answer']}, GPU {row['gpu_used_mib']} MiB"
+        )
+    return rows, references
+
+
+def summary(rows: list[dict]) -> dict:
+    swaps = rows[1:]  # the first request swaps too, but from the start-up's state: reported with the rest
+    first_tokens = [row["first_token_s"] for row in rows if row["first_token_s"] is not None]
+    gate_swaps = [row["gate_swap_s"] for row in rows if row["gate_swap_s"] is not None]
+    step_medians: dict[str, dict[str, float]] = {}
+    for model in ("tiny", "qwen3-8b-shaped"):
+        other = "qwen3-8b-shaped" if model == "tiny" else "tiny"
+        taken = [row["steps"] for row in swaps if row["model"] == model and row["steps"]]
+        for key in (f"suspend {other}", f"resume {model}"):
+            phases = {phase for steps in taken for phase in steps.get(key, {})}
+            step_medians[f"to {model}: {key}"] = {
+                phase: round(statistics.median(s[key][phase] for s in taken if phase in s.get(key, {})), 3)
+                for phase in sorted(phases)
+            }
+    return {
+        "requests": len(rows),  # each one swaps: the other model was resident
+        "failed": sum(row["verdict"] != "ok" for row in rows),
+        "different_answers": sum(not row["same_answer"] for row in rows),
+        "first_token_s": stats(first_tokens),
+        "gate_swap_s": stats(gate_swaps),
+        "swaps_under_2s": sum(value < 2.0 for value in first_tokens),
+        "step_medians_s": step_medians,
+    }
+
+
+def stats(values: list[float]) -> dict:
+    if not values:
+        return {}
+    return {"min": min(values), "median": round(statistics.median(values), 3), "max": max(values)}
+
+
+def stop(supervisord: subprocess.Popen) -> list[int]:
+    """Kill the whole tree (a suspended server cannot be resumed while the other holds the GPU, and the driver
+    frees a killed process's memory); returns the GPU memory in use once it is back to idle (or after 60 s)."""
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(supervisord.pid, signal.SIGKILL)
+    mine = str(WORK / "sv")
+    for proc in psutil.process_iter(["environ"]):  # programs supervisord started in sessions of their own
+        with contextlib.suppress(psutil.Error):
+            if (proc.info["environ"] or {}).get("SUPERVISOR_RUN_DIR") == mine:
+                proc.kill()
+    deadline = time.monotonic() + 60
+    used = gpu_used_mib()
+    while time.monotonic() < deadline and any(value > 1024 for value in used):
+        time.sleep(1)
+        used = gpu_used_mib()
+    return used
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--target", choices=("gpu", "cpu"), default=os.environ.get("SUITE_TARGET", "gpu"))
+    parser.add_argument("--swaps", type=int, default=20, help="requests after the first, alternating (default 20)")
+    parser.add_argument("--share", type=float, default=0.55, help="each server's --gpu-memory-utilization")
+    parser.add_argument("--tokens", type=int, default=16, help="tokens per answer")
+    parser.add_argument("--timeout", type=float, default=900, help="seconds for one server to load")
+    parser.add_argument("--tiny-dir", default=os.environ.get("SUITE_TINY_DIR", "/tmp/tiny-qwen3"))
+    parser.add_argument("--shaped-dir", default=os.environ.get("SUITE_SHAPED_DIR", "/tmp/qwen3-8b-awq-shape"))
+    args = parser.parse_args()
+    target = Target(args.target)
+    target.prepare()
+    os.environ["CUDA_TOGGLE_RUN_DIR"] = str(WORK / "run")
+    if args.target == "gpu":
+        ensure_shaped_model(Path(args.shaped_dir))
+    gate_port = free_port()
+    ports = {"tiny": free_port(), "qwen3-8b-shaped": free_port()}
+    gate_url = f"http://127.0.0.1:{gate_port}"
+    idle = gpu_used_mib()
+    supervisord = start_servers(args, target, gate_port, ports)
+    result: dict = {"target": args.target, "share": args.share, "tokens": args.tokens, "idle_gpu_mib": idle}
+    try:
+        result["start_s"] = round(wait_started(gate_url, supervisord, 2 * args.timeout), 1)
+        result["after_start_gpu_mib"] = gpu_used_mib()
+        log(f"both servers started in turn in {result['start_s']} s; GPU {result['after_start_gpu_mib']} MiB")
+        rows, _ = swap_rows(args, gate_url)
+        result["rows"] = rows
+        result["summary"] = summary(rows)
+        result["gate_status"] = requests.get(f"{gate_url}/gate/status", timeout=10).json()
+    finally:
+        result["after_stop_gpu_mib"] = stop(supervisord)
+        save_step("swap", result)
+    log(f"swap summary: {result['summary']}")
+    if result["summary"]["failed"] or result["summary"]["different_answers"]:
+        raise SystemExit("swap scenario failed")
+
+
+if __name__ == "__main__":
+    main()
