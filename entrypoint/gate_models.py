@@ -42,6 +42,7 @@ from .gate_config import GateConfig, ModelEntry
 from .gate_control import Phase, PowerController, ResumeFailed
 from .gate_metrics import PHASES, GateMetrics
 from .gpus import GpuReading, read_gpus
+from .runstate import SuspendRecord
 from .toggle import warm_up
 from .transition import OverlapHooks
 
@@ -158,6 +159,12 @@ class ModelServer:
     @property
     def name(self) -> str:
         return self.entry.name
+
+
+def restore_size_mib(server: ModelServer) -> int:
+    """What the suspended server's restore brings back to the GPUs (its record's checkpoint_mib); 0 unknown."""
+    records = SuspendRecord.load_all(server.controller.toggle_config.run_dir)
+    return max((record.checkpoint_mib for record in records), default=0)
 
 
 def describe_steps(steps: dict[str, dict[str, float]]) -> str:
@@ -478,7 +485,12 @@ class Fleet:
         """
         loop = asyncio.get_running_loop()
         released = asyncio.Event()
-        hooks = OverlapHooks(memory_released=lambda: loop.call_soon_threadsafe(released.set))
+        hooks = OverlapHooks()
+        restore_mib = restore_size_mib(target)
+        if restore_mib > 0:  # known: the victim's proof can allow for it, so the two may overlap
+            hooks = OverlapHooks(
+                memory_released=lambda: loop.call_soon_threadsafe(released.set), neighbour_restore_mib=restore_mib
+            )
         suspending = loop.create_task(self.suspend_victim(victim, target, hooks))
         waiting = loop.create_task(released.wait())
         await asyncio.wait({suspending, waiting}, return_when=asyncio.FIRST_COMPLETED)

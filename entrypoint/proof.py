@@ -54,8 +54,13 @@ class MemoryProof:
         return "; ".join(parts)
 
 
-def released_proof(before: GpuReading, after: GpuReading, server_pids: list[int], residual_mib: int) -> MemoryProof:
-    """The suspend's proof: the server's memory is gone from every GPU it used."""
+def released_proof(
+    before: GpuReading, after: GpuReading, server_pids: list[int], residual_mib: int, neighbour_mib: int = 0
+) -> MemoryProof:
+    """The suspend's proof: the server's memory is gone from every GPU it used.
+
+    `neighbour_mib`: what another server restoring meanwhile may hold without being listed (per-process
+    figures only; see OverlapHooks). Had this server kept its memory, the growth would be both together."""
     if not before.gpus or not after.gpus:
         return MemoryProof(False, "none", [], {}, f"GPU memory unknown ({after.problem or before.problem})")
     after_by_uuid = after.by_uuid()
@@ -73,12 +78,14 @@ def released_proof(before: GpuReading, after: GpuReading, server_pids: list[int]
             now = after_by_uuid.get(gpu.uuid)
             used_after = now.used_mib if now else 0
             proofs.append(GpuProof(gpu.index, gpu.uuid, gpu.used_mib, used_after, gpu.used_mib, True))
-        ok = not left and grew_mib <= residual_mib
+        limit_mib = residual_mib + max(0, neighbour_mib)
+        ok = not left and grew_mib <= limit_mib
         problem = ""
         if not left and not ok:
             problem = (
-                f"GPU memory that no process is listed for grew by {grew_mib} MiB (limit {residual_mib}): "
-                "the server's memory may still be held"
+                f"GPU memory that no process is listed for grew by {grew_mib} MiB (limit {limit_mib}"
+                + (f", of which {neighbour_mib} for the server restoring meanwhile" if neighbour_mib else "")
+                + "): the server's memory may still be held"
             )
         if not ok:  # name the GPUs that still hold more than the residual, for the message
             for proof in proofs:

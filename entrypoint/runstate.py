@@ -125,13 +125,19 @@ RECORD_FIELDS = {
     "quiesce": str,
     "server_url": str,
 }
+# Fields a record of an earlier version may lack (their defaults apply).
+OPTIONAL_RECORD_FIELDS = {"checkpoint_mib": int}
 
 
-def _shaped(data: object, fields: dict[str, object]) -> bool:
-    """True when `data` is a dict with exactly `fields`, each of its type (a bool is not a number)."""
-    if not isinstance(data, dict) or set(data) != set(fields):
+def _shaped(data: object, fields: dict[str, object], optional: dict[str, object] | None = None) -> bool:
+    """True when `data` is a dict with exactly `fields` (and any of `optional`), each of its type (a bool is
+    not a number)."""
+    optional = optional or {}
+    if not isinstance(data, dict) or not set(fields) <= set(data) <= set(fields) | set(optional):
         return False
-    for key, kind in fields.items():
+    for key, kind in {**fields, **optional}.items():
+        if key not in data:
+            continue
         value = data[key]
         if not isinstance(value, kind) or (isinstance(value, bool) and kind is not bool):
             return False
@@ -159,6 +165,9 @@ class SuspendRecord:
     mode: str = "plain"  # plain | hybrid (vLLM slept at level 1 before the checkpoint)
     quiesce: str = "none"  # what held the requests: scheduler (vLLM's /pause or /sleep, mode=keep) | sigstop | none
     server_url: str = ""
+    # What the server's own processes held on the GPUs right before the checkpoint (after vLLM's sleep or
+    # pause): what its restore brings back. Per-process figures (NVML); 0 when unknown.
+    checkpoint_mib: int = 0
 
     @staticmethod
     def directory(run_dir: str) -> Path:
@@ -191,7 +200,9 @@ class SuspendRecord:
     @classmethod
     def parse(cls, data: object) -> SuspendRecord | None:
         """The record in `data` (decoded JSON), or None when it has the wrong shape."""
-        if not _shaped(data, RECORD_FIELDS) or data["mode"] not in MODES or data["quiesce"] not in QUIESCE_KINDS:
+        if not _shaped(data, RECORD_FIELDS, OPTIONAL_RECORD_FIELDS):
+            return None
+        if data["mode"] not in MODES or data["quiesce"] not in QUIESCE_KINDS:
             return None
         if not all(_shaped(item, PROCESS_FIELDS) for item in data["frozen"] + data["cuda"]):
             return None

@@ -341,15 +341,20 @@ def _suspend(
             started,
             states,
         )
-    if hooks.memory_released and plan.mode == "hybrid" and proves_per_process_alone(obs.gpus, plan.checkpoint):
-        hooks.memory_released()  # the weights and KV cache are in host RAM: another server may restore now
+    if proves_per_process_alone(obs.gpus, plan.checkpoint):
+        # What the checkpoint will move, so that a swap can tell what this server's restore adds (OverlapHooks).
+        quiesced = read_gpus(config)
+        record.checkpoint_mib = sum(quiesced.pids_mib.get(pid, 0) for pid in plan.checkpoint)
+        record.save(config.run_dir)
+        if hooks.memory_released and plan.mode == "hybrid":
+            hooks.memory_released()  # the weights and KV cache are in host RAM: another server may restore now
     transition = Transition(config, backend, result, states, guard, _gpu_progress(config))
     try:
         if guard.received:
             raise RolledBack(f"interrupted by {guard.received} while quiescing")
         transition.suspend()
         after = read_gpus(config)
-        proof = released_proof(obs.gpus, after, plan.checkpoint, config.residual_mib)
+        proof = released_proof(obs.gpus, after, plan.checkpoint, config.residual_mib, hooks.neighbour_restore_mib)
         result.gpus_after = after.to_json()
         result.evidence = {"gpus": proof.to_json(), "vllm": _vllm_flags(control)}
         if not proof.ok and obs.gpus.gpus:

@@ -48,11 +48,15 @@ class OverlapHooks:
     - memory_released: a suspend calls it once vLLM's sleep has handed the weights and KV cache back,
       when its memory proof counts per process (so the other server growing meanwhile cannot fail it);
       the checkpoint of what is left (the CUDA contexts) goes on while the other server restores.
+    - neighbour_restore_mib: what the other server's restore may add to the GPUs meanwhile (its record's
+      checkpoint_mib). NVML does not list a process while it is restored and still locked (measured on an
+      H200, driver 580: ~0.9 GiB unlisted), so the suspend's proof allows that much unlisted growth.
     - room_made: a resume calls it between restore and unlock and waits for its answer; False withdraws
       the resume (the restored processes, still locked, are checkpointed again; vLLM never woke up).
     """
 
     memory_released: Callable[[], None] | None = None
+    neighbour_restore_mib: int = 0
     room_made: Callable[[], bool] | None = None
 
 

@@ -59,3 +59,15 @@ def test_resume_proof_per_process_or_by_the_floor_of_the_record():
     assert floor_ok.ok and floor_ok.how == "whole GPU"
     short = returned_proof(reading(20_000, {}, "nvidia-smi"), record, SERVER)
     assert not short.ok and "did not come back" in short.failure()
+
+
+def test_a_neighbour_restoring_meanwhile_is_allowed_for_but_not_this_servers_own_memory():
+    """Unlisted growth up to what the other server's restore adds passes; the two together (this one kept its
+    memory as well) fail."""
+    before = reading(61_500, {101: 60_000, 102: 1_000})
+    neighbour_restored = reading(500 + 900, {})  # restored and locked: NVML does not list it
+    assert not released_proof(before, neighbour_restored, SERVER, 256).ok
+    assert released_proof(before, neighbour_restored, SERVER, 256, neighbour_mib=900).ok
+    both = reading(500 + 900 + 1_000, {})  # and this server's 1000 MiB hidden too
+    failed = released_proof(before, both, SERVER, 256, neighbour_mib=900)
+    assert not failed.ok and "of which 900 for the server restoring meanwhile" in failed.failure()

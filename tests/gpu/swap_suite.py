@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import os
-import signal
 import statistics
 import subprocess
 import sys
@@ -191,18 +190,22 @@ def stats(values: list[float]) -> dict:
 def stop(supervisord: subprocess.Popen) -> list[int]:
     """Kill the whole tree (a suspended server cannot be resumed while the other holds the GPU, and the driver
     frees a killed process's memory); returns the GPU memory in use once it is back to idle (or after 60 s)."""
-    with contextlib.suppress(ProcessLookupError, PermissionError):
-        os.killpg(supervisord.pid, signal.SIGKILL)
-    mine = str(WORK / "sv")
-    for proc in psutil.process_iter(["environ"]):  # programs supervisord started in sessions of their own
+    tree = []
+    with contextlib.suppress(psutil.Error):
+        root = psutil.Process(supervisord.pid)
+        tree = [root, *root.children(recursive=True)]  # programs run in sessions of their own: not in its group
+    for proc in tree:
         with contextlib.suppress(psutil.Error):
-            if (proc.info["environ"] or {}).get("SUPERVISOR_RUN_DIR") == mine:
-                proc.kill()
+            proc.kill()
+    psutil.wait_procs(tree, timeout=30)
     deadline = time.monotonic() + 60
     used = gpu_used_mib()
     while time.monotonic() < deadline and any(value > 1024 for value in used):
         time.sleep(1)
         used = gpu_used_mib()
+    left = [proc.pid for proc in tree if proc.is_running() and proc.status() != psutil.STATUS_ZOMBIE]
+    if left or any(value > 1024 for value in used):
+        log(f"after the kill: processes left {left}, GPU {used} MiB")
     return used
 
 
@@ -216,6 +219,7 @@ def main() -> None:
     parser.add_argument("--tiny-dir", default=os.environ.get("SUITE_TINY_DIR", "/tmp/tiny-qwen3"))
     parser.add_argument("--shaped-dir", default=os.environ.get("SUITE_SHAPED_DIR", "/tmp/qwen3-8b-awq-shape"))
     args = parser.parse_args()
+    WORK.mkdir(parents=True, exist_ok=True)
     target = Target(args.target)
     target.prepare()
     os.environ["CUDA_TOGGLE_RUN_DIR"] = str(WORK / "run")
