@@ -42,6 +42,7 @@ from .gate_config import GateConfig, ModelEntry
 from .gate_control import Phase, PowerController, ResumeFailed
 from .gate_metrics import PHASES, GateMetrics
 from .gpus import GpuReading, read_gpus
+from .proof import proves_per_process_alone
 from .runstate import SuspendRecord
 from .toggle import warm_up
 from .transition import OverlapHooks
@@ -159,6 +160,18 @@ class ModelServer:
     @property
     def name(self) -> str:
         return self.entry.name
+
+
+def server_pids(server: ModelServer) -> list[int]:
+    """The PIDs of the server's process tree (its root and every descendant); empty when it is not found."""
+    try:
+        pid = server.controller.find_pid()
+        if pid is None:
+            return []
+        root = psutil.Process(pid)
+        return [root.pid, *(child.pid for child in root.children(recursive=True))]
+    except (psutil.Error, SuspendError):
+        return []
 
 
 def restore_size_mib(server: ModelServer) -> int:
@@ -428,12 +441,15 @@ class Fleet:
     async def overlapped_swap(self, target: ModelServer) -> dict[str, dict[str, float]]:
         """Suspend the servers in the way and resume `target`, overlapping the two where that is safe.
 
-        A victim's suspend reports when vLLM's sleep has freed its weights and KV cache (OverlapHooks): the
-        target's restore starts then, while the victim's CUDA contexts are checkpointed. The target stays
+        The target's restore brings back only its CUDA contexts (its record's checkpoint_mib); vLLM's wake-up
+        takes the rest. So where that restore fits beside the resident servers now, it starts at once, while
+        they drain, sleep and are checkpointed; else it starts when a victim's suspend reports that vLLM's
+        sleep freed its weights and KV cache (OverlapHooks.memory_released). Either way the target stays
         locked (no CUDA call of its runs) until every victim's suspend has ended and proven its memory
         released; only then does it unlock and wake up, so the two are never resident together. A victim
         whose suspend fails (and so runs again) withdraws the target's resume: its restored processes are
-        checkpointed again. Without per-process GPU figures, or without sleep mode, nothing overlaps.
+        checkpointed again, without having woken. Without per-process GPU figures (NVML), without sleep mode,
+        or without the size of the target's restore, nothing overlaps.
 
         Returns the steps of every transition (name -> phase -> seconds), for the status and the log.
         """
@@ -441,40 +457,68 @@ class Fleet:
         logger.info("swap to model {}: suspending {}", target.name, ", ".join(v.name for v in victims) or "nothing")
         steps: dict[str, dict[str, float]] = {}
         suspending: list[asyncio.Task[dict[str, float]]] = []
-        try:
-            for victim in victims:
-                suspending.append(await self.evict(victim, target))
-        except ResumeFailed:
-            await asyncio.gather(*suspending, return_exceptions=True)
-            raise
         room = threading.Event()
         room_ok: list[bool] = []
 
         def room_made() -> bool:  # in the target's worker thread, between its restore and its unlock
             return room.wait(ROOM_WAIT_S) and bool(room_ok)
 
-        overlapping = any(not task.done() for task in suspending)
-        hooks = OverlapHooks(room_made=room_made) if overlapping else None
-        resuming = target.controller.start(Phase.RESUMING, "request (swap)", hooks)
+        resuming = None
+        if victims and await self.restore_fits_now(target, victims):
+            logger.info("model {}: restoring it while {} is suspended", target.name, ", ".join(v.name for v in victims))
+            resuming = target.controller.start(Phase.RESUMING, "request (swap)", OverlapHooks(room_made=room_made))
         try:
+            try:
+                for victim in victims:
+                    suspending.append(await self.evict(victim, target))
+            finally:
+                if resuming is None and any(not task.done() for task in suspending):
+                    resuming = target.controller.start(
+                        Phase.RESUMING, "request (swap)", OverlapHooks(room_made=room_made)
+                    )
             ended = await asyncio.gather(*suspending, return_exceptions=True)
             failures = [result for result in ended if isinstance(result, BaseException)]
             if not failures:
                 room_ok.append(True)
         finally:
             room.set()  # cancelled or failed: the target's resume is withdrawn, never left waiting
+            if not room_ok:
+                await asyncio.gather(*suspending, return_exceptions=True)
+                if resuming is not None:
+                    await asyncio.shield(resuming)  # withdrawn: its processes are checkpointed again
         for victim, result in zip(victims, ended, strict=True):
             if isinstance(result, dict):
                 steps[f"suspend {victim.name}"] = result
-        outcome = await asyncio.shield(resuming)
-        steps[f"resume {target.name}"] = outcome.steps
         for failure in failures:
             if isinstance(failure, ResumeFailed):
                 raise failure
             raise ResumeFailed(f"{type(failure).__name__}: {failure}")
+        if resuming is None:  # nothing overlapped: the victims are suspended, resume plainly
+            resuming = target.controller.start(Phase.RESUMING, "request (swap)")
+        outcome = await asyncio.shield(resuming)
+        steps[f"resume {target.name}"] = outcome.steps
         if not outcome.ok:
             raise ResumeFailed(f"resuming model {target.name} failed: {outcome.message}")
         return steps
+
+    async def restore_fits_now(self, target: ModelServer, victims: list[ModelServer]) -> bool:
+        """Whether the target's restore alone fits in the GPU memory free now, beside the resident servers,
+        and every victim's suspend will prove its release per process (else the target's restore would
+        count as the victim's memory, and fail its proof)."""
+        records = SuspendRecord.load_all(target.controller.toggle_config.run_dir)
+        need = records[0].restore_need_mib() if len(records) == 1 else {}
+        if not need:
+            return False
+
+        def look() -> tuple[GpuReading, bool]:
+            reading = read_gpus(self.toggle_config)
+            listed = all(proves_per_process_alone(reading, server_pids(victim)) for victim in victims)
+            return reading, listed
+
+        reading, listed = await asyncio.get_running_loop().run_in_executor(None, look)
+        free = {gpu.uuid: gpu.free_mib for gpu in reading.gpus}
+        margin = self.toggle_config.restore_margin_mib
+        return listed and all(free.get(uuid, 0) >= mib + margin for uuid, mib in need.items())
 
     async def evict(self, victim: ModelServer, target: ModelServer) -> asyncio.Task[dict[str, float]]:
         """Start suspending `victim` once its requests in flight are done (new ones wait for it meanwhile).

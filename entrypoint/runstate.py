@@ -180,6 +180,15 @@ class SuspendRecord:
     def path(self, run_dir: str) -> Path:
         return self.path_for(run_dir, self.root_pid, self.root_create_time)
 
+    def restore_need_mib(self) -> dict[str, int]:
+        """What a restore alone takes back on each GPU (before vLLM wakes up): checkpoint_mib shared evenly by
+        the GPUs the suspend released memory from (tensor-parallel ranks hold alike); empty when unknown."""
+        gpus = [gpu for gpu in self.gpus if gpu.released_mib > 0]
+        if not gpus or self.checkpoint_mib <= 0:
+            return {}
+        share = -(-self.checkpoint_mib // len(gpus))
+        return {gpu.uuid: share for gpu in gpus}
+
     def merge_gpus(self, measured: list[GpuRecord]) -> None:
         self.gpus = merge_gpus(self.gpus, measured)
 

@@ -122,25 +122,32 @@ def host_memory_refusals(to_copy_mib: int, available_mib: int, margin_mib: int) 
     ]
 
 
-def restore_refusals(record: SuspendRecord | None, now: GpuReading, margin_mib: int) -> list[str]:
-    """Refuse a restore that would run out of GPU memory (a failed restore leaves the workers stuck)."""
+def restore_refusals(
+    record: SuspendRecord | None, now: GpuReading, margin_mib: int, restore_only: bool = False
+) -> list[str]:
+    """Refuse a restore that would run out of GPU memory (a failed restore leaves the workers stuck).
+
+    restore_only: the resume waits, locked, before vLLM wakes up (a swap's resume, OverlapHooks.room_made),
+    so only what the restore itself brings back must fit now, where the record knows it."""
     if record is None or not record.gpus or not now.gpus:
         return []
     current = now.by_uuid()
+    need = record.restore_need_mib() if restore_only else {}
     reasons = []
     for gpu in record.gpus:
         if gpu.released_mib == 0:
             continue
+        needed_mib = need.get(gpu.uuid, gpu.released_mib)
         present = current.get(gpu.uuid)
         if present is None:
             reasons.append(
                 f"GPU {gpu.index} ({gpu.uuid}), which held {gpu.released_mib} MiB of the server, "
                 "is not visible now: make it visible to the container again"
             )
-        elif present.free_mib < gpu.released_mib + margin_mib:
+        elif present.free_mib < needed_mib + margin_mib:
             reasons.append(
-                f"GPU {present.index} has {present.free_mib} MiB free but the restore needs {gpu.released_mib} MiB "
+                f"GPU {present.index} has {present.free_mib} MiB free but the restore needs {needed_mib} MiB "
                 f"(+{margin_mib} margin): another process took it while suspended; free "
-                f"{gpu.released_mib + margin_mib - present.free_mib} MiB on that GPU, then resume"
+                f"{needed_mib + margin_mib - present.free_mib} MiB on that GPU, then resume"
             )
     return reasons

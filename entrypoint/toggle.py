@@ -487,7 +487,9 @@ def _resume(
             states,
         )
     if any(state == "checkpointed" for state in states.values()):
-        refusals = safety.restore_refusals(record, obs.gpus, config.restore_margin_mib)
+        refusals = safety.restore_refusals(
+            record, obs.gpus, config.restore_margin_mib, restore_only=hooks.room_made is not None
+        )
         result.refusals = refusals
         if refusals and not force:
             raise _fail(

@@ -249,8 +249,8 @@ def finished_at(fleet: Swapped, op: str, model: str) -> list[int]:
 
 
 def test_swap_restores_the_next_server_while_the_last_one_is_checkpointed(swapped):
-    """With per-process figures (NVML), beta restores once alpha's sleep freed the GPU, while alpha's contexts are
-    checkpointed; beta unlocks and wakes only after alpha's suspend ended: never both resident, steps published."""
+    """With per-process figures (NVML), beta's restore (its contexts: it fits beside alpha) runs while alpha sleeps
+    and is checkpointed; beta unlocks and wakes only after alpha's suspend ended: never both resident, steps shown."""
     fleet = swapped(nvml=True)
     fakegpu.add_fault(fleet.servers["alpha"].engine_core().pid, "checkpoint", "slow:0.6", root=fleet.fake_gpu)
     assert fleet.text("beta", "overlap") != "" and fleet.holders_on_gpu() == ["beta"]
@@ -264,10 +264,23 @@ def test_swap_restores_the_next_server_while_the_last_one_is_checkpointed(swappe
     assert steps["suspend alpha"]["checkpoint"] >= 0.6
     assert {"restore", "wait_for_room", "unlock", "wake_up", "probe"} <= set(steps["resume beta"])
     assert steps["resume beta"]["wait_for_room"] > 0.3  # it waited, locked, for alpha's checkpoint
-    assert "memory released, checkpointing it while beta restores" in fleet.gate.log()
+    assert "model beta: restoring it while alpha is suspended" in fleet.gate.log()
     for model in ("alpha", "beta", "alpha"):  # and on: each swap overlaps
         assert fleet.text(model, "overlap") != "" and fleet.holders_on_gpu() == [model]
-    assert fleet.gate.log().count("memory released, checkpointing it while") == 4
+    assert fleet.gate.log().count(": restoring it while") == 4
+
+
+def test_a_restore_that_does_not_fit_beside_the_resident_server_waits_for_its_sleep(swapped):
+    """When beta's restore does not fit beside resident alpha (a large restore margin here), it starts once alpha's
+    sleep has freed its weights and KV cache, still before alpha's checkpoint ends."""
+    fleet = swapped(nvml=True, CUDA_TOGGLE_RESTORE_MARGIN_MIB="40000")  # 32.6 GB free beside alpha, 80 GB after
+    fakegpu.add_fault(fleet.servers["alpha"].engine_core().pid, "checkpoint", "slow:0.6", root=fleet.fake_gpu)
+    assert fleet.text("beta", "late") != "" and fleet.holders_on_gpu() == ["beta"]
+    (restored,), (checkpointed,) = finished_at(fleet, "restore", "beta"), finished_at(fleet, "checkpoint", "alpha")
+    assert restored < checkpointed
+    log = fleet.gate.log()
+    assert "model alpha: memory released, checkpointing it while beta restores" in log
+    assert "restoring it while alpha is suspended" not in log
 
 
 def test_a_victim_that_fails_to_checkpoint_withdraws_the_overlapped_resume(swapped):
