@@ -215,7 +215,7 @@ EPILOG = "\n\n".join(
     "programs_dir",
     type=click.Path(file_okay=False, path_type=Path),
     help="With GATE_MODELS: write DIR/models.conf (a supervisord program per model) and each model's"
-    " arguments next to VLLM_ARGS_FILE, then exit (docker/entrypoint.sh runs it).",
+    " arguments next to VLLM_ARGS_FILE, then exit (docker/start-services.sh runs it).",
 )
 @click.option("-v", "--verbose", is_flag=True, help="Debug logging.")
 def cli(print_config: bool, as_json: bool, programs_dir: Path | None, verbose: bool) -> None:
