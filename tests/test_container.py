@@ -8,7 +8,6 @@ both, suspended or not.
 
 from __future__ import annotations
 
-import http.server
 import json
 import os
 import re
@@ -17,7 +16,6 @@ import subprocess
 import sys
 import tempfile
 import textwrap
-import threading
 import time
 import xmlrpc.client
 from collections.abc import Callable, Iterator
@@ -28,7 +26,7 @@ import psutil
 import pytest
 import requests
 
-from tests.testing import REPO, free_port, wait_until
+from tests.testing import REPO, JsonHandler, free_port, serving, wait_until
 
 VENV_BIN = Path(sys.executable).parent
 STANDIN = REPO / "tests" / "fakes" / "standin_vllm.py"
@@ -586,25 +584,12 @@ def models_server() -> Iterator[tuple[str, list[dict]]]:
     """A local HTTP server whose /v1/models lists what the test puts in the returned list."""
     models: list[dict] = []
 
-    class Handler(http.server.BaseHTTPRequestHandler):
+    class Handler(JsonHandler):
         def do_GET(self):  # noqa: N802 (the name http.server calls)
-            body = json.dumps({"object": "list", "data": models}).encode()
-            self.send_response(200 if self.path == "/v1/models" else 404)
-            self.send_header("Content-Type", "application/json")
-            self.end_headers()
-            self.wfile.write(body)
+            self.send_json(200 if self.path == "/v1/models" else 404, {"object": "list", "data": models})
 
-        def log_message(self, *args):
-            pass
-
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    try:
-        yield f"http://127.0.0.1:{server.server_address[1]}/v1/models", models
-    finally:
-        server.shutdown()
-        server.server_close()
+    with serving(Handler) as url:
+        yield f"{url}/v1/models", models
 
 
 def wait_for_model(url: str, model: str, timeout_s: int, interval_s: str = "0.1") -> subprocess.CompletedProcess:
