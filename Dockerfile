@@ -52,10 +52,10 @@ RUN PIP_BREAK_SYSTEM_PACKAGES=1 PIP_ROOT_USER_ACTION=ignore \
 RUN cuda-toggle-all --help >/dev/null && selftest --help >/dev/null && vllm-gate --help >/dev/null
 
 COPY supervisord.conf /etc/supervisor/supervisord.conf
-COPY docker/entrypoint.sh /usr/local/bin/vllm-entrypoint
+COPY docker/start-services.sh /usr/local/bin/start-services
 COPY docker/run-vllm.sh /usr/local/bin/run-vllm
 COPY docker/vllm-reaper.sh /usr/local/bin/vllm-reaper
-RUN chmod 0755 /usr/local/bin/vllm-entrypoint /usr/local/bin/run-vllm /usr/local/bin/vllm-reaper \
+RUN chmod 0755 /usr/local/bin/start-services /usr/local/bin/run-vllm /usr/local/bin/vllm-reaper \
     && supervisord --version >/dev/null \
     && command -v supervisorctl >/dev/null \
     && command -v cuda-checkpoint >/dev/null
@@ -69,4 +69,4 @@ HEALTHCHECK --interval=30s --timeout=10s --start-period=30m --retries=3 \
 EXPOSE 8000
 
 # supervisord as PID 1 (it reaps orphans); the compose `command:` is the list of vLLM arguments.
-ENTRYPOINT ["/usr/local/bin/vllm-entrypoint"]
+ENTRYPOINT ["/usr/local/bin/start-services"]

@@ -30,7 +30,10 @@ TOGGLE_FROM = {"running": "checkpointed", "checkpointed": "running"}
 
 def seed_cuda_pids(backend: Backend, root_pid: int) -> list[int]:
     """The PIDs the seed would toggle: the root and every descendant (a BFS over `ps -e -o pid=,ppid=`) whose
-    get-state answers running or checkpointed, asked one after the other, as the seed's bash loop does."""
+    get-state answers running or checkpointed, asked one after the other, as the seed's bash loop does.
+
+    Not entrypoint.processes.walk_tree, on purpose: the baseline pays what the seed paid (one `ps`, no
+    titles or create times read), so the benchmark compares the seed's cost with the tool's."""
     listing = subprocess.run(["ps", "-e", "-o", "pid=,ppid="], capture_output=True, text=True, check=True).stdout
     children: dict[int, list[int]] = {}
     for line in listing.splitlines():

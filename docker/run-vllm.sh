@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# supervisord's [program:vllm] command: starts the vLLM server with the arguments entrypoint.sh saved.
+# supervisord's [program:vllm] command: starts the vLLM server with the arguments start-services.sh saved.
 # `exec`, so that the PID supervisord reports for `vllm` is the API server itself (cuda-toggle-all walks
 # the process tree down from it) and supervisord's signals reach the server directly.
 #
@@ -20,7 +20,7 @@ set -euo pipefail
 : "${VLLM_SLEEP_MODE:=0}"
 
 if [[ ! -r $VLLM_ARGS_FILE ]]; then
-  printf 'run-vllm: %s is missing: start the container through docker/entrypoint.sh, which saves the vLLM arguments there\n' \
+  printf 'run-vllm: %s is missing: start the container through docker/start-services.sh, which saves the vLLM arguments there\n' \
     "$VLLM_ARGS_FILE" >&2
   exit 2
 fi

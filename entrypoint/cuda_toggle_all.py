@@ -1,17 +1,17 @@
 """`cuda-toggle-all`: suspend (checkpointed) or resume (running) every CUDA process of a vLLM server.
 
-The click layer only parses, calls the library (toggle.py) and renders; exit codes come from
-SuspendError in one place.
+The click layer only parses, calls the library (toggle.py) and renders; cli_exit.py turns failures into
+exit codes.
 """
 
 from __future__ import annotations
 
 import json
-import sys
 
 import click
 from loguru import logger
 
+from .cli_exit import ExitCodeCommand
 from .config import load_config, settings_help
 from .errors import TOGGLE_EXIT_CODES, SuspendError, exit_codes_help
 from .render import print_settings, setup_logging, status_table, toggle_table
@@ -28,7 +28,30 @@ EPILOG = "\n\n".join(
 )
 
 
-@click.command(epilog=EPILOG, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110})
+def render_failure(failure: SuspendError, params: dict) -> None:
+    """The result table of a failed transition, and with --json the one JSON object the output promises."""
+    report = failure.result.to_json() if hasattr(failure.result, "to_json") else None
+    if report is not None and "pids" in report and "target" in report:
+        logger.info("\n" + toggle_table(report))
+    if params.get("as_json"):
+        report = report or {
+            "ok": False,
+            "target": params.get("target"),
+            "root_pid": None,
+            "backend": params.get("backend"),
+            "seconds": 0.0,
+            "pids": [],
+        }
+        report.update(ok=False, error=failure.message, exit_code=int(failure.exit_code))
+        click.echo(json.dumps(report))
+
+
+@click.command(
+    cls=ExitCodeCommand,
+    render_failure=render_failure,
+    epilog=EPILOG,
+    context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110},
+)
 @click.argument("target", type=click.Choice([*TARGET_ALIASES, "status", "config", "warm-up"]), metavar="TARGET")
 @click.option("--pid", type=int, help="PID of the server's root process (default: ask supervisord, then match).")
 @click.option(
@@ -93,62 +116,44 @@ def cli(
                   as the later ones (vLLM's first sleep pins host memory). `make wait` runs it.
     """
     setup_logging(verbose)
-    try:
-        config = load_config()
-        changes = {
-            key: value
-            for key, value in {
-                "match": tuple(match) or None,
-                "program": program,
-                "supervisor_url": supervisor_url,
-            }.items()
-            if value
-        }
-        config = config.replace(**changes)
-        if target == "config":
-            print_settings(config.describe(), as_json)
-            return
-        if target == "status":
-            result = status(config, pid=pid, backend_name=backend).to_json()
-            logger.info("\n" + status_table(result))
-        elif target == "warm-up":
-            result = warm_up(config, pid=pid, backend_name=backend)
-            logger.info(
-                "warm-up: slept {sleep_s} s, woke up in {wake_up_s} s".format(**result)
-                if result["done"]
-                else f"warm-up: nothing done ({result['reason']})"
-            )
-        else:
-            result = toggle(
-                target,
-                config,
-                pid=pid,
-                force=force,
-                freeze_dispatcher=not no_freeze,
-                backend_name=backend,
-                mode=mode,
-                quiesce=quiesce,
-            ).to_json()
-            logger.info("\n" + toggle_table(result))
-        if as_json:
-            click.echo(json.dumps(result))
-    except SuspendError as failure:
-        logger.error(failure.message)
-        report = failure.result.to_json() if hasattr(failure.result, "to_json") else None
-        if report is not None and "pids" in report and "target" in report:
-            logger.info("\n" + toggle_table(report))
-        if as_json:
-            report = report or {
-                "ok": False,
-                "target": target,
-                "root_pid": None,
-                "backend": backend,
-                "seconds": 0.0,
-                "pids": [],
-            }
-            report.update(ok=False, error=failure.message, exit_code=int(failure.exit_code))
-            click.echo(json.dumps(report))
-        sys.exit(int(failure.exit_code))
+    config = load_config()
+    changes = {
+        key: value
+        for key, value in {
+            "match": tuple(match) or None,
+            "program": program,
+            "supervisor_url": supervisor_url,
+        }.items()
+        if value
+    }
+    config = config.replace(**changes)
+    if target == "config":
+        print_settings(config.describe(), as_json)
+        return
+    if target == "status":
+        result = status(config, pid=pid, backend_name=backend).to_json()
+        logger.info("\n" + status_table(result))
+    elif target == "warm-up":
+        result = warm_up(config, pid=pid, backend_name=backend)
+        logger.info(
+            "warm-up: slept {sleep_s} s, woke up in {wake_up_s} s".format(**result)
+            if result["done"]
+            else f"warm-up: nothing done ({result['reason']})"
+        )
+    else:
+        result = toggle(
+            target,
+            config,
+            pid=pid,
+            force=force,
+            freeze_dispatcher=not no_freeze,
+            backend_name=backend,
+            mode=mode,
+            quiesce=quiesce,
+        ).to_json()
+        logger.info("\n" + toggle_table(result))
+    if as_json:
+        click.echo(json.dumps(result))
 
 
 def main() -> None:

@@ -1,4 +1,4 @@
-"""The one error type for expected failures, and the exit codes it maps to (in exactly one place)."""
+"""The one error type for expected failures, and the exit codes it maps to, each with its meaning once."""
 
 from __future__ import annotations
 
@@ -6,57 +6,45 @@ from enum import IntEnum
 
 
 class ExitCode(IntEnum):
-    """Exit codes of `cuda-toggle-all` and `selftest` (listed in --help and the README)."""
+    """Exit codes of the console scripts: the one table that --help, the README and the tests read."""
 
-    OK = 0
-    USAGE = 2  # bad option or bad environment variable (click uses 2 as well)
-    SERVER_NOT_FOUND = 3  # no vLLM server process, or more than one and no way to choose
-    NO_CUDA_PROCESSES = 4  # the server's tree has no process with a CUDA context
-    REFUSED = 5  # a safety check refused; nothing was changed
-    TRANSITION_FAILED = 6  # the transition failed and was rolled back: every process is as before
-    INCONSISTENT = 7  # failed and could not roll back: processes are in mixed or failed states
-    BUSY = 8  # another cuda-toggle-all holds the lock
-    MEMORY_KEPT = 9  # every process read checkpointed, but a GPU kept the server's memory: undone
+    meaning: str
+
+    def __new__(cls, value: int, meaning: str) -> ExitCode:
+        member = int.__new__(cls, value)
+        member._value_ = value
+        member.meaning = meaning
+        return member
+
+    OK = 0, "done"
+    USAGE = 2, "bad option or environment variable"
+    SERVER_NOT_FOUND = 3, "server not found (or several candidates)"
+    NO_CUDA_PROCESSES = 4, "no CUDA processes in the server's tree"
+    REFUSED = 5, "refused by a safety check; nothing changed"
+    TRANSITION_FAILED = 6, "transition failed, rolled back"
+    INCONSISTENT = 7, "left inconsistent: could not roll back (restart the server)"
+    BUSY = 8, "busy: another cuda-toggle-all is running"
+    MEMORY_KEPT = 9, "a GPU kept the server's memory after the checkpoint; undone, server running"
     # selftest only
-    NOT_READY = 10  # the server did not become ready in time
-    MODEL_NOT_SERVED = 11  # the model id is not listed by /v1/models
-    CHAT_FAILED = 12  # a chat completion failed or came back empty
-    NOT_SUSPENDED = 13  # after suspend, a process is not checkpointed or a GPU still holds memory
-    NOT_RESUMED = 14  # after resume, a process is not running or the memory did not come back
-    INFLIGHT_LOST = 16  # the request sent while suspended was not answered after resume
-    INFLIGHT_CUT = 17  # the request running across the suspend was aborted, cut short, or not in flight
-    LOGPROBS_DIFFER = 18  # a request run alone after resume differs from before (tokens or logprobs)
-    LOGPROBS_UNFIT = 19  # the reference logprobs are missing, not finite or all equal: no fair comparison
-    INTERRUPTED = 130  # SIGINT or SIGTERM arrived before anything changed: nothing was done (128 + SIGINT)
-
-    @property
-    def meaning(self) -> str:
-        return EXIT_CODE_MEANINGS[self]
+    NOT_READY = 10, "server not ready in time"
+    MODEL_NOT_SERVED = 11, "model not served"
+    CHAT_FAILED = 12, "chat completion failed or empty"
+    NOT_SUSPENDED = 13, "suspend not proven (state or GPU memory)"
+    NOT_RESUMED = 14, "resume not proven (state or GPU memory)"
+    INFLIGHT_LOST = 16, "request sent while suspended was lost"
+    INFLIGHT_CUT = 17, "request in flight at the suspend was aborted or cut short"
+    LOGPROBS_DIFFER = 18, "request run alone after resume differs by tokens or logprobs"
+    LOGPROBS_UNFIT = 19, "reference logprobs missing, not finite or all equal"
+    # 70 is sysexits' EX_SOFTWARE; Python's own 1 would be confused with a failure the code knows.
+    UNEXPECTED = 70, "unexpected error (a bug): one line names it, -v shows the traceback"
+    INTERRUPTED = 130, "interrupted (SIGINT/SIGTERM) before anything changed; nothing was done"  # 128 + SIGINT
 
 
-EXIT_CODE_MEANINGS = {
-    ExitCode.OK: "done",
-    ExitCode.USAGE: "bad option or environment variable",
-    ExitCode.SERVER_NOT_FOUND: "server not found (or several candidates)",
-    ExitCode.NO_CUDA_PROCESSES: "no CUDA processes in the server's tree",
-    ExitCode.REFUSED: "refused by a safety check; nothing changed",
-    ExitCode.TRANSITION_FAILED: "transition failed, rolled back",
-    ExitCode.INCONSISTENT: "left inconsistent: could not roll back (restart the server)",
-    ExitCode.BUSY: "busy: another cuda-toggle-all is running",
-    ExitCode.MEMORY_KEPT: "a GPU kept the server's memory after the checkpoint; undone, server running",
-    ExitCode.NOT_READY: "server not ready in time",
-    ExitCode.MODEL_NOT_SERVED: "model not served",
-    ExitCode.CHAT_FAILED: "chat completion failed or empty",
-    ExitCode.NOT_SUSPENDED: "suspend not proven (state or GPU memory)",
-    ExitCode.NOT_RESUMED: "resume not proven (state or GPU memory)",
-    ExitCode.INFLIGHT_LOST: "request sent while suspended was lost",
-    ExitCode.INFLIGHT_CUT: "request in flight at the suspend was aborted or cut short",
-    ExitCode.LOGPROBS_DIFFER: "request run alone after resume differs by tokens or logprobs",
-    ExitCode.LOGPROBS_UNFIT: "reference logprobs missing, not finite or all equal",
-    ExitCode.INTERRUPTED: "interrupted (SIGINT/SIGTERM) before anything changed; nothing was done",
-}
-
-TOGGLE_EXIT_CODES = [code for code in ExitCode if code < ExitCode.NOT_READY or code == ExitCode.INTERRUPTED]
+# Every command can exit with these: its own success, a bad input, a bug, Ctrl-C.
+COMMON_EXIT_CODES = [ExitCode.OK, ExitCode.USAGE, ExitCode.UNEXPECTED, ExitCode.INTERRUPTED]
+TOGGLE_EXIT_CODES = sorted({*COMMON_EXIT_CODES, *(code for code in ExitCode if code < ExitCode.NOT_READY)})
+SELFTEST_EXIT_CODES = list(ExitCode)  # its suspends and resumes are cuda-toggle-all's, plus its own checks
+GATE_EXIT_CODES = COMMON_EXIT_CODES  # a failed suspend or resume is answered to the client, not an exit
 
 
 class SuspendError(Exception):
@@ -72,5 +60,5 @@ class SuspendError(Exception):
 def exit_codes_help(codes: list[ExitCode]) -> str:
     """A table for --help (click keeps lines after a \\b marker as they are)."""
     lines = ["\b", "Exit codes:"]
-    lines += [f"  {int(code):>2}  {code.meaning}" for code in codes]
+    lines += [f"  {int(code):>3}  {code.meaning}" for code in codes]
     return "\n".join(lines)

@@ -15,7 +15,6 @@ import logging
 import os
 import signal
 import socket
-import sys
 from pathlib import Path
 
 import click
@@ -23,8 +22,9 @@ from aiohttp import web
 from aiohttp.http import SERVER_SOFTWARE
 from loguru import logger
 
+from .cli_exit import ExitCodeCommand
 from .config import Config, load_config
-from .errors import ExitCode, SuspendError
+from .errors import GATE_EXIT_CODES, ExitCode, SuspendError, exit_codes_help
 from .gate_config import GateConfig, gate_settings_help, load_gate_config
 from .gate_control import PowerController
 from .gate_limits import ConnectionLimiter, ensure_open_file_limit
@@ -188,6 +188,7 @@ def load_settings() -> tuple[GateConfig, Config]:
 
 EPILOG = "\n\n".join(
     [
+        exit_codes_help(GATE_EXIT_CODES),
         gate_settings_help(),
         "\b\nThe CUDA_TOGGLE_* variables of cuda-toggle-all (see cuda-toggle-all --help) set how the\n"
         "gate suspends and resumes; it takes GATE_BUSY_WAIT_S instead of CUDA_TOGGLE_BUSY_WAIT_S, and\n"
@@ -202,7 +203,11 @@ EPILOG = "\n\n".join(
 )
 
 
-@click.command(epilog=EPILOG, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110})
+@click.command(
+    cls=ExitCodeCommand,
+    epilog=EPILOG,
+    context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110},
+)
 @click.option("--print-config", is_flag=True, help="Print the settings in force (GATE_* and CUDA_TOGGLE_*), then exit.")
 @click.option("--json", "as_json", is_flag=True, help="With --print-config: one JSON object.")
 @click.option(
@@ -210,7 +215,7 @@ EPILOG = "\n\n".join(
     "programs_dir",
     type=click.Path(file_okay=False, path_type=Path),
     help="With GATE_MODELS: write DIR/models.conf (a supervisord program per model) and each model's"
-    " arguments next to VLLM_ARGS_FILE, then exit (docker/entrypoint.sh runs it).",
+    " arguments next to VLLM_ARGS_FILE, then exit (docker/start-services.sh runs it).",
 )
 @click.option("-v", "--verbose", is_flag=True, help="Debug logging.")
 def cli(print_config: bool, as_json: bool, programs_dir: Path | None, verbose: bool) -> None:
@@ -224,17 +229,12 @@ def cli(print_config: bool, as_json: bool, programs_dir: Path | None, verbose: b
     without waking a suspended server. The rules: docs/gate.md, "Public routes".
     """
     setup_logging(verbose)
-    try:
-        gate, toggle_config = load_settings()
-    except SuspendError as failure:
-        logger.error(failure.message)
-        sys.exit(int(failure.exit_code))
+    gate, toggle_config = load_settings()
     if programs_dir is not None:
         try:
             programs = write_programs(gate, Path(os.environ.get("VLLM_ARGS_FILE", "/run/vllm/args")), programs_dir)
-        except (SuspendError, OSError) as failure:
-            logger.error(getattr(failure, "message", str(failure)))
-            sys.exit(int(getattr(failure, "exit_code", ExitCode.USAGE)))
+        except OSError as error:  # the folder cannot be written: say which, as for a bad setting
+            raise SuspendError(f"cannot write the programs to {programs_dir}: {error}", ExitCode.USAGE)
         logger.info("supervisord programs for GATE_MODELS: {}", ", ".join(programs) or "none (GATE_MODELS unset)")
         return
     if print_config:
@@ -245,11 +245,7 @@ def cli(print_config: bool, as_json: bool, programs_dir: Path | None, verbose: b
         }
         print_settings([(env, *replaced.get(env, (value, source))) for env, value, source in rows], as_json)
         return
-    try:
-        asyncio.run(serve(gate, toggle_config))
-    except SuspendError as failure:
-        logger.error(failure.message)
-        sys.exit(int(failure.exit_code))
+    asyncio.run(serve(gate, toggle_config))
 
 
 def main() -> None:

@@ -65,17 +65,18 @@ class GateMetrics:
         for reason in ERROR_REASONS:
             out.append(f'vllm_gate_errors_total{{reason="{reason}"}} {self.errors[reason]}')
         family("vllm_gate_transitions_total", "counter", "Suspends and resumes run by the gate, by outcome.")
-        for transition in TRANSITIONS:
-            for outcome in OUTCOMES:
-                labels = f'transition="{transition}",outcome="{outcome}"'
-                out.append(f"vllm_gate_transitions_total{{{labels}}} {self.transitions[transition, outcome]}")
+        # Every (transition, outcome) pair with its labels; each family lists them all, zeros included.
+        series = [
+            ((transition, outcome), f'transition="{transition}",outcome="{outcome}"')
+            for transition in TRANSITIONS
+            for outcome in OUTCOMES
+        ]
+        for key, labels in series:
+            out.append(f"vllm_gate_transitions_total{{{labels}}} {self.transitions[key]}")
         family("vllm_gate_transition_seconds", "summary", "Duration of the gate's suspends and resumes.")
-        for transition in TRANSITIONS:
-            for outcome in OUTCOMES:
-                labels = f'transition="{transition}",outcome="{outcome}"'
-                seconds = self.transition_seconds[transition, outcome]
-                out.append(f"vllm_gate_transition_seconds_sum{{{labels}}} {seconds:.6f}")
-                out.append(f"vllm_gate_transition_seconds_count{{{labels}}} {self.transitions[transition, outcome]}")
+        for key, labels in series:
+            out.append(f"vllm_gate_transition_seconds_sum{{{labels}}} {self.transition_seconds[key]:.6f}")
+            out.append(f"vllm_gate_transition_seconds_count{{{labels}}} {self.transitions[key]}")
         family("vllm_gate_waited_requests_total", "counter", "Requests that waited for a suspend or resume.")
         out.append(f"vllm_gate_waited_requests_total {self.waited_requests}")
         family("vllm_gate_waited_seconds_total", "counter", "Seconds requests spent waiting, all together.")

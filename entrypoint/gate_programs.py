@@ -1,6 +1,6 @@
 """supervisord programs for GATE_MODELS: one vLLM server per model, written before supervisord starts.
 
-docker/entrypoint.sh saves the vLLM arguments (the compose file's `command:`, NUL-separated) and, when
+docker/start-services.sh saves the vLLM arguments (the compose file's `command:`, NUL-separated) and, when
 GATE_MODELS is set, runs `vllm-gate --write-programs DIR`, which writes:
 - per model, an arguments file next to the saved one (`ARGS.NAME`): the saved arguments, then the model's
   own `--model`, `--served-model-name`, `--port` and `--gpu-memory-utilization` (vLLM's parser keeps the
@@ -47,7 +47,7 @@ def read_arguments(path: Path) -> list[str]:
         data = path.read_bytes()
     except OSError as error:
         raise SuspendError(
-            f"cannot read the saved vLLM arguments {path}: {error}; docker/entrypoint.sh saves them", ExitCode.USAGE
+            f"cannot read the saved vLLM arguments {path}: {error}; docker/start-services.sh saves them", ExitCode.USAGE
         ) from None
     return [part.decode() for part in data.split(b"\0")[:-1]]  # each argument ends with a NUL
 

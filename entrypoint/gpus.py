@@ -66,19 +66,19 @@ def _query_nvml() -> GpuReading:
         pynvml.nvmlShutdown()
 
 
-def _query_nvidia_smi(binary: str) -> GpuReading:
+def _nvidia_smi_rows(binary: str, query: str) -> list[list[str]]:
+    """nvidia-smi's answer to one `--query-...=fields` as rows of stripped fields (blank lines dropped)."""
     done = subprocess.run(
-        [binary, "--query-gpu=index,uuid,memory.used,memory.total", "--format=csv,noheader,nounits"],
-        capture_output=True,
-        text=True,
-        timeout=30,
-        check=True,
+        [binary, query, "--format=csv,noheader,nounits"], capture_output=True, text=True, timeout=30, check=True
     )
-    gpus = []
-    for line in done.stdout.splitlines():
-        if line.strip():
-            index, uuid, used, total = (part.strip() for part in line.split(","))
-            gpus.append(GpuMemory(int(index), uuid, int(float(used)), int(float(total))))
+    return [[part.strip() for part in line.split(",")] for line in done.stdout.splitlines() if line.strip()]
+
+
+def _query_nvidia_smi(binary: str) -> GpuReading:
+    gpus = [
+        GpuMemory(int(index), uuid, int(float(used)), int(float(total)))
+        for index, uuid, used, total in _nvidia_smi_rows(binary, "--query-gpu=index,uuid,memory.used,memory.total")
+    ]
     return GpuReading("nvidia-smi", tuple(gpus), pids_mib=_compute_apps_mib(binary))
 
 
@@ -89,18 +89,11 @@ def _compute_apps_mib(binary: str) -> dict[int, int]:
     the proof then falls back to the whole GPU's figure (see proof.py).
     """
     try:
-        done = subprocess.run(
-            [binary, "--query-compute-apps=pid,used_memory", "--format=csv,noheader,nounits"],
-            capture_output=True,
-            text=True,
-            timeout=30,
-            check=True,
-        )
+        rows = _nvidia_smi_rows(binary, "--query-compute-apps=pid,used_memory")
     except (OSError, subprocess.SubprocessError):
         return {}
     pids_mib: dict[int, int] = {}
-    for line in done.stdout.splitlines():
-        parts = [part.strip() for part in line.split(",")]
+    for parts in rows:
         if len(parts) != 2:
             continue
         try:

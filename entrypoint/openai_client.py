@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 
 import requests
@@ -169,6 +170,17 @@ class BackgroundRequest:
                     outcome.finish_reason = choice["finish_reason"]
 
 
+def _greedy_chat(model: str, prompt: str, max_tokens: int, seed: int) -> dict:
+    """The body of a one-message chat completion that should answer the same twice (temperature 0, a seed)."""
+    return {
+        "model": model,
+        "messages": [{"role": "user", "content": prompt}],
+        "temperature": 0,
+        "seed": seed,
+        "max_tokens": max_tokens,
+    }
+
+
 class OpenAIClient:
     def __init__(self, url: str, request_timeout_s: float = 600.0):
         self.url = url.rstrip("/")
@@ -192,24 +204,8 @@ class OpenAIClient:
 
     def chat(self, model: str, prompt: str, max_tokens: int, seed: int, timeout_s: float | None = None) -> ChatAnswer:
         began = time.monotonic()
-        body = {
-            "model": model,
-            "messages": [{"role": "user", "content": prompt}],
-            "temperature": 0,
-            "seed": seed,
-            "max_tokens": max_tokens,
-            "stream": False,
-        }
-        try:
-            response = self.session.post(
-                f"{self.url}/v1/chat/completions", json=body, timeout=timeout_s or self.request_timeout_s
-            )
-        except requests.RequestException as error:
-            raise ApiError(f"chat request failed: {error}")
-        if response.status_code != 200:
-            raise ApiError(f"/v1/chat/completions answered {response.status_code}: {response.text[:300]}")
-        data = response.json()
-        text = (data["choices"][0]["message"].get("content") or "").strip()
+        data = self._post_json("/v1/chat/completions", _greedy_chat(model, prompt, max_tokens, seed), timeout_s)
+        text = ((data["choices"][0].get("message") or {}).get("content") or "").strip()
         tokens = int(data.get("usage", {}).get("completion_tokens", 0))
         return ChatAnswer(text, time.monotonic() - began, tokens)
 
@@ -231,40 +227,38 @@ class OpenAIClient:
         self, model: str, prompt: str, max_tokens: int, top: int, timeout_s: float | None = None
     ) -> TokenTrace:
         """A greedy completion with the logprobs of each token and of its `top` candidates."""
-        began = time.monotonic()
         body = {"model": model, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0, "logprobs": top}
-        data = self._post_json("/v1/completions", body, timeout_s)
-        choice = data["choices"][0]
-        tokens, chosen, candidates = _completion_logprobs(choice.get("logprobs") or {})
-        return TokenTrace(
-            text=choice.get("text") or "",
-            tokens=tokens,
-            logprobs=chosen,
-            top_logprobs=candidates,
-            finish_reason=str(choice.get("finish_reason")),
-            completion_tokens=int((data.get("usage") or {}).get("completion_tokens", 0)),
-            seconds=time.monotonic() - began,
-        )
+        return self._trace("/v1/completions", body, timeout_s, lambda choice: choice.get("text"), _completion_logprobs)
 
     def chat_trace(
         self, model: str, prompt: str, max_tokens: int, top: int, seed: int, timeout_s: float | None = None
     ) -> TokenTrace:
         """A greedy chat completion with the logprobs of each token and of its `top` candidates."""
+        body = {**_greedy_chat(model, prompt, max_tokens, seed), "logprobs": True, "top_logprobs": top}
+        return self._trace(
+            "/v1/chat/completions",
+            body,
+            timeout_s,
+            lambda choice: (choice.get("message") or {}).get("content"),
+            _chat_logprobs,
+        )
+
+    def _trace(
+        self,
+        path: str,
+        body: dict,
+        timeout_s: float | None,
+        text_of: Callable[[dict], str | None],
+        logprobs_of: Callable[[dict], tuple[list, list, list]],
+    ) -> TokenTrace:
+        """POST a request for logprobs; its first choice as a TokenTrace (the text and logprobs are where
+        `text_of` and `logprobs_of` find them: completions and chat completions place them differently)."""
         began = time.monotonic()
-        body = {
-            "model": model,
-            "messages": [{"role": "user", "content": prompt}],
-            "temperature": 0,
-            "seed": seed,
-            "max_tokens": max_tokens,
-            "logprobs": True,
-            "top_logprobs": top,
-        }
-        data = self._post_json("/v1/chat/completions", body, timeout_s)
+        data = self._post_json(path, body, timeout_s)
         choice = data["choices"][0]
-        tokens, chosen, candidates = _chat_logprobs(choice.get("logprobs") or {})
+        tokens, chosen, candidates = logprobs_of(choice.get("logprobs") or {})
         return TokenTrace(
-            text=((choice.get("message") or {}).get("content") or ""),
+            text=text_of(choice) or "",
             tokens=tokens,
             logprobs=chosen,
             top_logprobs=candidates,

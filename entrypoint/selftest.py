@@ -14,25 +14,13 @@ from urllib.parse import urlsplit
 import click
 from loguru import logger
 
+from .cli_exit import ExitCodeCommand
 from .config import load_config, settings_help
-from .errors import TOGGLE_EXIT_CODES, ExitCode, SuspendError, exit_codes_help
+from .errors import SELFTEST_EXIT_CODES, ExitCode, SuspendError, exit_codes_help
 from .render import setup_logging
 from .selftest_report import render
 from .selftest_run import Options, Selftest
 
-# Every code selftest can return, in one place: the library's (its suspend and resume) and its own.
-SELFTEST_ONLY_CODES = (
-    ExitCode.NOT_READY,
-    ExitCode.MODEL_NOT_SERVED,
-    ExitCode.CHAT_FAILED,
-    ExitCode.NOT_SUSPENDED,
-    ExitCode.NOT_RESUMED,
-    ExitCode.INFLIGHT_LOST,
-    ExitCode.INFLIGHT_CUT,
-    ExitCode.LOGPROBS_DIFFER,
-    ExitCode.LOGPROBS_UNFIT,
-)
-SELFTEST_EXIT_CODES = [*TOGGLE_EXIT_CODES, *SELFTEST_ONLY_CODES]
 DAY_S = 86400
 
 
@@ -116,7 +104,11 @@ EPILOG = "\n\n".join(
 )
 
 
-@click.command(epilog=EPILOG, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110})
+@click.command(
+    cls=ExitCodeCommand,
+    epilog=EPILOG,
+    context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110},
+)
 @click.option(
     "--url",
     type=HttpUrl(),
@@ -188,7 +180,7 @@ EPILOG = "\n\n".join(
 @click.option("--json", "as_json", is_flag=True, help="Print the report as one JSON object on stdout.")
 @click.option("--report", "report_file", type=ReportPath(), help="Write the JSON report here.")
 @click.option("-v", "--verbose", is_flag=True)
-def cli(as_json: bool, report_file: str | None, verbose: bool, **settings: object) -> None:
+def cli(as_json: bool, report_file: str | None, verbose: bool, **settings: object) -> int:
     """Prove suspend and resume on this server, comparing what can fairly be compared.
 
     \b
@@ -207,24 +199,18 @@ def cli(as_json: bool, report_file: str | None, verbose: bool, **settings: objec
     On any failure after a suspend, the server is resumed before the report.
     """
     setup_logging(verbose)
-    try:
-        config = load_config()
-    except SuspendError as error:
-        logger.error(error.message)
-        raise SystemExit(int(error.exit_code))
-    report = Selftest(Options(**settings), config).run()
+    report = Selftest(Options(**settings), load_config()).run()
     data = report.to_json()
     if report_file:
         try:
             with open(report_file, "w") as handle:
                 json.dump(data, handle, indent=2, default=str)  # the library's evidence may hold any value
         except OSError as error:  # checked before the run; the disk can still fill up or vanish meanwhile
-            logger.error("could not write the report to {}: {}", report_file, error)
-            raise SystemExit(int(ExitCode.USAGE))
+            raise SuspendError(f"could not write the report to {report_file}: {error}", ExitCode.USAGE)
     logger.info("\n" + render(report))
     if as_json:
         click.echo(json.dumps(data, default=str))
-    raise SystemExit(report.exit_code)
+    return report.exit_code
 
 
 def main() -> None:

@@ -244,11 +244,16 @@ class Selftest:
         )
         return suspended_at
 
+    def read_back(self, expected: str) -> tuple[list[int], list[str], list[int]]:
+        """The server's CUDA processes read now: their PIDs, those not `expected` ("PID state"), frozen dispatchers."""
+        states = status(self.config, pid=self.options.pid, backend_name=self.options.backend)
+        wrong = [f"{p['pid']} {p['state']}" for p in states.pids if p["state"] != expected]
+        frozen = [d["pid"] for d in states.dispatchers if d["frozen"]]
+        return [p["pid"] for p in states.pids], wrong, frozen
+
     def prove_suspended(self, name: str, began: float, cycle: Cycle, result: ToggleResult) -> dict:
         """Read it back ourselves: every CUDA process checkpointed, every GPU the server used near 0 MiB."""
-        states = status(self.config, pid=self.options.pid, backend_name=self.options.backend)
-        not_checkpointed = [f"{p['pid']} {p['state']}" for p in states.pids if p["state"] != "checkpointed"]
-        frozen = [d["pid"] for d in states.dispatchers if d["frozen"]]
+        pids, not_checkpointed, frozen = self.read_back("checkpointed")
         if not_checkpointed:
             raise self.fail(name, began, f"not checkpointed: {', '.join(not_checkpointed)}", ExitCode.NOT_SUSPENDED)
         if cycle.quiesce == "sigstop" and not frozen:
@@ -278,7 +283,7 @@ class Selftest:
                 ExitCode.NOT_SUSPENDED,
             )
         return {
-            "checkpointed": [p["pid"] for p in states.pids],
+            "checkpointed": pids,
             "frozen_dispatchers": frozen,
             "gpus_mib": {f"GPU{g.index}": g.suspended_mib for g in cycle.gpus},
         }
@@ -367,9 +372,7 @@ class Selftest:
 
     def prove_resumed(self, name: str, began: float, cycle: Cycle) -> dict:
         """Every process running, nothing frozen, the memory back, and vLLM neither paused nor asleep."""
-        states = status(self.config, pid=self.options.pid, backend_name=self.options.backend)
-        not_running = [f"{p['pid']} {p['state']}" for p in states.pids if p["state"] != "running"]
-        frozen = [d["pid"] for d in states.dispatchers if d["frozen"]]
+        pids, not_running, frozen = self.read_back("running")
         if not_running or frozen:
             raise self.fail(
                 name, began, f"not running: {not_running or 'none'}; frozen: {frozen or 'none'}", ExitCode.NOT_RESUMED
@@ -389,7 +392,7 @@ class Selftest:
         held = [flag for flag, value in flags.items() if value]
         if held:
             raise self.fail(name, began, f"vLLM still answers {', '.join(held)} true", ExitCode.NOT_RESUMED)
-        return {"running": [p["pid"] for p in states.pids], "vllm": flags}
+        return {"running": pids, "vllm": flags}
 
     def cycle(self, number: int) -> None:
         cycle = Cycle(number)

@@ -457,6 +457,17 @@ class Transition:
             slow=True,
         )
 
+    def _restore_checkpointed(self) -> list[int]:
+        """Restore every checkpointed PID at once (they stay locked); returns the ones that failed."""
+        return self._phase(
+            "restore",
+            self._pids_in("checkpointed"),
+            self.backend.restore,
+            self.config.op_timeout_s,
+            "locked",
+            slow=True,
+        )
+
     def checkpoint_all(self) -> None:
         failed = self._checkpoint_locked()
         if failed:
@@ -474,14 +485,7 @@ class Transition:
         self.mark("rollback")
         for _ in range(rounds):
             self._reread(self._pids_in("unknown"))
-            self._phase(
-                "restore",
-                self._pids_in("checkpointed"),
-                self.backend.restore,
-                self.config.op_timeout_s,
-                "locked",
-                slow=True,
-            )
+            self._restore_checkpointed()
             self._phase("unlock", self._pids_in("locked"), self.backend.unlock, self.config.state_timeout_s, "running")
             if self.verify("running"):
                 return
@@ -519,14 +523,7 @@ class Transition:
         `room_made` (see OverlapHooks) is asked between the two: while it waits, the restored processes
         stay locked, so no CUDA call of theirs runs; when it says no, they are checkpointed again."""
         self.mark("restore")
-        failed = self._phase(
-            "restore",
-            self._pids_in("checkpointed"),
-            self.backend.restore,
-            self.config.op_timeout_s,
-            "locked",
-            slow=True,
-        )
+        failed = self._restore_checkpointed()
         if failed:
             errors = "; ".join(self.result.record(pid).error for pid in failed)
             stuck = self._pids_in("failed", "unknown")

@@ -17,17 +17,14 @@ import psutil
 import pytest
 import requests
 
-FAKES_DIR = Path(__file__).resolve().parent / "fakes"
+from tests.testing import FAKES_DIR, fakegpu, free_port
+
 STANDIN_VLLM = FAKES_DIR / "standin_vllm.py"
 STANDIN_MODEL = "standin-model"
 FAKE_GPU_COUNT = 2
 FAKE_GPU_TOTAL_MIB = 81559  # an H100 80GB
 FAKE_GPU_BASELINE_MIB = 4  # what nvidia-smi shows on an idle GPU
 
-sys.path.insert(0, str(FAKES_DIR))
-import fakegpu  # noqa: E402
-
-from tests.testing import free_port  # noqa: E402
 
 # The slow tier: `make check` runs every test, `make check-fast` (the edit loop) leaves these out: a test
 # that starts a server (the stand-in vLLM, a fake vLLM process tree, the gate, supervisord) takes seconds,

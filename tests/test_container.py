@@ -1,14 +1,13 @@
 """The container part, without a Docker engine: Dockerfile, compose file, scripts, Makefile, supervisord.
 
 What can run for real here does: hadolint, shellcheck and compose's own config parser on the files;
-docker/entrypoint.sh and docker/run-vllm.sh passing arguments to a program; supervisord with the image's
+docker/start-services.sh and docker/run-vllm.sh passing arguments to a program; supervisord with the image's
 supervisord.conf running the stand-in vLLM (tests/fakes/standin_vllm.py) behind the real gate, and stopping
 both, suspended or not.
 """
 
 from __future__ import annotations
 
-import http.server
 import json
 import os
 import re
@@ -17,7 +16,6 @@ import subprocess
 import sys
 import tempfile
 import textwrap
-import threading
 import time
 import xmlrpc.client
 from collections.abc import Callable, Iterator
@@ -28,7 +26,7 @@ import psutil
 import pytest
 import requests
 
-from tests.testing import REPO, free_port, wait_until
+from tests.testing import REPO, JsonHandler, free_port, serving, wait_until
 
 VENV_BIN = Path(sys.executable).parent
 STANDIN = REPO / "tests" / "fakes" / "standin_vllm.py"
@@ -375,7 +373,7 @@ def test_shell_scripts_are_strict_executable_bash(script: Path):
 
 
 # ---------------------------------------------------------------------------------------------------
-# Arguments: compose `command:` -> entrypoint.sh -> file -> run-vllm.sh -> the server's argv
+# Arguments: compose `command:` -> start-services.sh -> file -> run-vllm.sh -> the server's argv
 
 
 @pytest.fixture
@@ -391,11 +389,11 @@ def pass_arguments(tmp_path: Path, server_cmd: str, args: list[str], **extra_env
         **extra_env,
         SUPERVISOR_RUN_DIR=str(tmp_path / "run"),
         SUPERVISOR_CONF=str(REPO / "supervisord.conf"),
-        SUPERVISORD_BIN="true",  # stands in for supervisord: entrypoint.sh's last step is `exec` of it
+        SUPERVISORD_BIN="true",  # stands in for supervisord: start-services.sh's last step is `exec` of it
         VLLM_ARGS_FILE=str(tmp_path / "vllm" / "args"),
         VLLM_SERVER_CMD=server_cmd,
     )
-    entry = subprocess.run([REPO / "docker" / "entrypoint.sh", *args], env=env, capture_output=True, timeout=30)
+    entry = subprocess.run([REPO / "docker" / "start-services.sh", *args], env=env, capture_output=True, timeout=30)
     assert entry.returncode == 0, entry.stderr
     return subprocess.run([REPO / "docker" / "run-vllm.sh"], env=env, capture_output=True, text=True, timeout=30)
 
@@ -571,7 +569,7 @@ def test_make_lint_runs_the_container_linters():
     """`make lint` runs shellcheck, hadolint and docker-compose config besides ruff."""
     result = make("-n", "lint")
     assert result.returncode == 0, result.stderr
-    for fragment in ["shellcheck", "docker/entrypoint.sh", "scripts/wait-for-model.sh", ".ci/run"]:
+    for fragment in ["shellcheck", "docker/start-services.sh", "scripts/wait-for-model.sh", ".ci/run"]:
         assert fragment in result.stdout
     for fragment in ["hadolint Dockerfile", "docker-compose -f docker-compose.yml config -q"]:
         assert fragment in result.stdout
@@ -586,25 +584,12 @@ def models_server() -> Iterator[tuple[str, list[dict]]]:
     """A local HTTP server whose /v1/models lists what the test puts in the returned list."""
     models: list[dict] = []
 
-    class Handler(http.server.BaseHTTPRequestHandler):
+    class Handler(JsonHandler):
         def do_GET(self):  # noqa: N802 (the name http.server calls)
-            body = json.dumps({"object": "list", "data": models}).encode()
-            self.send_response(200 if self.path == "/v1/models" else 404)
-            self.send_header("Content-Type", "application/json")
-            self.end_headers()
-            self.wfile.write(body)
+            self.send_json(200 if self.path == "/v1/models" else 404, {"object": "list", "data": models})
 
-        def log_message(self, *args):
-            pass
-
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    try:
-        yield f"http://127.0.0.1:{server.server_address[1]}/v1/models", models
-    finally:
-        server.shutdown()
-        server.server_close()
+    with serving(Handler) as url:
+        yield f"{url}/v1/models", models
 
 
 def wait_for_model(url: str, model: str, timeout_s: int, interval_s: str = "0.1") -> subprocess.CompletedProcess:
@@ -640,12 +625,12 @@ def test_wait_for_model_reports_no_server(tmp_path: Path):
 
 
 # ---------------------------------------------------------------------------------------------------
-# supervisord for real: entrypoint.sh -> supervisord (supervisord.conf) -> run-vllm.sh -> server
+# supervisord for real: start-services.sh -> supervisord (supervisord.conf) -> run-vllm.sh -> server
 
 
 @dataclass
 class Supervised:
-    """supervisord started through docker/entrypoint.sh, as in the container, in a session of its own."""
+    """supervisord started through docker/start-services.sh, as in the container, in a session of its own."""
 
     process: subprocess.Popen
     tmp: Path
@@ -726,7 +711,7 @@ def start_supervised(server_cmd: str, vllm_args: list[str], upstream_port: int =
     # Appending: supervisord writes its own lines through fd 1 and the program's through /dev/stdout.
     with open(tmp / "container.log", "ab") as log:
         process = subprocess.Popen(
-            [str(REPO / "docker" / "entrypoint.sh"), *vllm_args],
+            [str(REPO / "docker" / "start-services.sh"), *vllm_args],
             env=env,
             cwd=tmp,
             stdout=log,

@@ -6,7 +6,6 @@ import json
 import os
 import signal
 import subprocess
-import sys
 import time
 
 import pytest
@@ -288,12 +287,7 @@ def started_calls(env, op: str) -> list[int]:
 def kill_mid_checkpoint(env, tree, fault: str, backend: str = "cli") -> None:
     """Start a suspend, kill -9 it while worker 1's checkpoint (told `fault`) runs."""
     fakegpu.add_fault(tree.workers[1], "checkpoint", fault, root=env.state_dir)
-    tool = subprocess.Popen(
-        [sys.executable, "-m", "entrypoint.cuda_toggle_all", "checkpointed", "--backend", backend],
-        cwd=REPO,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
+    tool = env.start("checkpointed", "--backend", backend, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     sleep_until(lambda: tree.workers[1] in started_calls(env, "checkpoint"), "the checkpoint to start", timeout=30)
     tool.kill()
     tool.wait()
@@ -387,13 +381,7 @@ def test_signal_during_suspend_rolls_back(toggle_env, fake_tree, signum):
     """Ctrl-C or SIGTERM during a suspend finishes the phase, then rolls back: nothing is left split."""
     tree = fake_tree()
     fakegpu.add_fault(tree.workers[1], "checkpoint", "slow:1.5", root=toggle_env.state_dir)
-    tool = subprocess.Popen(
-        [sys.executable, "-m", "entrypoint.cuda_toggle_all", "checkpointed", "--json"],
-        cwd=REPO,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
+    tool = toggle_env.start("checkpointed", "--json")
     sleep_until(lambda: ("checkpoint", tree.workers[0]) in ops(toggle_env, "checkpoint"), "a checkpoint")
     tool.send_signal(signum)
     out, err = tool.communicate(timeout=30)
@@ -409,14 +397,7 @@ def test_terminal_ctrl_c_does_not_kill_a_checkpoint_half_way(toggle_env, fake_tr
     """Ctrl-C at a terminal reaches the whole process group: the cuda-checkpoint calls in flight must finish."""
     tree = fake_tree()
     fakegpu.add_fault(tree.workers[1], "checkpoint", "slow:1.5", root=toggle_env.state_dir)
-    tool = subprocess.Popen(
-        [sys.executable, "-m", "entrypoint.cuda_toggle_all", "checkpointed", "--json"],
-        cwd=REPO,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        start_new_session=True,
-    )
+    tool = toggle_env.start("checkpointed", "--json", start_new_session=True)
     sleep_until(lambda: ("checkpoint", tree.workers[0]) in ops(toggle_env, "checkpoint"), "a checkpoint")
     os.killpg(tool.pid, signal.SIGINT)  # what the terminal does: the tool and all its children
     out, err = tool.communicate(timeout=30)
@@ -432,13 +413,7 @@ def test_sigterm_during_resume_finishes_the_resume(toggle_env, fake_tree):
     tree = fake_tree()
     toggle_env.run("checkpointed")
     fakegpu.add_fault(tree.workers[1], "restore", "slow:1.5", root=toggle_env.state_dir)
-    tool = subprocess.Popen(
-        [sys.executable, "-m", "entrypoint.cuda_toggle_all", "running", "--json"],
-        cwd=REPO,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
+    tool = toggle_env.start("running", "--json")
     sleep_until(lambda: ("restore", tree.workers[0]) in ops(toggle_env, "restore"), "a restore")
     tool.send_signal(signal.SIGTERM)
     out, err = tool.communicate(timeout=30)

@@ -13,7 +13,7 @@ import pytest
 
 from entrypoint.config import SETTINGS
 from entrypoint.cuda_toggle_all import cli as toggle_cli
-from entrypoint.errors import EXIT_CODE_MEANINGS, ExitCode
+from entrypoint.errors import GATE_EXIT_CODES, SELFTEST_EXIT_CODES, TOGGLE_EXIT_CODES, ExitCode
 from entrypoint.gate import cli as gate_cli
 from entrypoint.gate_config import GATE_SETTINGS
 from entrypoint.results import PidResult, ToggleResult
@@ -110,7 +110,18 @@ def test_every_exit_code_is_in_the_readme(code):
 def test_the_readme_lists_no_exit_code_that_does_not_exist():
     """Every row of the README's exit-code table is an ExitCode with that meaning."""
     rows = re.findall(r"^\| (\d+) \| (.+?) \|$", section(README, "Exit codes"), re.M)
-    assert {int(code): meaning for code, meaning in rows} == {int(c): m for c, m in EXIT_CODE_MEANINGS.items()}
+    assert {int(code): meaning for code, meaning in rows} == {int(code): code.meaning for code in ExitCode}
+
+
+@pytest.mark.parametrize(
+    "name, codes",
+    [("cuda-toggle-all", TOGGLE_EXIT_CODES), ("selftest", SELFTEST_EXIT_CODES), ("vllm-gate", GATE_EXIT_CODES)],
+)
+def test_every_help_lists_its_exit_codes_from_the_one_table(name, codes):
+    """Each command's --help has an exit-code table: its codes, each with the meaning ExitCode gives, no other."""
+    text = COMMANDS[name].get_help(click.Context(COMMANDS[name], info_name=name))
+    listed = re.findall(r"^\s+(\d+)  (.+)$", text.split("Exit codes:")[1].split("\n\n")[0], re.M)
+    assert {int(code): meaning for code, meaning in listed} == {int(code): code.meaning for code in codes}
 
 
 @pytest.mark.parametrize("type_name", list(JSON_TYPES))

@@ -30,6 +30,7 @@ import pytest
 
 from entrypoint.errors import ExitCode
 from entrypoint.transition import RESUME_PHASES, SUSPEND_PHASES
+from tests.testing import TOGGLE_ALL_CLI
 from tests.toggle_fixtures import REPO, SAFE_ENV, fakegpu
 
 # The ways the server is kept from sending work while suspended (--quiesce / CUDA_TOGGLE_QUIESCE).
@@ -82,7 +83,7 @@ class Rig:
     def start(self, target: str, env: dict[str, str] | None = None) -> subprocess.Popen:
         """The CLI on this server, in the background (stdout: its --json result)."""
         return subprocess.Popen(
-            [sys.executable, "-m", "entrypoint.cuda_toggle_all", target, "--pid", str(self.server.pid), "--json"],
+            [*TOGGLE_ALL_CLI, target, "--pid", str(self.server.pid), "--json"],
             cwd=REPO,
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
@@ -225,42 +226,39 @@ def assert_running_gets_there(rig: Rig) -> None:
 KILL_CHUNKS = [(chunk, QUIESCE_PATHS[chunk % len(QUIESCE_PATHS)]) for chunk in range(CHUNKS)]
 
 
+def kill_each_phase_then_running(rig: Rig, chunk: int, target: str) -> None:
+    """The chunk's kills of `target`: kill -9 at a random moment of each of its phases in turn (both backends,
+    an orphaned call before `settle`), each followed by `running`, which must get the server answering."""
+    direction = "suspend" if target == "checkpointed" else "resume"
+    phases = SUSPEND_PHASES if direction == "suspend" else RESUME_PHASES
+    rng = random.Random(f"{SEED}-{direction}-{chunk}")
+    for k in range(chunk * KILLS_PER_CHUNK, (chunk + 1) * KILLS_PER_CHUNK):
+        phase = phases[k % len(phases)]
+        rig.clear_faults()
+        if direction == "resume":
+            code, result, err = rig.run("checkpointed")
+            assert code == 0, (result["error"], err)
+        backend = BACKENDS[k // len(phases) % 2]
+        if phase == "settle":
+            leave_an_orphan(rig, target, backend)
+        slow_phases(rig, direction)
+        hit, tool = kill_in_phase(rig, target, phase, rng, backend=backend)
+        tool.communicate()
+        HITS[direction].add(hit)
+        print(f"{direction} kill {k} ({backend}): aimed at {phase}, hit {hit}")
+        assert_running_gets_there(rig)
+
+
 @pytest.mark.parametrize(("chunk", "rig"), KILL_CHUNKS, indirect=["rig"])
 def test_kill_during_suspend_then_running(rig, chunk):
     """kill -9 of `checkpointed` at a random moment of each phase, then `running`: the server answers."""
-    rng = random.Random(f"{SEED}-suspend-{chunk}")
-    for k in range(chunk * KILLS_PER_CHUNK, (chunk + 1) * KILLS_PER_CHUNK):
-        phase = SUSPEND_PHASES[k % len(SUSPEND_PHASES)]
-        rig.clear_faults()
-        backend = BACKENDS[k // len(SUSPEND_PHASES) % 2]
-        if phase == "settle":
-            leave_an_orphan(rig, "checkpointed", backend)
-        slow_phases(rig, "suspend")
-        hit, tool = kill_in_phase(rig, "checkpointed", phase, rng, backend=backend)
-        tool.communicate()
-        HITS["suspend"].add(hit)
-        print(f"suspend kill {k} ({backend}): aimed at {phase}, hit {hit}")
-        assert_running_gets_there(rig)
+    kill_each_phase_then_running(rig, chunk, "checkpointed")
 
 
 @pytest.mark.parametrize(("chunk", "rig"), KILL_CHUNKS, indirect=["rig"])
 def test_kill_during_resume_then_running(rig, chunk):
     """kill -9 of `running` at a random moment of each phase, then `running`: the server answers."""
-    rng = random.Random(f"{SEED}-resume-{chunk}")
-    for k in range(chunk * KILLS_PER_CHUNK, (chunk + 1) * KILLS_PER_CHUNK):
-        phase = RESUME_PHASES[k % len(RESUME_PHASES)]
-        rig.clear_faults()
-        code, result, err = rig.run("checkpointed")
-        assert code == 0, (result["error"], err)
-        backend = BACKENDS[k // len(RESUME_PHASES) % 2]
-        if phase == "settle":
-            leave_an_orphan(rig, "running", backend)
-        slow_phases(rig, "resume")
-        hit, tool = kill_in_phase(rig, "running", phase, rng, backend=backend)
-        tool.communicate()
-        HITS["resume"].add(hit)
-        print(f"resume kill {k} ({backend}): aimed at {phase}, hit {hit}")
-        assert_running_gets_there(rig)
+    kill_each_phase_then_running(rig, chunk, "running")
 
 
 # --- Ctrl-C and SIGTERM at every phase ------------------------------------------------------------------

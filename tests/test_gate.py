@@ -30,20 +30,14 @@ import requests
 from aiohttp import web
 
 from entrypoint.config import Config, load_config
+from entrypoint.safety import REQUIRED_SERVER_ENV
 from entrypoint.toggle import toggle
 from tests.conftest import STANDIN_MODEL, StandinServer, fakegpu
-from tests.testing import REPO, free_port, wait_until
+from tests.testing import REPO, TOGGLE_ALL_CLI, free_port, wait_until
 
-TOGGLE_ALL_CLI = [sys.executable, "-m", "entrypoint.cuda_toggle_all"]
 # What a TP=2 vLLM must run with for cuda-toggle-all's safety checks to let it suspend (docs/facts.md).
 # SPT_NOENV keeps setproctitle off the stand-in's environ, which the checks read in /proc/PID/environ.
-SAFE_ENV = {
-    "NCCL_P2P_DISABLE": "1",
-    "NCCL_SHM_DISABLE": "1",
-    "NCCL_NVLS_ENABLE": "0",
-    "VLLM_ALLREDUCE_USE_SYMM_MEM": "0",
-    "SPT_NOENV": "1",
-}
+SAFE_ENV = {**REQUIRED_SERVER_ENV, "SPT_NOENV": "1"}
 # 1% of a fake H100 per worker: the host-RAM check must pass on a small CI machine.
 SAFE_ARGS = ("--disable-custom-all-reduce", "--gpu-memory-utilization", "0.01")
 # vLLM's admin and dev endpoints (vLLM 0.20.2, vllm/entrypoints/serve/): never forwarded.

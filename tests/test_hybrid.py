@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 import json
-import threading
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 import requests
 
 from entrypoint.errors import ExitCode
+from tests.testing import JsonHandler, serving
 from tests.toggle_fixtures import SAFE_ENV, fakegpu
 
 ARGS = ("--disable-custom-all-reduce", "--gpu-memory-utilization", "0.02")
@@ -63,7 +62,7 @@ def test_plain_mode_and_servers_without_sleep_mode(toggle_env, sleepy_server, st
     assert code == ExitCode.REFUSED and "--enable-sleep-mode" in down["error"]
 
 
-class RefusesToSleep(BaseHTTPRequestHandler):
+class RefusesToSleep(JsonHandler):
     """vLLM 0.20.2's control endpoints in front of a stand-in, except that /sleep fails; the API goes through
     to the stand-in (`upstream`, set by the test)."""
 
@@ -72,43 +71,29 @@ class RefusesToSleep(BaseHTTPRequestHandler):
 
     def do_GET(self):  # noqa: N802
         if self.path == "/version":
-            self._answer(200, {"version": "0.20.2"})
+            self.send_json(200, {"version": "0.20.2"})
         elif self.path in ("/is_paused", "/is_sleeping"):
-            self._answer(200, {self.path[1:]: RefusesToSleep.paused})
+            self.send_json(200, {self.path[1:]: RefusesToSleep.paused})
         else:
             upstream = requests.get(self.upstream + self.path, timeout=30)
-            self._answer(upstream.status_code, upstream.json())
+            self.send_json(upstream.status_code, upstream.json())
 
     def do_POST(self):  # noqa: N802
         if self.path.startswith("/sleep"):
-            self._answer(500, {"error": "sleep failed"})
+            self.send_json(500, {"error": "sleep failed"})
         elif self.path.startswith(("/pause", "/resume")):
             RefusesToSleep.paused = self.path.startswith("/pause")
-            self._answer(200, {"status": "ok"})
+            self.send_json(200, {"status": "ok"})
         else:
             body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
             upstream = requests.post(self.upstream + self.path, json=body, timeout=30)
-            self._answer(upstream.status_code, upstream.json())
-
-    def _answer(self, status, body):
-        data = json.dumps(body).encode()
-        self.send_response(status)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(data)))
-        self.end_headers()
-        self.wfile.write(data)
-
-    def log_message(self, *args):
-        pass
+            self.send_json(upstream.status_code, upstream.json())
 
 
 def test_failed_sleep_falls_back_to_plain(toggle_env, sleepy_server):
     """If /sleep fails, the suspend goes on as a plain one (vLLM's scheduler paused instead) and says so."""
     RefusesToSleep.upstream = sleepy_server.url
-    endpoint = ThreadingHTTPServer(("127.0.0.1", 0), RefusesToSleep)
-    threading.Thread(target=endpoint.serve_forever, daemon=True).start()
-    try:
-        url = f"http://127.0.0.1:{endpoint.server_address[1]}"
+    with serving(RefusesToSleep) as url:
         code, down = toggle_env.run_json(
             "checkpointed", "--pid", str(sleepy_server.pid), env={"CUDA_TOGGLE_SERVER_URL": url}
         )
@@ -119,8 +104,6 @@ def test_failed_sleep_falls_back_to_plain(toggle_env, sleepy_server):
             toggle_env.run("running", "--pid", str(sleepy_server.pid), env={"CUDA_TOGGLE_SERVER_URL": url}).returncode
             == 0
         )
-    finally:
-        endpoint.shutdown()
 
 
 def test_checkpoint_failure_after_sleep_rolls_back_and_wakes_up(toggle_env, sleepy_server):

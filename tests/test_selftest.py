@@ -11,7 +11,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import ThreadingHTTPServer
 
 import pytest
 import requests
@@ -21,7 +21,7 @@ from entrypoint.errors import ExitCode, SuspendError
 from entrypoint.openai_client import TokenTrace
 from entrypoint.selftest import SELFTEST_EXIT_CODES, cli
 from entrypoint.selftest_checks import fair_reference, same_as_reference
-from tests.testing import REPO, free_port
+from tests.testing import REPO, JsonHandler, free_port
 from tests.toggle_fixtures import SAFE_ENV, fakegpu
 
 SAFE_ARGS = ("--disable-custom-all-reduce", "--gpu-memory-utilization", "0.02")
@@ -41,6 +41,14 @@ def run_selftest(url: str, *args: str, pid: int | None = None, timeout: float = 
     except ValueError:
         raise AssertionError(f"no JSON report (rc {done.returncode}):\n{done.stdout}\n{done.stderr}")
     return done.returncode, report, done.stderr
+
+
+def selftest_with_fault(toggle_env, server, worker: int, op: str, fault: str) -> tuple[object, int, dict]:
+    """selftest on a fresh stand-in whose worker number `worker` is told `fault` for `op`: (stand-in, code, report)."""
+    standin = server()
+    fakegpu.add_fault(standin.workers()[worker].pid, op, fault, root=toggle_env.state_dir)
+    code, report, _ = run_selftest(standin.url, pid=standin.pid)
+    return standin, code, report
 
 
 @pytest.fixture
@@ -83,11 +91,8 @@ class Upstream(ThreadingHTTPServer):
         return f"http://127.0.0.1:{self.server_address[1]}"
 
 
-class UpstreamHandler(BaseHTTPRequestHandler):
+class UpstreamHandler(JsonHandler):
     protocol_version = "HTTP/1.0"  # the end of a stream is the end of the connection
-
-    def log_message(self, *args) -> None:
-        pass
 
     def do_GET(self) -> None:
         self.reply(self.server.answer("GET", self.path, None))
@@ -99,13 +104,7 @@ class UpstreamHandler(BaseHTTPRequestHandler):
 
     def reply(self, reply: object) -> None:
         if isinstance(reply, tuple):
-            status, body = reply
-            data = json.dumps(body).encode()
-            self.send_response(status)
-            self.send_header("Content-Type", "application/json")
-            self.send_header("Content-Length", str(len(data)))
-            self.end_headers()
-            self.wfile.write(data)
+            self.send_json(*reply)
             return
         self.send_response(200)
         self.send_header("Content-Type", "text/event-stream")
@@ -380,9 +379,7 @@ def test_request_sent_while_suspended_that_fails_is_lost(toggle_env, server, ups
 
 def test_state_changed_by_the_checkpoint_fails(toggle_env, server):
     """A worker that computes differently after its restore fails LOGPROBS_DIFFER; the server stays running."""
-    standin = server()
-    fakegpu.add_fault(standin.workers()[0].pid, "restore", "corrupt", root=toggle_env.state_dir)
-    code, report, _ = run_selftest(standin.url, pid=standin.pid)
+    standin, code, report = selftest_with_fault(toggle_env, server, 0, "restore", "corrupt")
     assert code == ExitCode.LOGPROBS_DIFFER, report["error"]
     assert "differs after the resume" in report["error"]
 
@@ -437,9 +434,7 @@ def test_model_that_is_not_served(toggle_env, server):
 
 def test_suspend_that_does_not_free_memory(toggle_env, server):
     """Memory left on a GPU after the checkpoint is never success; the server is resumed before the report."""
-    standin = server()
-    fakegpu.add_fault(standin.workers()[1].pid, "checkpoint", "keep-memory", root=toggle_env.state_dir)
-    code, report, _ = run_selftest(standin.url, pid=standin.pid)
+    standin, code, report = selftest_with_fault(toggle_env, server, 1, "checkpoint", "keep-memory")
     assert code in (ExitCode.NOT_SUSPENDED, ExitCode.MEMORY_KEPT), report["error"]
     assert "GPU1" in report["error"]
     assert_left_running(toggle_env, standin)
@@ -447,9 +442,7 @@ def test_suspend_that_does_not_free_memory(toggle_env, server):
 
 def test_worker_that_will_not_resume(toggle_env, server):
     """A restore that fails is reported with the tool's exit code; the server is resumed before the report."""
-    standin = server()
-    fakegpu.add_fault(standin.workers()[0].pid, "restore", "error", root=toggle_env.state_dir)
-    code, report, _ = run_selftest(standin.url, pid=standin.pid)
+    standin, code, report = selftest_with_fault(toggle_env, server, 0, "restore", "error")
     assert code == ExitCode.TRANSITION_FAILED, report["error"]
     assert "restore failed" in report["error"]
     assert report["resumed_after_failure"].startswith("resumed")

@@ -1,14 +1,26 @@
-"""Helpers shared by the tests (and the GPU suite): the repository's root, a free port, a wait loop."""
+"""Helpers shared by the tests (and the GPU suite): the repository's root, the fakes, the tool's command line,
+a free port, a wait loop, a small local HTTP endpoint."""
 
 from __future__ import annotations
 
+import contextlib
+import json
 import socket
+import sys
+import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import TypeVar
 
 REPO = Path(__file__).resolve().parent.parent
+FAKES_DIR = REPO / "tests" / "fakes"
+# The real `cuda-toggle-all`, run as a module of this checkout (no install needed).
+TOGGLE_ALL_CLI = [sys.executable, "-m", "entrypoint.cuda_toggle_all"]
+
+sys.path.insert(0, str(FAKES_DIR))  # the fakes are scripts as well as modules: they import each other by name
+import fakegpu  # noqa: E402, F401 (the fake GPU's state, for the tests to import from here)
 
 T = TypeVar("T")
 
@@ -28,3 +40,31 @@ def wait_until(condition: Callable[[], T], what: str, timeout: float = 10.0, int
             raise AssertionError(f"timed out after {timeout} s waiting for {what}")
         time.sleep(interval)
     return result
+
+
+class JsonHandler(BaseHTTPRequestHandler):
+    """Base of the tests' small HTTP endpoints: answers JSON, writes no access log to stderr."""
+
+    def send_json(self, status: int, body: object) -> None:
+        data = json.dumps(body).encode()
+        self.send_response(status)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+
+    def log_message(self, *args) -> None:
+        pass
+
+
+@contextlib.contextmanager
+def serving(handler: type[BaseHTTPRequestHandler]) -> Iterator[str]:
+    """Serve `handler` on a free port of 127.0.0.1 from a thread; yields its base URL, shuts it down after."""
+    server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    server.daemon_threads = True
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}"
+    finally:
+        server.shutdown()
+        server.server_close()

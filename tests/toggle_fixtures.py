@@ -17,12 +17,8 @@ import psutil
 import pytest
 
 from entrypoint.safety import REQUIRED_SERVER_ENV
-from tests.testing import REPO
+from tests.testing import FAKES_DIR, REPO, TOGGLE_ALL_CLI, fakegpu
 from tests.testing import wait_until as sleep_until  # noqa: F401 (the name its tests import from here)
-
-FAKES_DIR = Path(__file__).resolve().parent / "fakes"
-sys.path.insert(0, str(FAKES_DIR))
-import fakegpu  # noqa: E402
 
 # What a correctly configured TP=2 vLLM runs with (docs/facts.md); the safety checks refuse without it.
 SAFE_ENV = dict(REQUIRED_SERVER_ENV)
@@ -46,13 +42,18 @@ class ToggleEnv:
     def run(self, *args: str, timeout: float = 60, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
         """Run the real `cuda-toggle-all` CLI (as `python -m`), capturing its output."""
         return subprocess.run(
-            [sys.executable, "-m", "entrypoint.cuda_toggle_all", *args],
+            [*TOGGLE_ALL_CLI, *args],
             capture_output=True,
             text=True,
             timeout=timeout,
             cwd=REPO,
             env={**os.environ, **(env or {})},
         )
+
+    def start(self, *args: str, **popen: object) -> subprocess.Popen:
+        """The real `cuda-toggle-all` CLI in the background, its output piped as text (`popen` overrides)."""
+        options = {"cwd": REPO, "stdout": subprocess.PIPE, "stderr": subprocess.PIPE, "text": True, **popen}
+        return subprocess.Popen([*TOGGLE_ALL_CLI, *args], **options)
 
     def run_json(self, *args: str, **kwargs) -> tuple[int, dict]:
         done = self.run(*args, "--json", **kwargs)

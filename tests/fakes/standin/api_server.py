@@ -345,6 +345,17 @@ class ApiServer:
             return None
         return error_response(404, f"The model `{model}` does not exist.", "NotFoundError")
 
+    async def accepted_body(self, request):
+        """(JSON body, None) for a request to the model while it serves, else (None, the error to answer)."""
+        problem = self.not_serving()
+        if problem is not None:
+            return None, problem
+        body = await self.read_json(request)
+        if body is None:
+            return None, error_response(400, "Expected a JSON object", "BadRequestError")
+        problem = self.unknown_model(body)
+        return (None, problem) if problem is not None else (body, None)
+
     async def health(self, request):
         return web.Response(status=503 if self.stop_reason else 200)
 
@@ -392,13 +403,7 @@ class ApiServer:
         return web.Response(text=text, content_type="text/plain", charset="utf-8")
 
     async def tokenize(self, request):
-        problem = self.not_serving()
-        if problem is not None:
-            return problem
-        body = await self.read_json(request)
-        if body is None:
-            return error_response(400, "Expected a JSON object", "BadRequestError")
-        problem = self.unknown_model(body)
+        body, problem = await self.accepted_body(request)
         if problem is not None:
             return problem
         if isinstance(body.get("messages"), list):
@@ -411,16 +416,12 @@ class ApiServer:
         return web.json_response({"tokens": tokens, "count": len(tokens), "max_model_len": self.args.max_model_len})
 
     async def detokenize(self, request):
-        problem = self.not_serving()
+        body, problem = await self.accepted_body(request)
         if problem is not None:
             return problem
-        body = await self.read_json(request)
-        tokens = body.get("tokens") if body else None
+        tokens = body.get("tokens")
         if not isinstance(tokens, list) or not all(isinstance(t, int) and 0 <= t < 256 for t in tokens):
             return error_response(400, "Expected 'tokens': a list of token ids", "BadRequestError")
-        problem = self.unknown_model(body)
-        if problem is not None:
-            return problem
         return web.json_response({"prompt": detokenize(tokens)})
 
     async def chat_completions(self, request):
@@ -430,13 +431,7 @@ class ApiServer:
         return await self.completion_request(request, chat=False)
 
     async def completion_request(self, request, chat: bool):
-        problem = self.not_serving()
-        if problem is not None:
-            return problem
-        body = await self.read_json(request)
-        if body is None:
-            return error_response(400, "Expected a JSON object", "BadRequestError")
-        problem = self.unknown_model(body)
+        body, problem = await self.accepted_body(request)
         if problem is not None:
             return problem
         if chat:

@@ -34,6 +34,6 @@ else
   rm -f "$programs_dir/models.conf"
 fi
 
-printf 'entrypoint: %d vLLM argument(s) saved to %s; starting supervisord (%s)\n' \
+printf 'start-services: %d vLLM argument(s) saved to %s; starting supervisord (%s)\n' \
   "$#" "$VLLM_ARGS_FILE" "$SUPERVISOR_CONF" >&2
 exec "$SUPERVISORD_BIN" -n -c "$SUPERVISOR_CONF"
