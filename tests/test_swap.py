@@ -341,7 +341,7 @@ def test_bad_model_lists_exit_2_with_the_fix(tmp_path: Path, value: str, message
 
 
 def test_supervisord_runs_a_program_per_model_started_one_after_another(fake_gpu: Path):
-    """Under the real supervisord (entrypoint.sh, supervisord.conf): `vllm-beta` starts and is suspended before
+    """Under the real supervisord (start-services.sh, supervisord.conf): `vllm-beta` starts and is suspended before
     `vllm` (the default model) starts; then a request for beta swaps the two programs' servers."""
     from tests.test_container import STANDIN, start_supervised
 

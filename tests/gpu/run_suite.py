@@ -385,7 +385,7 @@ def start(args: argparse.Namespace) -> None:
     log_path = WORK / "server.log"
     with log_path.open("ab") as log_file:
         supervisord = subprocess.Popen(
-            [str(REPO / "docker" / "entrypoint.sh"), *target.server_args(srv, args.sleep_mode)],
+            [str(REPO / "docker" / "start-services.sh"), *target.server_args(srv, args.sleep_mode)],
             env=env,
             stdout=log_file,
             stderr=subprocess.STDOUT,

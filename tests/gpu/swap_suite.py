@@ -4,7 +4,7 @@ in turn by the gate under the real supervisord, then swapped by alternating requ
 
     python3 tests/gpu/swap_suite.py [--target gpu|cpu] [--swaps 20] [--share 0.55]
 
-Like the container (docker/entrypoint.sh, supervisord.conf, GATE_MODELS): the tiny model is the default
+Like the container (docker/start-services.sh, supervisord.conf, GATE_MODELS): the tiny model is the default
 (program `vllm`), the 8B-shaped one (scripts/build_dummy_model.py, random weights) program `vllm-qwen3-8b-shaped`;
 each gets `--gpu-memory-utilization SHARE`, so two shares over 1 cannot be resident together. Every request is
 streamed through the gate, asks for per-token logprobs, and must give its model's first answer again; the time
@@ -76,7 +76,7 @@ def start_servers(args: argparse.Namespace, target: Target, gate_port: int, port
     (WORK / "sv").mkdir(parents=True, exist_ok=True)
     with (WORK / "swap-server.log").open("ab") as log_file:
         return subprocess.Popen(
-            [str(REPO / "docker" / "entrypoint.sh"), *common_vllm_args(args)],
+            [str(REPO / "docker" / "start-services.sh"), *common_vllm_args(args)],
             env=env,
             stdout=log_file,
             stderr=subprocess.STDOUT,
