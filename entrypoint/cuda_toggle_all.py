@@ -15,7 +15,8 @@ from .cli_exit import ExitCodeCommand
 from .config import load_config, settings_help
 from .errors import TOGGLE_EXIT_CODES, SuspendError, exit_codes_help
 from .render import print_settings, setup_logging, status_table, toggle_table
-from .toggle import TARGET_ALIASES, status, toggle, warm_up
+from .server_status import status, warm_up
+from .toggle import TARGET_ALIASES, toggle
 
 EPILOG = "\n\n".join(
     [

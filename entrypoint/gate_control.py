@@ -32,7 +32,8 @@ from .errors import SuspendError
 from .gate_config import GateConfig
 from .gate_metrics import GateMetrics
 from .runstate import SuspendRecord
-from .toggle import RESUME, SUSPEND, status, toggle
+from .server_status import status
+from .toggle import RESUME, SUSPEND, toggle
 from .transition import OverlapHooks
 
 # A request that keeps finding the server suspended again (someone suspending in a loop) gives up.

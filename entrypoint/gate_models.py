@@ -34,7 +34,6 @@ import aiohttp
 import psutil
 from loguru import logger
 
-from . import safety
 from .config import Config
 from .discovery import supervisor_program_pid, supervisor_proxy
 from .errors import ExitCode, SuspendError
@@ -42,9 +41,10 @@ from .gate_config import GateConfig, ModelEntry
 from .gate_control import Phase, PowerController, ResumeFailed
 from .gate_metrics import PHASES, GateMetrics
 from .gpus import GpuReading, read_gpus
+from .observe import host_available_mib
 from .proof import proves_per_process_alone
 from .runstate import SuspendRecord
-from .toggle import warm_up
+from .server_status import warm_up
 from .transition import OverlapHooks
 
 # A server the library cannot find, or whose tree has no CUDA process (not started, or gone), holds no GPU
@@ -103,15 +103,6 @@ def host_ram_refusal(models: tuple[ModelEntry, ...], gpus: GpuReading, available
         f"margin, and {available_mib} MiB is available. Lower the memory shares in GATE_MODELS, serve fewer "
         "models, or give the container more host RAM (or set CUDA_TOGGLE_HOST_RAM_MIB if the figure is wrong)"
     )
-
-
-def host_available_mib(config: Config) -> int:
-    """Host RAM available to the container (as the library counts it before a suspend)."""
-    if config.host_ram_mib is not None:
-        return config.host_ram_mib
-    available = psutil.virtual_memory().available
-    limit = safety.cgroup_available_bytes()
-    return min(available, limit if limit is not None else available) // 2**20
 
 
 def check_host_ram(gate: GateConfig, toggle_config: Config) -> None:

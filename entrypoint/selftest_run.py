@@ -28,7 +28,8 @@ from .selftest_checks import (
     same_as_reference,
 )
 from .selftest_report import Cycle, GpuFigures, Report, Step
-from .toggle import RESUME, SUSPEND, status, toggle
+from .server_status import status
+from .toggle import RESUME, SUSPEND, toggle
 from .vllm_control import VllmControl, server_url
 
 TOP_LOGPROBS = 5

@@ -1,9 +1,10 @@
-"""The library API: suspend, resume and status of a server's CUDA processes.
+"""The library API: suspend and resume a server's CUDA processes (status and warm-up: server_status.py).
 
 Used by the `cuda-toggle-all` CLI, by `selftest`, and by the gate (never through a subprocess).
-This module carries out a plan (plan.py, pure) in order: it observes, asks the plan, writes the suspend
-record, quiesces the server (vLLM's own scheduler pause, or the SIGSTOP of a dispatcher on older vLLM),
-runs the CUDA transition (transition.py), and says "ok" only from what it reads back (proof.py).
+This module carries out a plan (plan.py, pure) in order: it observes (observe.py), asks the plan, writes
+the suspend record, quiesces the server (quiesce.py: vLLM's own scheduler pause, or the SIGSTOP of a
+dispatcher on older vLLM), runs the CUDA transition (transition.py), and says "ok" only from what it
+reads back (proof.py).
 
 Suspend: record -> quiesce -> lock all -> checkpoint all -> verify states -> prove GPU memory released.
 Resume:  restore all -> unlock all -> verify states -> unquiesce -> prove memory back, flags, a completion.
@@ -12,22 +13,20 @@ Resume:  restore all -> unlock all -> verify states -> unquiesce -> prove memory
 from __future__ import annotations
 
 import time
-from dataclasses import asdict, dataclass, field
-from pathlib import Path
 
-import psutil
 from loguru import logger
 
 from . import safety
 from .backends import Backend, BackendError, select_backend
 from .config import Config
-from .discovery import find_server
 from .errors import ExitCode, SuspendError
 from .gpus import GpuReading, read_gpus
+from .observe import gpu_progress, host_available_mib, observe, record_of
 from .operations import settle_orphans
-from .plan import Observation, SuspendPlan, dispatcher_candidates, model_holders, plan_suspend
-from .processes import ProcessInfo, describe, inherited_environ, same_process, walk_tree
+from .plan import Observation, dispatcher_candidates, model_holders, plan_suspend
+from .processes import describe, inherited_environ, same_process
 from .proof import proves_per_process_alone, released_proof, returned_proof
+from .quiesce import quiesce_server, unquiesce_server, vllm_flags
 from .results import PidResult, ToggleResult
 from .runstate import FrozenProcess, GpuRecord, ProcessRecord, SuspendRecord, ToolLock
 from .transition import (
@@ -36,41 +35,12 @@ from .transition import (
     RolledBack,
     SignalGuard,
     Transition,
-    freeze,
     mark_phase,
-    read_states,
-    thaw,
 )
-from .vllm_control import VllmControl, VllmControlError, server_url
+from .vllm_control import VllmControl, VllmControlError
 
 SUSPEND, RESUME = "checkpointed", "running"
 TARGET_ALIASES = {"checkpointed": SUSPEND, "suspend": SUSPEND, "running": RESUME, "resume": RESUME}
-
-
-def observe(config: Config, backend: Backend, pid: int | None, *, force: bool = False) -> Observation:
-    """The server's tree, every CUDA state (stopped processes are never asked), GPU memory, and what its
-    HTTP endpoints answer."""
-    root = find_server(config, pid, force=force)
-    tree = walk_tree(root.pid)
-    for process in tree:
-        if process.stopped and not process.matches(config.dispatcher):
-            logger.warning(
-                "PID {} ({}) is stopped: left out (a stopped process must never be locked)",
-                process.pid,
-                process.short_title(40),
-            )
-    answers, unreadable = read_states(config, backend, [p.pid for p in tree if not p.stopped])
-    states = {pid: state for pid, state in answers.items() if state is not None}
-    root_process = next(p for p in tree if p.pid == root.pid) if tree else describe(root.pid)
-    control = VllmControl(server_url(root_process, config.server_url), config.sleep_timeout_s)
-    return Observation(root.pid, root.how, tree, states, unreadable, read_gpus(config), control.capabilities())
-
-
-def _gpu_progress(config: Config):
-    def line() -> str:
-        return read_gpus(config).summary()
-
-    return line
 
 
 def _new_result(target: str, obs: Observation, backend: Backend, pids: list[int], holders: list[int]) -> ToggleResult:
@@ -162,101 +132,6 @@ def _interrupted_before_any_change(guard: SignalGuard, result: ToggleResult, sta
         )
 
 
-# the suspend record ---------------------------------------------------------------------------------------
-def _record_of(config: Config, obs: Observation) -> SuspendRecord | None:
-    """This server instance's suspend record (root PID and create time); stale or malformed ones are ignored."""
-    root = next((p for p in obs.tree if p.pid == obs.root_pid), None)
-    if root is None:
-        return None
-    return SuspendRecord.load(config.run_dir, root.pid, root.create_time)
-
-
-def _host_available_mib(config: Config) -> int:
-    if config.host_ram_mib is not None:
-        return config.host_ram_mib
-    available = psutil.virtual_memory().available
-    limit = safety.cgroup_available_bytes()
-    if limit is not None:
-        available = min(available, limit)
-    return available // 2**20
-
-
-# quiescing: what keeps work away from a process while it is not running -----------------------------------
-def _quiesce(plan: SuspendPlan, control: VllmControl, result: ToggleResult) -> None:
-    began = time.monotonic()
-    if plan.quiesce == "scheduler":
-        if plan.mode == "hybrid":
-            try:
-                control.sleep(level=1)  # mode=keep: pauses the scheduler, weights to host RAM, KV cache dropped
-                result.phases["sleep"] = time.monotonic() - began
-                logger.info("vLLM sleeps (level 1, requests kept) after {:.2f} s", result.phases["sleep"])
-                return
-            except VllmControlError as error:
-                if not plan.mode_fallback or control.is_sleeping() and not control.is_paused():
-                    raise
-                logger.warning("sleep failed ({}): a plain suspend instead, vLLM's scheduler paused", error)
-                result.notes.append(f"sleep failed ({error}): plain suspend")
-                plan.mode = result.mode = "plain"
-                began = time.monotonic()
-        if plan.mode == "plain":
-            control.pause()
-            result.phases["pause"] = time.monotonic() - began
-            logger.info("vLLM's scheduler paused (requests kept) after {:.2f} s", result.phases["pause"])
-    elif plan.quiesce == "sigstop":
-        for process in plan.freeze:
-            if not process.stopped:
-                freeze(process)
-                logger.info("froze the dispatcher PID {} ({})", process.pid, process.short_title(40))
-        result.phases["freeze"] = time.monotonic() - began
-
-
-def _unquiesce(
-    control: VllmControl, record: SuspendRecord | None, dispatchers: list[ProcessInfo], result: ToggleResult
-) -> list[str]:
-    """Let work reach the server again: continue what we froze, wake vLLM up or resume its scheduler.
-
-    Whatever the record says, vLLM's own flags decide (a run killed mid-sleep left no complete record).
-    Returns the problems (empty when the server was let go).
-    """
-    problems = []
-    for pid in _thaw_all(record, dispatchers):
-        logger.info("continued the dispatcher PID {}", pid)
-        result.notes.append(f"continued the frozen dispatcher PID {pid}")
-    try:
-        # vLLM 0.20.2 answers is_sleeping true while merely paused too, so the flags cannot tell a sleep from a
-        # pause: the record says which we did; without one (a run killed early), a server with sleep mode
-        # gets /wake_up, which also resumes a paused scheduler.
-        paused, sleeping = control.is_paused(), control.is_sleeping()
-        slept = record.mode == "hybrid" if record is not None and record.quiesce == "scheduler" else sleeping
-        if (paused or sleeping) and slept:
-            began = time.monotonic()
-            control.wake_up()
-            result.phases["wake_up"] = time.monotonic() - began
-            result.mode = "hybrid"
-            result.notes.append("woke vLLM up (its scheduler runs again)")
-        elif paused or sleeping:
-            began = time.monotonic()
-            control.resume()
-            result.phases["resume_scheduler"] = time.monotonic() - began
-            result.notes.append("resumed vLLM's scheduler")
-    except VllmControlError as error:
-        problems.append(str(error))
-    return problems
-
-
-def _thaw_all(record: SuspendRecord | None, dispatchers: list[ProcessInfo]) -> list[int]:
-    """Continue every dispatcher we (or an earlier run) froze; returns the PIDs continued."""
-    frozen = {f.pid: f for f in (record.frozen if record else [])}
-    for process in dispatchers:
-        if process.stopped or process.pid in frozen:
-            frozen.setdefault(process.pid, FrozenProcess(process.pid, process.create_time, process.title))
-    return [pid for pid, f in frozen.items() if thaw(f)]
-
-
-def _vllm_flags(control: VllmControl) -> dict[str, bool | None]:
-    return {"is_paused": control.is_paused(), "is_sleeping": control.is_sleeping()}
-
-
 # suspend ----------------------------------------------------------------------------------------------------
 def _suspend(
     config: Config,
@@ -269,14 +144,14 @@ def _suspend(
     guard: SignalGuard,
     hooks: OverlapHooks,
 ) -> ToggleResult:
-    record = _record_of(config, obs)
+    record = record_of(config, obs)
     plan = plan_suspend(
         obs,
         quiesce=quiesce,
         mode=mode,
         dispatcher_titles=config.dispatcher,
         read_environ=inherited_environ,
-        host_available_mib=_host_available_mib(config),
+        host_available_mib=host_available_mib(config),
         ram_margin_mib=config.ram_margin_mib,
         record_mode=record.mode if record else None,
     )
@@ -307,7 +182,7 @@ def _suspend(
         result.notes.append("already checkpointed: nothing to do")
         if record is not None:
             result.quiesce, result.mode = record.quiesce, record.mode
-        result.evidence = {"vllm": _vllm_flags(control), "gpus": {"already": True}}
+        result.evidence = {"vllm": vllm_flags(control), "gpus": {"already": True}}
         _finish(result, states, started)
         result.ok = True
         return result
@@ -325,12 +200,12 @@ def _suspend(
 
     try:
         mark_phase(config.run_dir, "quiesce")
-        _quiesce(plan, control, result)
+        quiesce_server(plan, control, result)
         if record.mode != plan.mode:  # the sleep failed and vLLM was paused instead: `running` must resume it
             record.mode = plan.mode
             record.save(config.run_dir)
     except (VllmControlError, SuspendError) as error:
-        problems = _unquiesce(control, record, plan.freeze, result)
+        problems = unquiesce_server(control, record, plan.freeze, result)
         record.clear(config.run_dir)
         message = getattr(error, "message", str(error))
         raise _fail(
@@ -348,7 +223,7 @@ def _suspend(
         record.save(config.run_dir)
         if hooks.memory_released and plan.mode == "hybrid":
             hooks.memory_released()  # the weights and KV cache are in host RAM: another server may restore now
-    transition = Transition(config, backend, result, states, guard, _gpu_progress(config))
+    transition = Transition(config, backend, result, states, guard, gpu_progress(config))
     try:
         if guard.received:
             raise RolledBack(f"interrupted by {guard.received} while quiescing")
@@ -356,11 +231,11 @@ def _suspend(
         after = read_gpus(config)
         proof = released_proof(obs.gpus, after, plan.checkpoint, config.residual_mib, hooks.neighbour_restore_mib)
         result.gpus_after = after.to_json()
-        result.evidence = {"gpus": proof.to_json(), "vllm": _vllm_flags(control)}
+        result.evidence = {"gpus": proof.to_json(), "vllm": vllm_flags(control)}
         if not proof.ok and obs.gpus.gpus:
             logger.error("the checkpoint did not free the server's GPU memory: {}", proof.failure())
             transition.rollback_to_running()
-            problems = _unquiesce(control, record, plan.freeze, result)
+            problems = unquiesce_server(control, record, plan.freeze, result)
             record.clear(config.run_dir)
             raise _fail(
                 result,
@@ -375,7 +250,7 @@ def _suspend(
             )
     except RolledBack as failure:
         result.interrupted = guard.received
-        problems = _unquiesce(control, record, plan.freeze, result)
+        problems = unquiesce_server(control, record, plan.freeze, result)
         record.clear(config.run_dir)
         hint = problems or "every process is running again and the server takes requests"
         raise _fail(
@@ -429,7 +304,7 @@ def _resume(
     guard: SignalGuard,
     hooks: OverlapHooks,
 ) -> ToggleResult:
-    record = _record_of(config, obs)
+    record = record_of(config, obs)
     holders = model_holders(obs)
     dispatchers = dispatcher_candidates(obs, config.dispatcher, holders) or [
         p for p in obs.stopped if p.matches(config.dispatcher)
@@ -514,7 +389,7 @@ def _resume(
                 states,
             )
     else:
-        transition = Transition(config, backend, result, states, guard, _gpu_progress(config))
+        transition = Transition(config, backend, result, states, guard, gpu_progress(config))
         try:
             transition.resume(hooks.room_made)
         except RolledBack as failure:
@@ -529,7 +404,7 @@ def _resume(
             )
     began = time.monotonic()
     mark_phase(config.run_dir, "unquiesce")
-    problems = _unquiesce(control, record, dispatchers, result)
+    problems = unquiesce_server(control, record, dispatchers, result)
     result.phases["unquiesce"] = time.monotonic() - began
     result.interrupted = guard.received
     for entry in result.dispatchers:
@@ -548,7 +423,7 @@ def _resume(
     after = read_gpus(config)
     result.gpus_after = after.to_json()
     memory = returned_proof(after, [g for g in (record.gpus if record else []) if g.released_mib > 0], holders)
-    flags = _vllm_flags(control)
+    flags = vllm_flags(control)
     result.evidence = {"gpus": memory.to_json(), "vllm": flags}
     failures = []
     if not memory.ok:
@@ -579,109 +454,8 @@ def _resume(
     return result
 
 
-# status -----------------------------------------------------------------------------------------------------
-@dataclass
-class StatusResult:
-    root_pid: int
-    root_how: str
-    backend: str
-    state: str  # running | checkpointed | locked | mixed | none
-    pids: list[dict] = field(default_factory=list)  # {pid, name, role, state, gpu_mib}
-    dispatchers: list[dict] = field(default_factory=list)  # {pid, name, frozen}
-    skipped: list[dict] = field(default_factory=list)
-    gpus: list[dict] = field(default_factory=list)
-    gpu_source: str = ""
-    server: dict = field(default_factory=dict)  # what the server's endpoints answered
-    vllm: dict = field(default_factory=dict)  # is_paused, is_sleeping
-    suspend_record: dict | None = None
-
-    def to_json(self) -> dict:
-        return asdict(self)
-
-
-def status(config: Config, *, pid: int | None = None, backend_name: str | None = None) -> StatusResult:
-    """What every process of the server is, whether anything is frozen or paused, and the GPUs' memory."""
-    backend = select_backend(config, backend_name)
-    obs = observe(config, backend, pid, force=True)
-    holders = set(model_holders(obs))
-    frozen = [p for p in obs.stopped if p.matches(config.dispatcher)]
-    pids = []
-    for process in obs.tree:
-        if process.pid in obs.states:
-            role = "model" if process.pid in holders else "context"
-            state = obs.states[process.pid]
-        elif process.pid in obs.unreadable:
-            role, state = "unknown", f"error: {obs.unreadable[process.pid]}"
-        else:
-            continue
-        pids.append(
-            {
-                "pid": process.pid,
-                "name": process.title,
-                "role": role,
-                "state": state,
-                "gpu_mib": obs.gpus.pids_mib.get(process.pid),
-            }
-        )
-    distinct = {entry["state"] for entry in pids}
-    overall = distinct.pop() if len(distinct) == 1 else ("none" if not distinct else "mixed")
-    record = _record_of(config, obs)
-    control = VllmControl(obs.capabilities.url, config.sleep_timeout_s)
-    return StatusResult(
-        root_pid=obs.root_pid,
-        root_how=obs.root_how,
-        backend=backend.name,
-        state=overall,
-        pids=pids,
-        dispatchers=[{"pid": p.pid, "name": p.title, "frozen": True} for p in frozen],
-        skipped=[{"pid": p.pid, "name": p.title, "reason": "stopped"} for p in obs.stopped if p not in frozen],
-        gpus=obs.gpus.to_json(),
-        gpu_source=obs.gpus.source if obs.gpus.gpus else obs.gpus.problem,
-        server=obs.capabilities.to_json(),
-        vllm=_vllm_flags(control),
-        suspend_record=asdict(record) if record else None,
-    )
-
-
-# warm-up ----------------------------------------------------------------------------------------------------
-def warm_up(config: Config, *, pid: int | None = None, backend_name: str | None = None) -> dict:
-    """One vLLM sleep/wake-up cycle on a fresh server, so that its first suspend is as fast as the later ones
-    (vLLM's first sleep pins host memory for the weights: 5.3 s against 0.17 s later, measured on an H200).
-
-    Done once per server instance (a marker in CUDA_TOGGLE_RUN_DIR); requests meanwhile are held by vLLM
-    (mode=keep), not lost. Servers without a sleep that pauses the scheduler are left alone.
-    """
-    with ToolLock(config.run_dir, config.busy_wait_s, purpose="cuda-toggle-all warm-up"):
-        backend = select_backend(config, backend_name)
-        obs = observe(config, backend, pid)
-        root = obs.process(obs.root_pid)
-        marker = Path(config.run_dir) / f"warmed-{obs.root_pid}-{root.create_time:.2f}"
-        caps = obs.capabilities
-        report: dict = {"root_pid": obs.root_pid, "server": caps.to_json()}
-        if marker.exists():
-            return {**report, "done": False, "reason": "this server was warmed up already"}
-        if not (caps.sleep and caps.sleep_pauses_scheduler):
-            return {**report, "done": False, "reason": "no sleep mode that pauses the scheduler: nothing to warm up"}
-        if any(state != "running" for state in obs.states.values()) or obs.stopped:
-            return {**report, "done": False, "reason": "the server is suspended: resume it first"}
-        control = VllmControl(caps.url, config.sleep_timeout_s)
-        try:
-            timings = control.warm_up()
-        except VllmControlError as error:
-            problems = _unquiesce(control, None, [], ToggleResult(target=RESUME))
-            raise SuspendError(
-                f"warm-up failed: {error}" + (f"; and waking vLLM up failed: {problems}" if problems else ""),
-                ExitCode.INCONSISTENT if problems else ExitCode.TRANSITION_FAILED,
-            )
-        marker.touch()
-        return {**report, "done": True, **{key: round(value, 3) for key, value in timings.items()}}
-
-
 __all__ = [
     "toggle",
-    "warm_up",
-    "status",
-    "StatusResult",
     "ToggleResult",
     "SUSPEND",
     "RESUME",

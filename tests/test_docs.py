@@ -19,7 +19,7 @@ from entrypoint.gate_config import GATE_SETTINGS
 from entrypoint.results import PidResult, ToggleResult
 from entrypoint.selftest import cli as selftest_cli
 from entrypoint.selftest_report import Cycle, Report
-from entrypoint.toggle import StatusResult
+from entrypoint.server_status import StatusResult
 from tests.testing import REPO
 
 README = (REPO / "README.md").read_text()

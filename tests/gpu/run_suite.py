@@ -64,7 +64,8 @@ from entrypoint.gpus import read_gpus  # noqa: E402
 from entrypoint.openai_client import OpenAIClient  # noqa: E402
 from entrypoint.runstate import SuspendRecord  # noqa: E402
 from entrypoint.safety import REQUIRED_SERVER_ENV  # noqa: E402
-from entrypoint.toggle import RESUME, SUSPEND, status, toggle  # noqa: E402
+from entrypoint.server_status import status  # noqa: E402
+from entrypoint.toggle import RESUME, SUSPEND, toggle  # noqa: E402
 from tests.testing import free_port  # noqa: E402
 
 WORK = Path(os.environ.get("SUITE_WORK", "/tmp/gpu-suite"))
@@ -251,6 +252,19 @@ class Target:
 
             fakegpu.write_gpus(self.fake_dir, [(0, "GPU-fake-0", 81559, 4), (1, "GPU-fake-1", 81559, 4)])
 
+    def supervised_env(self, gate_launcher: str) -> dict[str, str]:
+        """What docker/start-services.sh and supervisord.conf read, pointed at this checkout and SUITE_WORK."""
+        return {
+            "SUPERVISOR_RUN_DIR": str(WORK / "sv"),
+            "SUPERVISOR_CONF": str(REPO / "supervisord.conf"),
+            "SUPERVISORD_BIN": str(supervisord_wrapper()),
+            "VLLM_ARGS_FILE": str(WORK / "vllm-args"),
+            "VLLM_LAUNCHER": str(REPO / "docker" / "run-vllm.sh"),
+            "VLLM_REAPER": str(REPO / "docker" / "vllm-reaper.sh"),
+            "GATE_LAUNCHER": gate_launcher,
+            "VLLM_SERVER_CMD": self.server_command(),
+        }
+
     def server_command(self) -> str:
         if self.name == "cpu":
             return f"{sys.executable} {REPO / 'tests' / 'fakes' / 'standin_vllm.py'}"
@@ -368,20 +382,9 @@ def start(args: argparse.Namespace) -> None:
             }
         )
         gate_launcher = f"{sys.executable} -m entrypoint.gate"
-    env.update(
-        {
-            "SUPERVISOR_RUN_DIR": str(WORK / "sv"),
-            "SUPERVISOR_CONF": str(REPO / "supervisord.conf"),
-            "SUPERVISORD_BIN": str(supervisord_wrapper()),
-            "VLLM_ARGS_FILE": str(WORK / "vllm-args"),
-            "VLLM_LAUNCHER": str(REPO / "docker" / "run-vllm.sh"),
-            "VLLM_REAPER": str(REPO / "docker" / "vllm-reaper.sh"),
-            # supervisord.conf's program `gate` needs a command; unless --container-like, the suite starts
-            # its own gate per step (gate_running), so the supervised one is a placeholder holding no port.
-            "GATE_LAUNCHER": gate_launcher,
-            "VLLM_SERVER_CMD": target.server_command(),
-        }
-    )
+    # supervisord.conf's program `gate` needs a command; unless --container-like, the suite starts its own gate
+    # per step (gate_running), so the supervised one is a placeholder holding no port.
+    env.update(target.supervised_env(gate_launcher))
     log_path = WORK / "server.log"
     with log_path.open("ab") as log_file:
         supervisord = subprocess.Popen(
@@ -566,7 +569,28 @@ def protocols(args: argparse.Namespace) -> None:
     )
 
 
-class LoadClients:
+class ClientThreads:
+    """`clients` threads running run_client(number) from `with` until its end (then told to stop, and joined)."""
+
+    clients: int
+    stop: threading.Event
+
+    def run_client(self, number: int) -> None:
+        raise NotImplementedError
+
+    def __enter__(self):
+        self.threads = [threading.Thread(target=self.run_client, args=(n,), daemon=True) for n in range(self.clients)]
+        for thread in self.threads:
+            thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop.set()
+        for thread in self.threads:
+            thread.join(timeout=900)
+
+
+class LoadClients(ClientThreads):
     """Clients that send greedy requests (half of them streamed) without pause, checking every answer."""
 
     def __init__(self, url: str, clients: int, max_tokens: int = 24):
@@ -633,15 +657,7 @@ class LoadClients:
 
     def __enter__(self) -> LoadClients:
         self.make_reference()
-        self.threads = [threading.Thread(target=self.run_client, args=(n,), daemon=True) for n in range(self.clients)]
-        for thread in self.threads:
-            thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop.set()
-        for thread in self.threads:
-            thread.join(timeout=900)
+        return super().__enter__()
 
 
 def tree_pids() -> dict[int, str]:
@@ -1308,7 +1324,7 @@ def vllm_running_requests(srv: Server) -> float:
     return 0.0
 
 
-class CheckedClients:
+class CheckedClients(ClientThreads):
     """Clients that stream greedy ignore_eos requests without pause; every answer must come back whole.
 
     Their text is not compared: a request running across a suspend is preempted and recomputed, or joins
@@ -1330,17 +1346,6 @@ class CheckedClients:
             with self.lock:
                 self.answers.append((f"client {number}", self.max_tokens, answer))
             count += 1
-
-    def __enter__(self) -> CheckedClients:
-        self.threads = [threading.Thread(target=self.run_client, args=(n,), daemon=True) for n in range(self.clients)]
-        for thread in self.threads:
-            thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop.set()
-        for thread in self.threads:
-            thread.join(timeout=900)
 
 
 def acceptance_load(args: argparse.Namespace, config) -> dict:

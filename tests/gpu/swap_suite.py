@@ -27,7 +27,6 @@ from pathlib import Path
 import psutil
 import requests
 from run_suite import REPO, WORK, Answer, Target, ask, ensure_shaped_model, free_port, gpu_used_mib, log, save_step
-from run_suite import supervisord_wrapper as supervisord_command
 
 PROMPT = "Name three rivers of Europe and one fact about each."
 
@@ -53,17 +52,10 @@ def common_vllm_args(args: argparse.Namespace) -> list[str]:
 
 def start_servers(args: argparse.Namespace, target: Target, gate_port: int, ports: dict[str, int]) -> subprocess.Popen:
     env = target.server_env(sleep_mode=True)
+    env.update(target.supervised_env(gate_launcher=f"{sys.executable} -m entrypoint.gate"))
     env.update(
         {
-            "SUPERVISOR_RUN_DIR": str(WORK / "sv"),
-            "SUPERVISOR_CONF": str(REPO / "supervisord.conf"),
-            "SUPERVISORD_BIN": str(supervisord_command()),
-            "VLLM_ARGS_FILE": str(WORK / "vllm-args"),
-            "VLLM_LAUNCHER": str(REPO / "docker" / "run-vllm.sh"),
-            "VLLM_REAPER": str(REPO / "docker" / "vllm-reaper.sh"),
-            "VLLM_SERVER_CMD": target.server_command(),
             "VLLM_SLEEP_MODE": "1",
-            "GATE_LAUNCHER": f"{sys.executable} -m entrypoint.gate",
             "GATE_HOST": "127.0.0.1",
             "GATE_PORT": str(gate_port),
             "GATE_MODELS": model_list(args, ports),
