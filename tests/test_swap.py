@@ -50,12 +50,18 @@ class Swapped:
     def model_status(self, model: str) -> dict:
         return self.gate.status()["models"][model]
 
+    def cuda_pids(self, model: str) -> list[int]:
+        """The model server's CUDA processes: its workers, or at TP=1 EngineCore (which runs the one worker)."""
+        server = self.servers[model]
+        workers = server.workers()
+        return [worker.pid for worker in workers] if workers else [server.engine_core().pid]
+
     def holders_on_gpu(self) -> list[str]:
-        """The models whose EngineCore holds GPU memory now (not checkpointed)."""
+        """The models whose CUDA processes hold GPU memory now (not checkpointed)."""
         return [
             model
-            for model, server in self.servers.items()
-            if fakegpu.read_state(server.engine_core().pid, self.fake_gpu) in ("running", "locked")
+            for model in self.servers
+            if all(fakegpu.read_state(pid, self.fake_gpu) in ("running", "locked") for pid in self.cuda_pids(model))
         ]
 
 
@@ -87,7 +93,7 @@ def swapped(fake_gpu: Path, tmp_path: Path, standin_server) -> Iterator[Callable
     """Factory: two stand-ins (alpha, beta) and the gate in front of both with GATE_MODELS; stopped at teardown."""
     gates: list[Gate] = []
 
-    def start(step_s: float = 0.005, nvml: bool = False, **settings: str) -> Swapped:
+    def start(step_s: float = 0.005, nvml: bool = False, tp: int = 1, **settings: str) -> Swapped:
         """nvml: the gate reads the fake GPU through the fake NVML (per-process figures in one reading), which
         lets a swap overlap the two servers' transitions; else through the fake nvidia-smi."""
         environ = {**SAFE_ENV, "VLLM_SERVER_DEV_MODE": "1", "STANDIN_STEP_S": str(step_s)}
@@ -100,7 +106,8 @@ def swapped(fake_gpu: Path, tmp_path: Path, standin_server) -> Iterator[Callable
                 "--gpu-memory-utilization",
                 SHARE,
                 "--enable-sleep-mode",
-                tensor_parallel_size=1,
+                "--disable-custom-all-reduce",  # refused at TP>1 otherwise (CUDA IPC memory)
+                tensor_parallel_size=tp,
                 env=environ,
             )  # fmt: skip
             for model in MODELS
@@ -243,16 +250,18 @@ def test_failed_swap_answers_503_and_the_next_request_swaps(swapped):
 
 def finished_at(fleet: Swapped, op: str, model: str) -> list[int]:
     """When each `op` of `model`'s EngineCore returned ok (monotonic ns, from the fakes' call log)."""
-    pid = fleet.servers[model].engine_core().pid
+    pid = fleet.cuda_pids(model)[0]
     return [stamp for stamp, name, caller, result in fakegpu.read_calls(fleet.fake_gpu) if (name, caller) == (op, pid)
             and result == "ok"]  # fmt: skip
 
 
-def test_swap_restores_the_next_server_while_the_last_one_is_checkpointed(swapped):
+@pytest.mark.parametrize("tp", [1, 2])
+def test_swap_restores_the_next_server_while_the_last_one_is_checkpointed(swapped, tp: int):
     """With per-process figures (NVML), beta's restore (its contexts: it fits beside alpha) runs while alpha sleeps
     and is checkpointed; beta unlocks and wakes only after alpha's suspend ended: never both resident, steps shown."""
-    fleet = swapped(nvml=True)
-    fakegpu.add_fault(fleet.servers["alpha"].engine_core().pid, "checkpoint", "slow:0.6", root=fleet.fake_gpu)
+    fleet = swapped(nvml=True, tp=tp)
+    for pid in fleet.cuda_pids("alpha"):
+        fakegpu.add_fault(pid, "checkpoint", "slow:0.6", root=fleet.fake_gpu)
     assert fleet.text("beta", "overlap") != "" and fleet.holders_on_gpu() == ["beta"]
     (restored,), (checkpointed,), (unlocked,) = (
         finished_at(fleet, "restore", "beta"), finished_at(fleet, "checkpoint", "alpha")[-1:],
@@ -283,17 +292,16 @@ def test_a_restore_that_does_not_fit_beside_the_resident_server_waits_for_its_sl
     assert "restoring it while alpha is suspended" not in log
 
 
-def test_a_victim_that_fails_to_checkpoint_withdraws_the_overlapped_resume(swapped):
+@pytest.mark.parametrize("tp", [1, 2])
+def test_a_victim_that_fails_to_checkpoint_withdraws_the_overlapped_resume(swapped, tp: int):
     """alpha's checkpoint fails after beta began restoring: alpha runs again, beta is checkpointed again without
     ever waking, the request gets 503, alpha keeps serving, and the next request for beta swaps."""
-    fleet = swapped(nvml=True)
-    alpha_pid = fleet.servers["alpha"].engine_core().pid
-    fakegpu.add_fault(alpha_pid, "checkpoint", "error-after:0.4", root=fleet.fake_gpu)
+    fleet = swapped(nvml=True, tp=tp)
+    fakegpu.add_fault(fleet.cuda_pids("alpha")[-1], "checkpoint", "error-after:0.4", root=fleet.fake_gpu)
     refused = fleet.ask("beta", "withdrawn")
     assert refused.status_code == 503, refused.text
     assert fleet.holders_on_gpu() == ["alpha"] and fleet.text("alpha", "still") != ""
-    beta_pid = fleet.servers["beta"].engine_core().pid
-    assert fakegpu.read_state(beta_pid, fleet.fake_gpu) == "checkpointed"
+    assert {fakegpu.read_state(pid, fleet.fake_gpu) for pid in fleet.cuda_pids("beta")} == {"checkpointed"}
     assert finished_at(fleet, "restore", "beta") and finished_at(fleet, "unlock", "beta") == []
     log = fleet.gate.log()
     assert "the resume was withdrawn" in log and "suspending model alpha to make room failed" in log
