@@ -138,13 +138,15 @@ class FakeTree:
         return fakegpu.process_status(pid)
 
     def kill(self) -> None:
+        from tests.conftest import wait_until_dead
+
         with contextlib.suppress(psutil.NoSuchProcess):
             family = [psutil.Process(self.root), *psutil.Process(self.root).children(recursive=True)]
             for member in family:
                 with contextlib.suppress(psutil.NoSuchProcess):
                     member.send_signal(signal.SIGCONT)
                     member.kill()
-            psutil.wait_procs(family, timeout=10)
+            wait_until_dead(family, timeout=10)  # a zombie counts: PID 1 may take a second to reap an orphan
         self.process.wait(timeout=10)
 
 
