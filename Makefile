@@ -52,9 +52,12 @@ lint: $(VENV)/.installed ## Linters: ruff, shellcheck, hadolint, docker-compose 
 
 # pytest exits 5 when it selects no test: a tier that happens to be empty is not a failure.
 # Tests run in PYTEST_WORKERS processes (pytest-xdist): most of their time is spent waiting on real servers and
-# processes, so 4 workers take well under half the time of one, even on 2 cores.
+# processes, so 4 workers take well under half the time of one, even on 2 cores. --dist loadgroup hands out one
+# test at a time, the longest first (tests/conftest.py orders them), and keeps the tests that share a fixture of
+# module scope on one worker. PYTEST_ARGS: more pytest arguments, e.g. PYTEST_ARGS="--durations=30".
 PYTEST_WORKERS ?= 4
-PYTEST_TIER = status=0; $(VENV)/bin/pytest -q -n $(PYTEST_WORKERS) $(1) || status=$$?; [ $$status -eq 0 ] || [ $$status -eq 5 ] || exit $$status
+PYTEST_ARGS ?=
+PYTEST_TIER = status=0; $(VENV)/bin/pytest -q -n $(PYTEST_WORKERS) --dist loadgroup $(PYTEST_ARGS) $(1) || status=$$?; [ $$status -eq 0 ] || [ $$status -eq 5 ] || exit $$status
 
 .PHONY: check
 check: lint ## The project's own tests and linters, every test (what CI runs)

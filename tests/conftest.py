@@ -45,16 +45,61 @@ QUICK_CYCLES = {
 }
 
 
+# The longest tests (a minute or more each on 2 busy cores) start first, then the other slow ones, the quick
+# ones last: with pytest-xdist no worker is then still in a long test while the others have run out of work.
+# A test that waits for others to finish goes last.
+LONGEST = ("test_install.py", "test_gpu_suite_cpu.py", "test_faults.py::test_kill_during", "test_swap.py::")
+LAST = "test_faults.py::test_every_phase_was_hit"
+
+
 def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line("markers", "slow: left out of `make check-fast` (the quick tier); `make check` runs it")
+    start_python_fast()
+
+
+def start_python_fast() -> None:
+    """The tests start thousands of short Python processes (the fakes, the CLI, the stand-in's processes).
+
+    The fakes run through `env python3`: this interpreter's folder first on PATH spares each one a version
+    manager's shim (pyenv's costs more than the fake itself). With PYTHONDONTWRITEBYTECODE set, each would
+    compile again every module of this repository it imports: the tests write the bytecode (__pycache__,
+    ignored by git), as Python does by default."""
+    os.environ["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")])
+    os.environ.pop("PYTHONDONTWRITEBYTECODE", None)
+    sys.dont_write_bytecode = False
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     for item in items:
+        if module_fixtures(item):  # (pytest-xdist --dist loadgroup) on one worker: the fixture starts once
+            item.add_marker(pytest.mark.xdist_group(item.path.name))
         if f"{item.path.name}::{item.name}" in QUICK_CYCLES:
             continue
         if item.path.name in SLOW_FILES or SERVER_FIXTURES & set(getattr(item, "fixturenames", ())):
             item.add_marker(pytest.mark.slow)
+
+    def start_order(item: pytest.Item) -> int:
+        name = f"{item.path.name}::{item.name}"
+        if name == LAST:
+            return len(LONGEST) + 2
+        longest = [rank for rank, prefix in enumerate(LONGEST) if name.startswith(prefix)]
+        if longest:
+            return longest[0]
+        return len(LONGEST) + (0 if item.get_closest_marker("slow") else 1)
+
+    items.sort(key=start_order)  # stable: each file's tests keep their order
+
+
+def module_fixtures(item: pytest.Item) -> list[str]:
+    """The fixtures of module scope the test uses (defined in tests/, not pytest's own)."""
+    info = getattr(item, "_fixtureinfo", None)
+    if info is None:
+        return []
+    return [
+        name
+        for name, definitions in info.name2fixturedefs.items()
+        if definitions[-1].scope == "module" and "tests" in Path(definitions[-1].baseid or ".").parts
+    ]
 
 
 @pytest.fixture

@@ -11,7 +11,6 @@ import subprocess
 import sys
 
 import pytest
-import transformers
 
 from tests.testing import REPO
 
@@ -28,13 +27,28 @@ def model_dir(tmp_path_factory):
     return output
 
 
+@pytest.fixture(scope="module")
+def transformers():
+    """transformers, imported by the tests that use it: importing it takes seconds, and every pytest-xdist
+    worker collects this module."""
+    import transformers
+
+    return transformers
+
+
+@pytest.fixture(scope="module")
+def tokenizer(transformers, model_dir):
+    """The directory's tokenizer, loaded once (the tests only read it)."""
+    return transformers.AutoTokenizer.from_pretrained(model_dir)
+
+
 def test_directory_has_a_config_and_a_tokenizer_but_no_weights(model_dir):
     """The script writes the config, the generation config and the tokenizer files, and no weight file."""
     names = {path.name for path in model_dir.iterdir()}
     assert names == {"config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json"}
 
 
-def test_config_parses_as_qwen3_with_the_8b_architecture(model_dir):
+def test_config_parses_as_qwen3_with_the_8b_architecture(transformers, model_dir):
     """transformers' Qwen3Config reads Qwen3-8B's published architecture, in float16."""
     config = transformers.AutoConfig.from_pretrained(model_dir)
     assert isinstance(config, transformers.Qwen3Config)
@@ -57,7 +71,7 @@ def test_config_parses_as_qwen3_with_the_8b_architecture(model_dir):
     assert str(getattr(config, "dtype", None) or config.torch_dtype).removeprefix("torch.") == "float16"
 
 
-def test_config_carries_the_awq_quantization(model_dir):
+def test_config_carries_the_awq_quantization(transformers, model_dir):
     """The quantization config is AWQ 4-bit, group 128, with zero points, GEMM kernels."""
     config = transformers.AutoConfig.from_pretrained(model_dir)
     assert config.quantization_config == {
@@ -69,16 +83,15 @@ def test_config_carries_the_awq_quantization(model_dir):
     }
 
 
-def test_generation_config_ends_on_qwen3_end_tokens(model_dir):
+def test_generation_config_ends_on_qwen3_end_tokens(transformers, model_dir):
     """generation_config.json stops on <|im_end|> and <|endoftext|> at Qwen3's ids."""
     generation = transformers.GenerationConfig.from_pretrained(model_dir)
     assert generation.eos_token_id == [IM_END_ID, ENDOFTEXT_ID]
     assert generation.pad_token_id == ENDOFTEXT_ID
 
 
-def test_tokenizer_covers_the_whole_vocabulary_with_qwen3_special_ids(model_dir):
+def test_tokenizer_covers_the_whole_vocabulary_with_qwen3_special_ids(tokenizer):
     """Every id the model can emit has its own token; the special tokens sit at Qwen3's ids."""
-    tokenizer = transformers.AutoTokenizer.from_pretrained(model_dir)
     assert len(tokenizer) == 151936
     assert len(set(tokenizer.get_vocab().values())) == 151936
     assert tokenizer.convert_tokens_to_ids(["<|endoftext|>", "<|im_start|>", "<|im_end|>"]) == [
@@ -89,9 +102,8 @@ def test_tokenizer_covers_the_whole_vocabulary_with_qwen3_special_ids(model_dir)
     assert tokenizer.eos_token_id == IM_END_ID
 
 
-def test_tokenizer_round_trips_text_and_random_ids(model_dir):
+def test_tokenizer_round_trips_text_and_random_ids(tokenizer):
     """Text of known words survives encode/decode; ids drawn over the vocabulary decode to words that encode back."""
-    tokenizer = transformers.AutoTokenizer.from_pretrained(model_dir)
     text = "what is the capital of france ?"
     ids = tokenizer(text).input_ids
     assert tokenizer.unk_token_id not in ids
@@ -102,9 +114,8 @@ def test_tokenizer_round_trips_text_and_random_ids(model_dir):
     assert decoded.isprintable() and tokenizer(decoded).input_ids == drawn
 
 
-def test_chat_template_renders_chatml(model_dir):
+def test_chat_template_renders_chatml(tokenizer):
     """The chat template writes ChatML and its token ids start with <|im_start|> and end on the assistant's turn."""
-    tokenizer = transformers.AutoTokenizer.from_pretrained(model_dir)
     messages = [{"role": "system", "content": "Be short."}, {"role": "user", "content": "Say hello."}]
     text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
     assert text == (

@@ -22,6 +22,7 @@ import subprocess
 import sys
 import time
 from collections import defaultdict
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -49,7 +50,6 @@ PHASE_SECONDS = defaultdict(
     lambda: 0.05, {"settle": 0.6, "observe": 0.1, "quiesce": 0.01, "unquiesce": 0.01, "lock": SLOW_S}
 )
 PHASE_SECONDS.update({"checkpoint": SLOW_S, "restore": SLOW_S, "unlock": SLOW_S, "verify": SLOW_S})
-HITS: dict[str, set[str]] = {"suspend": set(), "resume": set()}  # the phases the kills hit, for the last test
 
 
 @dataclass
@@ -226,7 +226,25 @@ def assert_running_gets_there(rig: Rig) -> None:
 KILL_CHUNKS = [(chunk, QUIESCE_PATHS[chunk % len(QUIESCE_PATHS)]) for chunk in range(CHUNKS)]
 
 
-def kill_each_phase_then_running(rig: Rig, chunk: int, target: str) -> None:
+def hits_folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Where each kill test saves the phases it hit: shared by every pytest-xdist worker of this run (the kill
+    tests run spread over them), private to the run."""
+    base = tmp_path_factory.getbasetemp()
+    folder = (base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base) / "fault-matrix-hits"
+    folder.mkdir(exist_ok=True)
+    return folder
+
+
+@pytest.fixture
+def hits(request, tmp_path_factory) -> Iterator[dict]:
+    """The phases this kill test hits ("hit"), and whether it ran to its end ("complete"); saved at teardown,
+    also when the test failed, for test_every_phase_was_hit."""
+    record = {"hit": [], "complete": False}
+    yield record
+    (hits_folder(tmp_path_factory) / f"{request.node.name}.json").write_text(json.dumps(record))
+
+
+def kill_each_phase_then_running(rig: Rig, chunk: int, target: str, hits: dict) -> None:
     """The chunk's kills of `target`: kill -9 at a random moment of each of its phases in turn (both backends,
     an orphaned call before `settle`), each followed by `running`, which must get the server answering."""
     direction = "suspend" if target == "checkpointed" else "resume"
@@ -244,21 +262,22 @@ def kill_each_phase_then_running(rig: Rig, chunk: int, target: str) -> None:
         slow_phases(rig, direction)
         hit, tool = kill_in_phase(rig, target, phase, rng, backend=backend)
         tool.communicate()
-        HITS[direction].add(hit)
+        hits["hit"].append(hit)
         print(f"{direction} kill {k} ({backend}): aimed at {phase}, hit {hit}")
         assert_running_gets_there(rig)
+    hits["complete"] = True
 
 
 @pytest.mark.parametrize(("chunk", "rig"), KILL_CHUNKS, indirect=["rig"])
-def test_kill_during_suspend_then_running(rig, chunk):
+def test_kill_during_suspend_then_running(rig, chunk, hits):
     """kill -9 of `checkpointed` at a random moment of each phase, then `running`: the server answers."""
-    kill_each_phase_then_running(rig, chunk, "checkpointed")
+    kill_each_phase_then_running(rig, chunk, "checkpointed", hits)
 
 
 @pytest.mark.parametrize(("chunk", "rig"), KILL_CHUNKS, indirect=["rig"])
-def test_kill_during_resume_then_running(rig, chunk):
+def test_kill_during_resume_then_running(rig, chunk, hits):
     """kill -9 of `running` at a random moment of each phase, then `running`: the server answers."""
-    kill_each_phase_then_running(rig, chunk, "running")
+    kill_each_phase_then_running(rig, chunk, "running", hits)
 
 
 # --- Ctrl-C and SIGTERM at every phase ------------------------------------------------------------------
@@ -491,9 +510,22 @@ def test_unwritable_run_dir_is_a_usage_error(rig, tmp_path, where):
     assert code == 0 and "Traceback" not in err
 
 
-def test_every_phase_was_hit():
+def test_every_phase_was_hit(request, tmp_path_factory):
     """The kills above hit every phase of the lists in the code at least once."""
-    if not HITS["suspend"] and not HITS["resume"]:
-        pytest.skip("runs after the kill matrix of this module")
-    assert set(SUSPEND_PHASES) <= HITS["suspend"], HITS["suspend"]
-    assert set(RESUME_PHASES) <= HITS["resume"], HITS["resume"]
+    kill_tests = {item.name for item in request.session.items if item.name.startswith("test_kill_during_")}
+    if not kill_tests:
+        pytest.skip("runs with the kill matrix of this module")
+    # Under pytest-xdist the kill tests run on other workers too: wait until each has saved what it hit.
+    folder = hits_folder(tmp_path_factory)
+    deadline = time.monotonic() + 380
+    while (missing := {name for name in kill_tests if not (folder / f"{name}.json").exists()}) and (
+        time.monotonic() < deadline
+    ):
+        time.sleep(0.5)
+    assert not missing, f"kill tests that never finished: {sorted(missing)}"
+    records = {name: json.loads((folder / f"{name}.json").read_text()) for name in kill_tests}
+    if not all(record["complete"] for record in records.values()):
+        pytest.skip("a kill test failed (its own report says why): the matrix is incomplete")
+    for direction, phases in (("suspend", SUSPEND_PHASES), ("resume", RESUME_PHASES)):
+        hit = {phase for name, record in records.items() if f"_{direction}_" in name for phase in record["hit"]}
+        assert set(phases) <= hit, (direction, hit)

@@ -21,6 +21,7 @@ def test_gpu_suite_runs_its_steps_on_the_cpu_stand_in(tmp_path):
         "PYTHON": sys.executable,
         "SUITE_TARGET": "cpu",
         "SUITE_WORK": str(tmp_path / "suite"),
+        "SUITE_SITE": str(tmp_path / "site"),  # nothing there: the CPU run imports from this venv only
         "SUITE_STEPS": "machine start cycles acceptance stop refusal report",
         "SUITE_TP": "2",
         "SUITE_GB": "2",

@@ -6,6 +6,7 @@ import contextlib
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import uuid
@@ -138,13 +139,15 @@ class FakeTree:
         return fakegpu.process_status(pid)
 
     def kill(self) -> None:
+        from tests.conftest import wait_until_dead
+
         with contextlib.suppress(psutil.NoSuchProcess):
             family = [psutil.Process(self.root), *psutil.Process(self.root).children(recursive=True)]
             for member in family:
                 with contextlib.suppress(psutil.NoSuchProcess):
                     member.send_signal(signal.SIGCONT)
                     member.kill()
-            psutil.wait_procs(family, timeout=10)
+            wait_until_dead(family, timeout=10)  # a zombie counts: PID 1 may take a second to reap an orphan
         self.process.wait(timeout=10)
 
 
@@ -152,8 +155,13 @@ class FakeTree:
 def fake_tree(fake_gpu: Path, server_tag: str) -> Iterator[Callable[..., FakeTree]]:
     """Factory: fake_tree(workers=2, mib=1000, args=SAFE_ARGS, env=SAFE_ENV, title=VLLM_TITLE) starts
     tests/fakes/fake_tree.py (root -> VLLM::EngineCore -> VLLM::Worker_TP*, plus non-CUDA helpers) and
-    kills it at teardown. The root's command line holds `server_tag`."""
+    kills it at teardown. The root's command line holds `server_tag`, and a --port where nothing listens: a
+    socket bound without listening, held until teardown, so the tool's HTTP calls are refused at once and
+    never reach a server that listens on vLLM's default port on this machine."""
     trees: list[FakeTree] = []
+    closed_port = socket.socket()
+    closed_port.bind(("127.0.0.1", 0))
+    port = closed_port.getsockname()[1]
 
     def start(
         workers: int = 2,
@@ -173,7 +181,7 @@ def fake_tree(fake_gpu: Path, server_tag: str) -> Iterator[Callable[..., FakeTre
                 "--mib",
                 str(mib),
                 "--root-title",
-                f"{title} --tag {server_tag}",
+                f"{title} --tag {server_tag} --port {port}",
                 "--args",
                 args,
             ],
@@ -191,3 +199,4 @@ def fake_tree(fake_gpu: Path, server_tag: str) -> Iterator[Callable[..., FakeTre
     yield start
     for tree in trees:
         tree.kill()
+    closed_port.close()
