@@ -36,9 +36,9 @@ from loguru import logger
 from benchmarks.seed_protocol import seed_cuda_pids, seed_toggle_all
 from entrypoint.backend_cli import CliBackend
 from entrypoint.config import DEFAULT_MATCH, Config, load_config
-from entrypoint.errors import SuspendError
+from entrypoint.errors import ToolError
 from entrypoint.safety import REQUIRED_SERVER_ENV
-from entrypoint.toggle import RESUME, SUSPEND, toggle
+from entrypoint.toggle import RESUME, SUSPEND, move_to
 
 REPO = Path(__file__).resolve().parent.parent
 FAKES_DIR = REPO / "tests" / "fakes"
@@ -220,12 +220,12 @@ class FakeMachine:
 
 
 def run_ours(machine: FakeMachine, tree: FakeTree, backend: str, target: str) -> dict:
-    """One toggle() call (the library behind `cuda-toggle-all checkpointed|running`)."""
+    """One move_to() call (the library behind `cuda-toggle-all checkpointed|running`)."""
     began = time.monotonic()
     try:
-        result = toggle(target, machine.config(tree), backend_name=backend)
-    except SuspendError as error:
-        # toggle() defers SIGINT/SIGTERM until its phase is finished or rolled back; a rolled-back suspend
+        result = move_to(target, machine.config(tree), backend_name=backend)
+    except ToolError as error:
+        # move_to() defers SIGINT/SIGTERM until its phase is finished or rolled back; a rolled-back suspend
         # says so only in its message
         if "interrupted by" in str(error) or (error.result is not None and error.result.interrupted):
             raise Interrupted(str(error))
@@ -364,7 +364,7 @@ def render(report: dict) -> str:
         f"{meta['date']}, {meta['machine']}, Python {meta['python']}; 1-minute load average "
         f"{load['before'][0]:.2f} before, {load['after'][0]:.2f} after.",
         "",
-        f"Tool overhead: toggle() with the tool's defaults, medians of {meta['repetitions']} runs; the fake "
+        f"Tool overhead: move_to() with the tool's defaults, medians of {meta['repetitions']} runs; the fake "
         f"checkpoint/restore of a worker takes {meta['transfer_s']:g} s, all workers in parallel.",
         "backend ops = lock+checkpoint (suspend) or restore+unlock (resume) phases; overhead = total - backend ops.",
         "",
@@ -380,7 +380,7 @@ def render(report: dict) -> str:
         )
     lines += [
         "",
-        f"Parallel protocol (toggle(), cli backend) against the seed's sequential toggle (cli backend, "
+        f"Parallel protocol (move_to(), cli backend) against the seed's sequential toggle (cli backend, "
         f"{meta['seed_verify_sleep_s']:g} s verify sleeps), same tree, alternating, medians of "
         f"{meta['repetitions']} runs. The seed's time leaves out its PID discovery (shown apart); ours includes it.",
         "",
@@ -465,7 +465,7 @@ def main(argv: list[str] | None = None) -> int:
     except (KeyboardInterrupt, Interrupted) as why:
         print(f"interrupted ({why}): every process the benchmark started was stopped", file=sys.stderr)
         return 130
-    except SuspendError as error:
+    except ToolError as error:
         # e.g. a Ctrl-C from the terminal also hit the fake cuda-checkpoint calls of a transition, which then
         # failed and was rolled back: cleanup has run, the message says what happened
         print(f"cuda-toggle-all failed: {error}", file=sys.stderr)

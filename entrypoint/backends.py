@@ -6,7 +6,7 @@ import shutil
 from typing import Protocol
 
 from .config import Config
-from .errors import ExitCode, SuspendError
+from .errors import ExitCode, ToolError
 
 STATES = ("running", "locked", "checkpointed", "failed")
 
@@ -52,7 +52,7 @@ def select_backend(config: Config, choice: str | None = None) -> Backend:
             return DriverBackend(config)
         except DriverUnavailable as why:
             if choice == "driver":
-                raise SuspendError(
+                raise ToolError(
                     f"the driver backend is unavailable: {why}; it needs NVIDIA driver >= 570 "
                     "(cuCheckpointProcess* in libcuda.so.1; set CUDA_TOGGLE_LIBCUDA to its path) "
                     "or use --backend cli",
@@ -60,7 +60,7 @@ def select_backend(config: Config, choice: str | None = None) -> Backend:
                 )
             driver_problem = str(why)
     if shutil.which(config.cuda_checkpoint_bin) is None:
-        raise SuspendError(
+        raise ToolError(
             f"no checkpoint backend: {config.cuda_checkpoint_bin!r} is not on PATH"
             + (f" and the driver API is unavailable ({driver_problem})" if choice == "auto" else "")
             + "; install NVIDIA's cuda-checkpoint (or set CUDA_CHECKPOINT_BIN), "

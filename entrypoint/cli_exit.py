@@ -1,7 +1,7 @@
 """The one place that turns the outcome of a console script into its exit code.
 
 Every console script is a `click.command(cls=ExitCodeCommand)`: the command's return value (an ExitCode, or
-None for 0) is its exit code; a SuspendError prints its message and exits with its code (after the script's
+None for 0) is its exit code; a ToolError prints its message and exits with its code (after the script's
 own failure rendering, e.g. its JSON result); click's usage errors exit 2 (click's own); Ctrl-C exits 130;
 anything else is a bug, said in one line (the traceback only with -v) with its own code. The class, not a
 wrapper around `main()`, so that click's test runner sees the same exit codes as a shell.
@@ -14,11 +14,11 @@ from collections.abc import Callable
 import click
 from loguru import logger
 
-from .errors import ExitCode, SuspendError
+from .errors import ExitCode, ToolError
 
 # Renders a failure the way the script's output promises (its JSON on stdout, its table), from the parsed
 # parameters; the message itself is already logged.
-FailureRenderer = Callable[[SuspendError, dict], None]
+FailureRenderer = Callable[[ToolError, dict], None]
 
 
 class ExitCodeCommand(click.Command):
@@ -36,7 +36,7 @@ class ExitCodeCommand(click.Command):
         except KeyboardInterrupt:
             logger.error("interrupted (Ctrl-C)")
             code = int(ExitCode.INTERRUPTED)
-        except SuspendError as failure:
+        except ToolError as failure:
             logger.error(failure.message)
             if self.render_failure is not None:
                 self.render_failure(failure, ctx.params)

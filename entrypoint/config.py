@@ -218,7 +218,7 @@ class Config:
 
 
 def load_config(environ: Mapping[str, str] | None = None) -> Config:
-    """Parse the environment (os.environ by default) into a Config; a bad value raises SuspendError(USAGE)."""
+    """Parse the environment (os.environ by default) into a Config; a bad value raises ToolError(USAGE)."""
     values, sources = parse_settings(SETTINGS.values(), os.environ if environ is None else environ)
     return Config(**values, sources=sources)
 

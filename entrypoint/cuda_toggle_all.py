@@ -13,10 +13,10 @@ from loguru import logger
 
 from .cli_exit import ExitCodeCommand
 from .config import load_config, settings_help
-from .errors import TOGGLE_EXIT_CODES, SuspendError, exit_codes_help
+from .errors import TOGGLE_EXIT_CODES, ToolError, exit_codes_help
 from .render import print_settings, setup_logging, status_table, toggle_table
 from .server_status import status, warm_up
-from .toggle import TARGET_ALIASES, toggle
+from .toggle import TARGET_ALIASES, move_to
 
 EPILOG = "\n\n".join(
     [
@@ -29,7 +29,7 @@ EPILOG = "\n\n".join(
 )
 
 
-def render_failure(failure: SuspendError, params: dict) -> None:
+def render_failure(failure: ToolError, params: dict) -> None:
     """The result table of a failed transition, and with --json the one JSON object the output promises."""
     report = failure.result.to_json() if hasattr(failure.result, "to_json") else None
     if report is not None and "pids" in report and "target" in report:
@@ -142,7 +142,7 @@ def cli(
             else f"warm-up: nothing done ({result['reason']})"
         )
     else:
-        result = toggle(
+        result = move_to(
             target,
             config,
             pid=pid,

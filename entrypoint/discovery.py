@@ -12,7 +12,7 @@ from loguru import logger
 from supervisor.xmlrpc import SupervisorTransport
 
 from .config import Config
-from .errors import ExitCode, SuspendError
+from .errors import ExitCode, ToolError
 from .processes import ancestors_of, describe
 
 
@@ -33,7 +33,7 @@ def supervisor_proxy(url: str, timeout_s: float = 5.0) -> xmlrpc.client.ServerPr
 def supervisor_program_pid(url: str, program: str) -> int | None:
     """The PID supervisord reports for `program`; None when supervisord is not there.
 
-    Raises SuspendError when supervisord runs the program but it is not running: then matching
+    Raises ToolError when supervisord runs the program but it is not running: then matching
     command lines would only find a process that is starting or dying.
     """
     if url.startswith("unix://") and not os.path.exists(url[len("unix://") :]):
@@ -48,7 +48,7 @@ def supervisor_program_pid(url: str, program: str) -> int | None:
         return None
     # STARTING only means younger than the program's startsecs: the process is there and is the server.
     if info.get("statename") not in ("RUNNING", "STARTING") or not info.get("pid"):
-        raise SuspendError(
+        raise ToolError(
             f"supervisord's program {program!r} is {info.get('statename')}, not RUNNING "
             f"({info.get('description', '')}): see `supervisorctl status {program}` and the server's log",
             ExitCode.SERVER_NOT_FOUND,
@@ -98,19 +98,19 @@ def looks_like_vllm(pid: int) -> bool:
 def _checked_pid(pid: int, force: bool) -> ServerRoot:
     """--pid PID: it must name a live vLLM server's root, not PID 1 or a tree of several servers."""
     if pid <= 0:
-        raise SuspendError(f"--pid {pid} is not a process ID: give the PID of the vLLM server's root", ExitCode.USAGE)
+        raise ToolError(f"--pid {pid} is not a process ID: give the PID of the vLLM server's root", ExitCode.USAGE)
     if describe(pid) is None:
-        raise SuspendError(f"no process with PID {pid}: check the PID given with --pid", ExitCode.SERVER_NOT_FOUND)
+        raise ToolError(f"no process with PID {pid}: check the PID given with --pid", ExitCode.SERVER_NOT_FOUND)
     if force:
         return ServerRoot(pid, "--pid")
     if pid == 1 or pid == os.getpid() or pid in ancestors_of(os.getpid()):
-        raise SuspendError(
+        raise ToolError(
             f"--pid {pid} is an init process or an ancestor of this tool, whose tree holds every process (other "
             "servers too): give the vLLM server's own PID (supervisorctl pid vllm), or --force",
             ExitCode.USAGE,
         )
     if not looks_like_vllm(pid):
-        raise SuspendError(
+        raise ToolError(
             f"PID {pid} is not a vLLM server (neither its command line nor its children's titles mention vLLM): "
             "give the server's own PID, or --force to act on it anyway",
             ExitCode.USAGE,
@@ -120,7 +120,7 @@ def _checked_pid(pid: int, force: bool) -> ServerRoot:
     except (psutil.NoSuchProcess, psutil.AccessDenied):
         nested = []
     if nested:
-        raise SuspendError(
+        raise ToolError(
             f"PID {pid}'s tree holds other vLLM servers ({nested}): give one server's PID, or --force",
             ExitCode.USAGE,
         )
@@ -136,7 +136,7 @@ def _is_api_server(process: psutil.Process) -> bool:
 
 
 def find_server(config: Config, pid: int | None = None, *, force: bool = False) -> ServerRoot:
-    """The root process of the server; SuspendError(SERVER_NOT_FOUND) with a hint otherwise."""
+    """The root process of the server; ToolError(SERVER_NOT_FOUND) with a hint otherwise."""
     if pid is not None:
         return _checked_pid(pid, force)
 
@@ -148,14 +148,14 @@ def find_server(config: Config, pid: int | None = None, *, force: bool = False) 
     if len(roots) == 1:
         return ServerRoot(roots[0].pid, f"command line matching {list(config.match)}")
     if not roots:
-        raise SuspendError(
+        raise ToolError(
             f"no vLLM server found: supervisord ({config.supervisor_url}) has no running program "
             f"{config.program!r} and no command line contains any of {list(config.match)}; "
             "start the server, or name it with --pid PID or --match TEXT",
             ExitCode.SERVER_NOT_FOUND,
         )
     listing = "; ".join(f"{p.pid}: {' '.join(p.info['cmdline'] or [])[:100]}" for p in roots)
-    raise SuspendError(
+    raise ToolError(
         f"{len(roots)} processes look like a vLLM server ({listing}); choose one with --pid PID",
         ExitCode.SERVER_NOT_FOUND,
     )

@@ -47,8 +47,9 @@ SELFTEST_EXIT_CODES = list(ExitCode)  # its suspends and resumes are cuda-toggle
 GATE_EXIT_CODES = COMMON_EXIT_CODES  # a failed suspend or resume is answered to the client, not an exit
 
 
-class SuspendError(Exception):
-    """An expected failure: a message for the user (naming the fix) and the exit code it maps to."""
+class ToolError(Exception):
+    """An expected failure of any of our tools (cuda-toggle-all, selftest, the gate): a message for the user
+    (naming the fix) and the exit code it maps to."""
 
     def __init__(self, message: str, exit_code: ExitCode, result: object = None):
         super().__init__(message)

@@ -24,7 +24,7 @@ from loguru import logger
 
 from .cli_exit import ExitCodeCommand
 from .config import Config, load_config
-from .errors import GATE_EXIT_CODES, ExitCode, SuspendError, exit_codes_help
+from .errors import GATE_EXIT_CODES, ExitCode, ToolError, exit_codes_help
 from .gate_config import GateConfig, gate_settings_help, load_gate_config
 from .gate_control import PowerController
 from .gate_limits import ConnectionLimiter, ensure_open_file_limit
@@ -124,7 +124,7 @@ def listening_socket(host: str, port: int) -> socket.socket:
         listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         listener.bind(address)
     except OSError as error:  # the port is taken, or the address is not this machine's
-        raise SuspendError(
+        raise ToolError(
             f"cannot listen on {host}:{port}: {error}; set GATE_HOST and GATE_PORT", ExitCode.USAGE
         ) from None
     listener.listen(1024)
@@ -234,7 +234,7 @@ def cli(print_config: bool, as_json: bool, programs_dir: Path | None, verbose: b
         try:
             programs = write_programs(gate, Path(os.environ.get("VLLM_ARGS_FILE", "/run/vllm/args")), programs_dir)
         except OSError as error:  # the folder cannot be written: say which, as for a bad setting
-            raise SuspendError(f"cannot write the programs to {programs_dir}: {error}", ExitCode.USAGE)
+            raise ToolError(f"cannot write the programs to {programs_dir}: {error}", ExitCode.USAGE)
         logger.info("supervisord programs for GATE_MODELS: {}", ", ".join(programs) or "none (GATE_MODELS unset)")
         return
     if print_config:

@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 
 from yarl import URL
 
-from .errors import ExitCode, SuspendError
+from .errors import ExitCode, ToolError
 from .gate_paths import DEFAULT_PASSIVE_PATHS, OPTIONAL_PATHS, RouteTable, is_clean, is_private
 from .settings import DAY_S, BadValue, Setting, describe, parse_settings, settings_help
 
@@ -284,17 +284,17 @@ class GateConfig:
 
 
 def load_gate_config(environ: Mapping[str, str]) -> GateConfig:
-    """Parse GATE_* variables of `environ` into a GateConfig; a bad value raises SuspendError(USAGE)."""
+    """Parse GATE_* variables of `environ` into a GateConfig; a bad value raises ToolError(USAGE)."""
     values, sources = parse_settings(GATE_SETTINGS.values(), environ)
     config = GateConfig(**values, sources=sources)
     if config.models and config.server_pid is not None:
-        raise SuspendError(
+        raise ToolError(
             "GATE_SERVER_PID names one server, but GATE_MODELS runs several (the gate finds each by its port):"
             " unset GATE_SERVER_PID",
             ExitCode.USAGE,
         )
     if any(model.port == config.port for model in config.models):
-        raise SuspendError(
+        raise ToolError(
             f"GATE_MODELS gives a model the gate's own port {config.port} (GATE_PORT): give it another port",
             ExitCode.USAGE,
         )
@@ -303,7 +303,7 @@ def load_gate_config(environ: Mapping[str, str]) -> GateConfig:
         if forwarded.find(path) is None:
             setting = GATE_SETTINGS["GATE_PASSIVE_PATHS"]
             text = sources.get(setting.env, setting.default)
-            raise SuspendError(
+            raise ToolError(
                 f"{setting.env}={text!r} names {path}, which the gate does not forward: remove it"
                 + (" or add it to GATE_EXTRA_PATHS" if path in OPTIONAL_PATHS else ""),
                 ExitCode.USAGE,

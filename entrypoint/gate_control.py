@@ -28,12 +28,12 @@ from pathlib import Path
 from loguru import logger
 
 from .config import Config
-from .errors import SuspendError
+from .errors import ToolError
 from .gate_config import GateConfig
 from .gate_metrics import GateMetrics
 from .runstate import SuspendRecord
 from .server_status import status
-from .toggle import RESUME, SUSPEND, toggle
+from .toggle import RESUME, SUSPEND, move_to
 from .transition import OverlapHooks
 
 # A request that keeps finding the server suspended again (someone suspending in a loop) gives up.
@@ -96,7 +96,7 @@ def tool_lock_purpose(run_dir: str) -> str | None:
 
 
 def phase_of_tool_run(purpose: str) -> Phase:
-    # toggle() writes "cuda-toggle-all running" or "cuda-toggle-all checkpointed"; anything else might
+    # move_to() writes "cuda-toggle-all running" or "cuda-toggle-all checkpointed"; anything else might
     # be a suspend, so requests must wait for it either way.
     return Phase.RESUMING if purpose.endswith(RESUME) else Phase.SUSPENDING
 
@@ -249,14 +249,14 @@ class PowerController:
         transition, target = ("suspend", SUSPEND) if phase is Phase.SUSPENDING else ("resume", RESUME)
         started = time.monotonic()
         logger.debug("{}{} started (trigger: {})", transition, self.label, trigger)
-        call = functools.partial(self.call_library, toggle, target, hooks=hooks)
+        call = functools.partial(self.call_library, move_to, target, hooks=hooks)
         try:
             result = await asyncio.get_running_loop().run_in_executor(self.executor, call)
             notes = "; ".join(result.notes)
             outcome = TransitionOutcome(
                 transition, trigger, True, time.monotonic() - started, notes, steps=dict(result.phases)
             )
-        except SuspendError as failure:
+        except ToolError as failure:
             seconds = time.monotonic() - started
             steps = dict(getattr(failure.result, "phases", {}) or {})
             outcome = TransitionOutcome(
@@ -307,7 +307,7 @@ class PowerController:
         call = functools.partial(self.call_library, status)
         try:
             overall = (await asyncio.get_running_loop().run_in_executor(self.executor, call)).state
-        except SuspendError as failure:
+        except ToolError as failure:
             logger.warning("cannot read the server's CUDA states: {}", failure.message)
             return
         except Exception as error:  # the state stays what the record says
@@ -318,7 +318,7 @@ class PowerController:
         logger.info("CUDA states read after the failure: {}", overall)
 
     def call_library(self, function: Callable, *args: object, **options: object) -> object:
-        """Run toggle() or status() of the library on this server (in the worker thread)."""
+        """Run move_to() or status() of the library on this server (in the worker thread)."""
         return function(*args, self.toggle_config, pid=self.find_pid(), **options)
 
     # -- the watcher: suspends by someone else, and idle suspends ---------------------------------

@@ -20,7 +20,7 @@ from collections.abc import AsyncIterator, Callable
 from aiohttp import web
 from loguru import logger
 
-from .errors import ExitCode, SuspendError
+from .errors import ExitCode, ToolError
 
 MIB = 2**20
 # Open files the gate needs besides its connections: Python, the listening socket, logs, the lock probe,
@@ -36,7 +36,7 @@ READ_CHUNK = 2**16
 def ensure_open_file_limit(max_connections: int) -> int:
     """Raise the soft open-file limit to what max_connections needs (two files each: client and vLLM).
 
-    Returns the limit in force; SuspendError(USAGE) when even the hard limit is too low.
+    Returns the limit in force; ToolError(USAGE) when even the hard limit is too low.
     """
     needed = 2 * max_connections + FILES_BESIDES_CONNECTIONS
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
@@ -45,7 +45,7 @@ def ensure_open_file_limit(max_connections: int) -> int:
         resource.setrlimit(resource.RLIMIT_NOFILE, (raised, hard))
         soft = raised
     if soft != resource.RLIM_INFINITY and soft < needed:
-        raise SuspendError(
+        raise ToolError(
             f"GATE_MAX_CONNECTIONS={max_connections} needs {needed} open files, but the limit is {soft}:"
             f" lower GATE_MAX_CONNECTIONS to at most {max(1, (soft - FILES_BESIDES_CONNECTIONS) // 2)}, or raise"
             " the limit (`ulimits: nofile` in docker-compose.yml, `ulimit -n`)",

@@ -36,7 +36,7 @@ from loguru import logger
 
 from .config import Config
 from .discovery import supervisor_program_pid, supervisor_proxy
-from .errors import ExitCode, SuspendError
+from .errors import ExitCode, ToolError
 from .gate_config import GateConfig, ModelEntry
 from .gate_control import Phase, PowerController, ResumeFailed
 from .gate_metrics import PHASES, GateMetrics
@@ -115,7 +115,7 @@ def check_host_ram(gate: GateConfig, toggle_config: Config) -> None:
         return
     refusal = host_ram_refusal(gate.models, gpus, host_available_mib(toggle_config), toggle_config.ram_margin_mib)
     if refusal:
-        raise SuspendError(refusal, ExitCode.USAGE)
+        raise ToolError(refusal, ExitCode.USAGE)
 
 
 def requested_model(body: bytes) -> str | None:
@@ -161,7 +161,7 @@ def server_pids(server: ModelServer) -> list[int]:
             return []
         root = psutil.Process(pid)
         return [root.pid, *(child.pid for child in root.children(recursive=True))]
-    except (psutil.Error, SuspendError):
+    except (psutil.Error, ToolError):
         return []
 
 
@@ -208,7 +208,7 @@ class Fleet:
         if pid is None:
             pid = listening_pid(entry.port)
         if pid is None:
-            raise SuspendError(
+            raise ToolError(
                 f"no server of model {entry.name} found: supervisord has no program {entry.program!r} and no "
                 f"process listens on port {entry.port}",
                 ExitCode.SERVER_NOT_FOUND,
@@ -297,7 +297,7 @@ class Fleet:
         try:
             report = await asyncio.get_running_loop().run_in_executor(controller.executor, call)
             logger.info("model {} warm-up: {}", server.name, report.get("reason") or "done")
-        except SuspendError as failure:
+        except ToolError as failure:
             logger.warning("model {} warm-up failed: {}", server.name, failure.message)
 
     # -- routing and admission ----------------------------------------------------------------------

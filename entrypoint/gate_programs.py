@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .errors import ExitCode, SuspendError
+from .errors import ExitCode, ToolError
 from .gate_config import GateConfig, ModelEntry
 
 PROGRAMS_FILE = "models.conf"
@@ -46,7 +46,7 @@ def read_arguments(path: Path) -> list[str]:
     try:
         data = path.read_bytes()
     except OSError as error:
-        raise SuspendError(
+        raise ToolError(
             f"cannot read the saved vLLM arguments {path}: {error}; docker/start-services.sh saves them", ExitCode.USAGE
         ) from None
     return [part.decode() for part in data.split(b"\0")[:-1]]  # each argument ends with a NUL
@@ -69,7 +69,7 @@ def write_programs(gate: GateConfig, args_file: Path, programs_dir: Path) -> lis
     sections = []
     for model in gate.models:
         if '"' in str(args_file) or "%" in str(args_file):
-            raise SuspendError(f"VLLM_ARGS_FILE={args_file} has a quote or %: choose a plain path", ExitCode.USAGE)
+            raise ToolError(f"VLLM_ARGS_FILE={args_file} has a quote or %: choose a plain path", ExitCode.USAGE)
         own = Path(f"{args_file}.{model.name}")
         encoded = b"".join(arg.encode() + b"\0" for arg in model_arguments(saved, model))
         temporary = own.with_name(own.name + ".tmp")

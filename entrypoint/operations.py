@@ -21,7 +21,7 @@ import psutil
 from loguru import logger
 
 from .config import Config
-from .errors import ExitCode, SuspendError
+from .errors import ExitCode, ToolError
 from .processes import describe, same_process
 
 JOURNAL_DIR = "ops"
@@ -155,8 +155,8 @@ def _still_running(path: Path, entry: OperationEntry, binary: str) -> bool:
 READ_TRIES = 3
 
 
-def _still_in_flight(config: Config, pid: int) -> SuspendError:
-    return SuspendError(
+def _still_in_flight(config: Config, pid: int) -> ToolError:
+    return ToolError(
         f"an operation on PID {pid} left by a killed run has not ended after CUDA_TOGGLE_OP_TIMEOUT_S="
         f"{config.op_timeout_s:g} s (its state read still blocks); nothing was changed by this run. Run again "
         f"later, or restart the server if PID {pid} stays stuck",
@@ -208,7 +208,7 @@ def _settled_state(config: Config, backend, pid: int, deadline: float) -> str:
         if current == previous:
             return current
         if time.monotonic() >= deadline:
-            raise SuspendError(
+            raise ToolError(
                 f"the CUDA state of PID {pid} kept changing (last {current}) after an operation a killed run "
                 f"left behind; CUDA_TOGGLE_OP_TIMEOUT_S={config.op_timeout_s:g} s passed: inspect it with "
                 "`cuda-toggle-all status`, restart the server if it stays so",
@@ -221,7 +221,7 @@ def _settled_state(config: Config, backend, pid: int, deadline: float) -> str:
 def settle_orphans(config: Config, backend) -> list[str]:
     """Wait for every operation an earlier run left in flight, and see where it landed; returns notes.
 
-    Call it with the ToolLock held, before looking at the server. Raises SuspendError(INCONSISTENT)
+    Call it with the ToolLock held, before looking at the server. Raises ToolError(INCONSISTENT)
     naming the PID when an operation is still running after CUDA_TOGGLE_OP_TIMEOUT_S.
     """
     entries = read_entries(config.run_dir)
@@ -240,7 +240,7 @@ def settle_orphans(config: Config, backend) -> list[str]:
         now = time.monotonic()
         if now >= deadline:
             names = "; ".join(entry.describe() for _, entry in pending)
-            raise SuspendError(
+            raise ToolError(
                 f"{names}: still running after CUDA_TOGGLE_OP_TIMEOUT_S={config.op_timeout_s:g} s; nothing was "
                 f"changed by this run. Run again later, or restart the server if PID "
                 f"{', '.join(str(entry.pid) for _, entry in pending)} stays stuck",

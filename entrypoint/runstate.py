@@ -13,7 +13,7 @@ from pathlib import Path
 
 from loguru import logger
 
-from .errors import ExitCode, SuspendError
+from .errors import ExitCode, ToolError
 
 
 class ToolLock:
@@ -30,7 +30,7 @@ class ToolLock:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             self.handle = open(self.path, "a+")
         except OSError as error:
-            raise SuspendError(
+            raise ToolError(
                 f"cannot open the lock file {self.path}: {error}; set CUDA_TOGGLE_RUN_DIR to a writable folder",
                 ExitCode.USAGE,
             )
@@ -43,7 +43,7 @@ class ToolLock:
                 if time.monotonic() >= deadline:
                     holder = self.holder()
                     self.handle.close()
-                    raise SuspendError(
+                    raise ToolError(
                         f"another cuda-toggle-all holds {self.path} ({holder}); wait for it to finish",
                         ExitCode.BUSY,
                     )
@@ -193,7 +193,7 @@ class SuspendRecord:
         self.gpus = merge_gpus(self.gpus, measured)
 
     def save(self, run_dir: str) -> None:
-        """Write the record atomically; SuspendError(USAGE) naming CUDA_TOGGLE_RUN_DIR if it cannot be."""
+        """Write the record atomically; ToolError(USAGE) naming CUDA_TOGGLE_RUN_DIR if it cannot be."""
         path = self.path(run_dir)
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
@@ -201,7 +201,7 @@ class SuspendRecord:
             tmp.write_text(json.dumps(asdict(self), indent=2))
             tmp.replace(path)
         except OSError as error:
-            raise SuspendError(
+            raise ToolError(
                 f"cannot write the suspend record {path}: {error}; set CUDA_TOGGLE_RUN_DIR to a writable folder",
                 ExitCode.USAGE,
             )

@@ -16,7 +16,7 @@ from loguru import logger
 
 from .cli_exit import ExitCodeCommand
 from .config import load_config, settings_help
-from .errors import SELFTEST_EXIT_CODES, ExitCode, SuspendError, exit_codes_help
+from .errors import SELFTEST_EXIT_CODES, ExitCode, ToolError, exit_codes_help
 from .render import setup_logging
 from .selftest_report import render
 from .selftest_run import Options, Selftest
@@ -206,7 +206,7 @@ def cli(as_json: bool, report_file: str | None, verbose: bool, **settings: objec
             with open(report_file, "w") as handle:
                 json.dump(data, handle, indent=2, default=str)  # the library's evidence may hold any value
         except OSError as error:  # checked before the run; the disk can still fill up or vanish meanwhile
-            raise SuspendError(f"could not write the report to {report_file}: {error}", ExitCode.USAGE)
+            raise ToolError(f"could not write the report to {report_file}: {error}", ExitCode.USAGE)
     logger.info("\n" + render(report))
     if as_json:
         click.echo(json.dumps(data, default=str))

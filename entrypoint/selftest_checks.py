@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import math
 
-from .errors import ExitCode, SuspendError
+from .errors import ExitCode, ToolError
 from .openai_client import Outcome, TokenTrace
 
 # vLLM's OpenAI server writes a logprob of -inf as -9999.0 (JSON has no infinity), so anything at or
@@ -23,7 +23,7 @@ NOT_FINITE_AT = -9999.0
 FINISHED_WHOLE = ("length", "stop")
 
 
-class SelftestFailure(SuspendError):
+class SelftestFailure(ToolError):
     """A check failed: the message says what was observed and the fix."""
 
 

@@ -14,7 +14,7 @@ from loguru import logger
 
 from .config import Config
 from .discovery import find_server
-from .errors import ExitCode, SuspendError
+from .errors import ExitCode, ToolError
 from .gpus import read_gpus
 from .openai_client import ApiError, BackgroundRequest, OpenAIClient, TokenTrace
 from .processes import describe
@@ -29,7 +29,7 @@ from .selftest_checks import (
 )
 from .selftest_report import Cycle, GpuFigures, Report, Step
 from .server_status import status
-from .toggle import RESUME, SUSPEND, toggle
+from .toggle import RESUME, SUSPEND, move_to
 from .vllm_control import VllmControl, server_url
 
 TOP_LOGPROBS = 5
@@ -88,7 +88,7 @@ class Selftest:
         return SelftestFailure(message, code)
 
     def library(self, target: str) -> ToggleResult:
-        return toggle(target, self.config, pid=self.options.pid, backend_name=self.options.backend)
+        return move_to(target, self.config, pid=self.options.pid, backend_name=self.options.backend)
 
     # before the first suspend ---------------------------------------------------------------------------
     def wait_ready(self) -> None:
@@ -154,7 +154,7 @@ class Selftest:
         began = time.monotonic()
         try:
             root = find_server(self.config, self.options.pid)
-        except SuspendError as error:
+        except ToolError as error:
             self.step("find the server", began, error.message, ok=False)
             raise
         process = describe(root.pid)
@@ -217,7 +217,7 @@ class Selftest:
         self.report.gpus = cycle.gpus  # the report's figures are the latest cycle's
         try:
             result = self.library(SUSPEND)
-        except SuspendError as error:
+        except ToolError as error:
             if isinstance(error.result, ToggleResult):  # what the library tried and saw, for the report
                 cycle.mode, cycle.quiesce, cycle.server = error.result.mode, error.result.quiesce, error.result.server
                 cycle.evidence["suspend"] = error.result.evidence
@@ -342,7 +342,7 @@ class Selftest:
             woken = []
             try:
                 result = self.library(RESUME)
-            except SuspendError as error:
+            except ToolError as error:
                 self.step(name, began, error.message, ok=False)
                 raise
             resumed_from = time.monotonic()
@@ -452,7 +452,7 @@ class Selftest:
             for number in range(1, self.options.cycles + 1):
                 self.cycle(number)
             self.report.ok = True
-        except SuspendError as failure:
+        except ToolError as failure:
             self.report.error, self.report.exit_code = failure.message, int(failure.exit_code)
         finally:
             if self.suspended:
@@ -465,9 +465,9 @@ class Selftest:
         # Wait longer than usual for the tool's lock: a gate may be resuming the server at this moment.
         config = self.config.replace(busy_wait_s=max(self.config.busy_wait_s, RESUME_BUSY_WAIT_S))
         try:
-            result = toggle(RESUME, config, pid=self.options.pid, backend_name=self.options.backend)
+            result = move_to(RESUME, config, pid=self.options.pid, backend_name=self.options.backend)
             self.report.resumed_after_failure = f"resumed ({result.seconds:.2f} s)"
-        except SuspendError as error:
+        except ToolError as error:
             self.report.resumed_after_failure = f"resume failed too: {error.message}"
             logger.error(self.report.resumed_after_failure)
         self.suspended = False

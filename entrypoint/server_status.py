@@ -8,7 +8,7 @@ from pathlib import Path
 
 from .backends import select_backend
 from .config import Config
-from .errors import ExitCode, SuspendError
+from .errors import ExitCode, ToolError
 from .observe import observe, record_of
 from .plan import model_holders
 from .quiesce import unquiesce_server, vllm_flags
@@ -108,7 +108,7 @@ def warm_up(config: Config, *, pid: int | None = None, backend_name: str | None 
             timings = control.warm_up()
         except VllmControlError as error:
             problems = unquiesce_server(control, None, [], ToggleResult(target=RESUME))
-            raise SuspendError(
+            raise ToolError(
                 f"warm-up failed: {error}" + (f"; and waking vLLM up failed: {problems}" if problems else ""),
                 ExitCode.INCONSISTENT if problems else ExitCode.TRANSITION_FAILED,
             )

@@ -3,7 +3,7 @@
 Each command keeps a table (a list of `Setting` rows: CUDA_TOGGLE_* in config.py, GATE_* in
 gate_config.py); `parse_settings` turns the environment into the values of a table, `settings_help`
 writes the table for --help, and `describe` says which value is in force and where it came from.
-A bad value raises SuspendError(ExitCode.USAGE) naming the variable, the value, what is allowed and
+A bad value raises ToolError(ExitCode.USAGE) naming the variable, the value, what is allowed and
 the fix; no value reaches the code unchecked (NaN, infinities and out-of-range numbers included).
 """
 
@@ -15,7 +15,7 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from .errors import ExitCode, SuspendError
+from .errors import ExitCode, ToolError
 
 KINDS = ("int", "float", "str", "choice", "list", "bool")
 NUMERIC_KINDS = ("int", "float")
@@ -83,7 +83,7 @@ class Setting:
         return "text"
 
     def parse(self, text: str) -> Any:
-        """The value of `text` (already resolved: the environment's or the default); bad input raises SuspendError."""
+        """The value of `text` (already resolved: the environment's or the default); bad input raises ToolError."""
         stripped = text.strip()
         if stripped == "" and self.default.strip() == "" and self.kind != "list":
             return None if self.kind in NUMERIC_KINDS else ""  # optional and not set
@@ -122,11 +122,11 @@ class Setting:
             raise BadValue("is out of range")
         return number
 
-    def error(self, text: str, problem: str, fix: str = "") -> SuspendError:
+    def error(self, text: str, problem: str, fix: str = "") -> ToolError:
         default = f"the default {self.default}" if self.default.strip() else "none"
         if not fix:
             fix = f"set {self.allowed}" if self.kind in NUMERIC_KINDS + ("choice", "bool") else "fix it"
-        return SuspendError(f"{self.env}={text!r} {problem}: {fix}, or unset it for {default}", ExitCode.USAGE)
+        return ToolError(f"{self.env}={text!r} {problem}: {fix}, or unset it for {default}", ExitCode.USAGE)
 
 
 def _number_text(number: float | None) -> str:

@@ -19,7 +19,7 @@ from loguru import logger
 from . import safety
 from .backends import Backend, BackendError, select_backend
 from .config import Config
-from .errors import ExitCode, SuspendError
+from .errors import ExitCode, ToolError
 from .gpus import GpuReading, read_gpus
 from .observe import gpu_progress, host_available_mib, observe, record_of
 from .operations import settle_orphans
@@ -70,13 +70,13 @@ def _finish(result: ToggleResult, states: dict[int, str], started: float) -> Tog
     return result
 
 
-def _fail(result: ToggleResult, message: str, code: ExitCode, started: float, states: dict[int, str]) -> SuspendError:
+def _fail(result: ToggleResult, message: str, code: ExitCode, started: float, states: dict[int, str]) -> ToolError:
     _finish(result, states, started)
     result.ok, result.error, result.exit_code = False, message, int(code)
-    return SuspendError(message, code, result)
+    return ToolError(message, code, result)
 
 
-def toggle(
+def move_to(
     target: str,
     config: Config,
     *,
@@ -90,7 +90,7 @@ def toggle(
 ) -> ToggleResult:
     """Move every CUDA process of the server to `target` (checkpointed or running).
 
-    Returns the result when the server reached the target and that was proven; raises SuspendError
+    Returns the result when the server reached the target and that was proven; raises ToolError
     (with `.result`) otherwise. `hooks` let the gate overlap a swap's suspend and resume (transition.py).
     """
     hooks = hooks or OverlapHooks()
@@ -112,7 +112,7 @@ def toggle(
                 )
             else:
                 result = _resume(config, backend, obs, force, started, guard, hooks)
-        except SuspendError as failure:
+        except ToolError as failure:
             if isinstance(failure.result, ToggleResult):
                 failure.result.notes[:0] = settled
             raise
@@ -204,7 +204,7 @@ def _suspend(
         if record.mode != plan.mode:  # the sleep failed and vLLM was paused instead: `running` must resume it
             record.mode = plan.mode
             record.save(config.run_dir)
-    except (VllmControlError, SuspendError) as error:
+    except (VllmControlError, ToolError) as error:
         problems = unquiesce_server(control, record, plan.freeze, result)
         record.clear(config.run_dir)
         message = getattr(error, "message", str(error))
@@ -455,7 +455,7 @@ def _resume(
 
 
 __all__ = [
-    "toggle",
+    "move_to",
     "ToggleResult",
     "SUSPEND",
     "RESUME",

@@ -26,7 +26,7 @@ from loguru import logger
 
 from .backends import Backend, BackendError
 from .config import Config
-from .errors import ExitCode, SuspendError
+from .errors import ExitCode, ToolError
 from .processes import ProcessInfo, describe, same_process
 from .results import ToggleResult
 from .runstate import FrozenProcess
@@ -242,7 +242,7 @@ def freeze(process: ProcessInfo, wait_s: float = 5.0) -> None:
         undone = "SIGCONT sent, so it keeps running as before"
     except ProcessLookupError:
         undone = "it is gone now"
-    raise SuspendError(
+    raise ToolError(
         f"PID {process.pid} ({process.short_title(40)}) did not stop within {wait_s:g} s after SIGSTOP; {undone}",
         ExitCode.TRANSITION_FAILED,
     )

@@ -65,9 +65,9 @@ def test_seed_ignores_a_failed_toggle(toggle_env, fake_tree):
 
 
 def test_benchmark_fast_mode(tmp_path: Path):
-    """One repetition with 2 workers writes every field, and the sequential seed is slower than toggle()."""
+    """One repetition with 2 workers writes every field, and the sequential seed is slower than move_to()."""
     out = tmp_path / "bench.json"
-    # 3 s per transfer: the seed pays 2 x 3 s, toggle() 3 s plus its fixed cost (about 1.4 s on 2 idle CPU
+    # 3 s per transfer: the seed pays 2 x 3 s, move_to() 3 s plus its fixed cost (about 1.4 s on 2 idle CPU
     # cores, up to 3 s while the rest of the suite runs beside it: with 2 s per transfer the ratio fell to 0.97)
     command = [sys.executable, "-m", "benchmarks.bench_toggle", "--repetitions", "1", "--workers", "2"]
     done = subprocess.run(

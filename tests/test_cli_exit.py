@@ -16,7 +16,7 @@ PROBE = """
 import time
 import click
 from entrypoint.cli_exit import ExitCodeCommand
-from entrypoint.errors import ExitCode, SuspendError
+from entrypoint.errors import ExitCode, ToolError
 from entrypoint.render import setup_logging
 
 def show_refusal_as_json(failure, params):
@@ -32,7 +32,7 @@ def cli(outcome, as_json, verbose):
     if outcome == "bug":
         return {}["a key nobody set"]
     if outcome == "refused":
-        raise SuspendError("refused: the reason, naming the fix", ExitCode.REFUSED)
+        raise ToolError("refused: the reason, naming the fix", ExitCode.REFUSED)
     if outcome == "not-ready":
         return ExitCode.NOT_READY
     if outcome == "waits":
@@ -51,12 +51,12 @@ def probe(*args: str) -> subprocess.CompletedProcess:
     "args, code", [(["done"], ExitCode.OK), (["not-ready"], ExitCode.NOT_READY), (["refused"], ExitCode.REFUSED)]
 )
 def test_a_commands_outcome_is_its_exit_code(args, code):
-    """What the command returns, or the code of the SuspendError it raises, is the process's exit code."""
+    """What the command returns, or the code of the ToolError it raises, is the process's exit code."""
     assert probe(*args).returncode == code
 
 
 def test_an_expected_failure_prints_its_message_and_the_scripts_own_rendering():
-    """A SuspendError logs its message on stderr; the script's renderer still prints its JSON on stdout."""
+    """A ToolError logs its message on stderr; the script's renderer still prints its JSON on stdout."""
     done = probe("refused", "--json")
     assert done.returncode == ExitCode.REFUSED
     assert "refused: the reason, naming the fix" in done.stderr

@@ -349,13 +349,13 @@ def test_call_that_does_not_return_is_never_rolled_back(toggle_env, fake_tree):
 def test_freeze_that_does_not_take_effect_is_undone():
     """A SIGSTOP that has not taken effect in time is cancelled with SIGCONT before the error is raised,
     and the message says so (nothing claims a rollback that did not happen)."""
-    from entrypoint.errors import SuspendError
+    from entrypoint.errors import ToolError
     from entrypoint.processes import describe
     from entrypoint.transition import freeze
 
     sleeper = subprocess.Popen(["sleep", "30"])
     try:
-        with pytest.raises(SuspendError) as failure:
+        with pytest.raises(ToolError) as failure:
             freeze(describe(sleeper.pid), wait_s=0)
         assert "SIGCONT sent" in failure.value.message and "rolled back" not in failure.value.message
         sleep_until(lambda: fakegpu.process_status(sleeper.pid) not in ("T", "t"), "the process to run again")

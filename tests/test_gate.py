@@ -31,7 +31,7 @@ from aiohttp import web
 
 from entrypoint.config import Config, load_config
 from entrypoint.safety import REQUIRED_SERVER_ENV
-from entrypoint.toggle import toggle
+from entrypoint.toggle import move_to
 from tests.conftest import STANDIN_MODEL, StandinServer, fakegpu
 from tests.testing import REPO, TOGGLE_ALL_CLI, free_port, wait_until
 
@@ -353,11 +353,11 @@ def test_streams_survive_forced_suspend_resume_cycles(server, gate, fake_gpu):
                                       capture_output=True, text=True, timeout=60, cwd=REPO)  # fmt: skip
                 assert done.returncode == 0, done.stderr
             else:
-                toggle("checkpointed", library_config(), pid=upstream.pid)
+                move_to("checkpointed", library_config(), pid=upstream.pid)
             # Sent while the server is suspended (or the gate is already resuming it): it must wait.
             late = pool.submit(chat_answer, front.url, prompts[0], 25)
             if cycle == 0:
-                toggle("running", library_config(), pid=upstream.pid)  # the gate may have resumed it first
+                move_to("running", library_config(), pid=upstream.pid)  # the gate may have resumed it first
             late_answers.append(answer_text(late.result(timeout=30)))
         stop.set()
         for future in clients:
@@ -460,7 +460,7 @@ def test_passive_paths_do_not_wake_and_waking_requests_share_one_resume(server, 
     upstream = server()
     reference = answer_text(chat_answer(upstream.url, "together", 12))
     front = gate(upstream, GATE_PASSIVE_PATHS="/health,/metrics,/v1/models,/tokenize")
-    toggle("checkpointed", library_config(), pid=upstream.pid)
+    move_to("checkpointed", library_config(), pid=upstream.pid)
     front.wait_for_state("suspended")
     assert requests.get(front.url + "/health", timeout=5).status_code == 200
     assert "vllm:num_requests_waiting" in requests.get(front.url + "/metrics", timeout=5).text
@@ -509,7 +509,7 @@ def test_client_disconnect_aborts_the_upstream_request(server, gate):
     wait_until(lambda: upstream_counter("standin:aborted_requests_total") == 2, "the second upstream abort", 5)
     wait_until(lambda: front.status()["in_flight"] == 0, "in_flight back to 0", 5)
 
-    toggle("checkpointed", library_config(), pid=upstream.pid)
+    move_to("checkpointed", library_config(), pid=upstream.pid)
     handed_over = upstream_counter("standin:requests_total")
     with pytest.raises(requests.ReadTimeout):
         chat_answer(front.url, "impatient", 4, timeout=0.3)  # gives up while the gate resumes
@@ -552,7 +552,7 @@ def test_failed_resume_answers_503_and_the_next_request_retries(server, gate):
     upstream = server()
     reference = answer_text(chat_answer(upstream.url, "retry", 6))
     front = gate(upstream)
-    toggle("checkpointed", library_config(), pid=upstream.pid)
+    move_to("checkpointed", library_config(), pid=upstream.pid)
     front.wait_for_state("suspended")
     first_worker, second_worker = upstream.workers()
     fakegpu.add_fault(first_worker.pid, "restore", "error")
@@ -605,7 +605,7 @@ def test_gate_status_and_metrics_describe_state_and_traffic(server, gate):
     metrics = parse_metrics(response.text)
     assert metrics[series("vllm_gate_in_flight")] == 0 and metrics[series("vllm_gate_suspended")] == 0
 
-    toggle("checkpointed", library_config(), pid=upstream.pid)
+    move_to("checkpointed", library_config(), pid=upstream.pid)
     status = front.wait_for_state("suspended")
     assert status["since"] > started and status["last_suspend_s"] is None  # not the gate's own suspend
     assert front.metric("vllm_gate_suspended") == 1
@@ -738,7 +738,7 @@ def test_junk_is_refused_without_waking_the_server(server, gate, fake_gpu):
     are answered by the gate while the server stays suspended: no resume, nothing reaches vLLM."""
     upstream = server()
     front = gate(upstream)
-    toggle("checkpointed", library_config(), pid=upstream.pid)
+    move_to("checkpointed", library_config(), pid=upstream.pid)
     front.wait_for_state("suspended")
     requests_before = parse_metrics(upstream.get("/metrics").text)["standin:requests_total"]
     junk = [

@@ -17,7 +17,7 @@ import pytest
 import requests
 from click.testing import CliRunner
 
-from entrypoint.errors import ExitCode, SuspendError
+from entrypoint.errors import ExitCode, ToolError
 from entrypoint.openai_client import TokenTrace
 from entrypoint.selftest import SELFTEST_EXIT_CODES, cli
 from entrypoint.selftest_checks import fair_reference, same_as_reference
@@ -538,14 +538,14 @@ def test_a_difference_in_a_top_candidate_alone_is_caught():
     reference = trace([-0.1, -0.2], [[("t0", -0.1), ("x", -2.0)], [("t1", -0.2), ("y", -3.0)]])
     again = trace([-0.1, -0.2], [[("t0", -0.1), ("x", -2.0)], [("t1", -0.2), ("y", -3.0000001)]])
     assert same_as_reference("chat", reference, reference)["logprobs"] == 6
-    with pytest.raises(SuspendError) as failure:
+    with pytest.raises(ToolError) as failure:
         same_as_reference("chat", reference, again)
     assert failure.value.exit_code == ExitCode.LOGPROBS_DIFFER and "token 1" in failure.value.message
 
 
 def test_a_candidate_at_minus_9999_is_not_finite():
     """A top candidate at vLLM's -9999.0 (its -inf) makes the reference unfit, even with every chosen one finite."""
-    with pytest.raises(SuspendError) as failure:
+    with pytest.raises(ToolError) as failure:
         fair_reference("completion 1", trace([-0.1, -0.2], [[("t0", -0.1)], [("t1", -0.2), ("z", -9999.0)]]))
     assert failure.value.exit_code == ExitCode.LOGPROBS_UNFIT
     evidence = fair_reference("completion 1", trace([-0.1, -0.2], [[("t0", -0.1)], [("t1", -0.2), ("z", -9998.5)]]))

@@ -14,7 +14,7 @@ from collections.abc import Callable, Mapping
 import pytest
 
 from entrypoint.config import SETTINGS, Config, load_config
-from entrypoint.errors import ExitCode, SuspendError
+from entrypoint.errors import ExitCode, ToolError
 from entrypoint.gate_config import GATE_SETTINGS, GateConfig, load_gate_config
 from entrypoint.settings import NUMERIC_KINDS, Setting, parse_settings
 from tests.testing import REPO
@@ -59,7 +59,7 @@ def test_bad_numbers_are_refused_naming_variable_value_range_and_fix(setting, lo
         return
     if setting.minimum is not None and setting.minimum < 0 and bad.startswith("-"):
         pytest.skip("negative values are allowed here")
-    with pytest.raises(SuspendError) as raised:
+    with pytest.raises(ToolError) as raised:
         load({setting.env: bad})
     message = raised.value.message
     assert raised.value.exit_code == ExitCode.USAGE
@@ -77,7 +77,7 @@ def test_bounds_are_inclusive(setting, load):
         assert getattr(load({setting.env: str(kind(edge))}), setting.field) == kind(edge)
     step = 1 if setting.kind == "int" else 0.001
     for beyond in (setting.minimum - step, setting.maximum + step):
-        with pytest.raises(SuspendError, match="is out of range"):
+        with pytest.raises(ToolError, match="is out of range"):
             load({setting.env: str(kind(beyond))})
 
 
@@ -86,7 +86,7 @@ def test_choices_are_checked_and_case_insensitive(setting, load):
     """A choice takes its words in any case and refuses others, listing them."""
     first = setting.choices[0]
     assert getattr(load({setting.env: first.upper()}), setting.field) == first
-    with pytest.raises(SuspendError) as raised:
+    with pytest.raises(ToolError) as raised:
         load({setting.env: "bogus"})
     assert raised.value.message.startswith(f"{setting.env}='bogus' is not a known choice: set one of ")
 
@@ -102,7 +102,7 @@ def test_parse_settings_reports_sources_and_blank_rules():
     values, sources = parse_settings(table, {"GATE_A": " ", "GATE_B": "", "GATE_D": "YES"})
     assert values == {"a": 3, "b": (), "c": None, "d": True}
     assert sources == {"GATE_B": "", "GATE_D": "YES"}
-    with pytest.raises(SuspendError, match=r"GATE_D='maybe' is not a yes or no: set one of 1, true"):
+    with pytest.raises(ToolError, match=r"GATE_D='maybe' is not a yes or no: set one of 1, true"):
         parse_settings(table, {"GATE_D": "maybe"})
 
 
@@ -123,7 +123,7 @@ def test_parse_settings_reports_sources_and_blank_rules():
 )
 def test_gate_text_settings_are_checked(env, value, complaint):
     """URLs and route lists are checked too: the message names the variable, the value and the problem."""
-    with pytest.raises(SuspendError) as raised:
+    with pytest.raises(ToolError) as raised:
         load_gate_config({env: value})
     assert raised.value.exit_code == ExitCode.USAGE
     assert raised.value.message.startswith(f"{env}={value!r}") and complaint in raised.value.message

@@ -59,13 +59,13 @@ sys.path.insert(0, str(REPO))
 from entrypoint.backend_driver import DriverBackend  # noqa: E402
 from entrypoint.backends import select_backend  # noqa: E402
 from entrypoint.config import load_config  # noqa: E402
-from entrypoint.errors import SuspendError  # noqa: E402
+from entrypoint.errors import ToolError  # noqa: E402
 from entrypoint.gpus import read_gpus  # noqa: E402
 from entrypoint.openai_client import OpenAIClient  # noqa: E402
 from entrypoint.runstate import SuspendRecord  # noqa: E402
 from entrypoint.safety import REQUIRED_SERVER_ENV  # noqa: E402
 from entrypoint.server_status import status  # noqa: E402
-from entrypoint.toggle import RESUME, SUSPEND, toggle  # noqa: E402
+from entrypoint.toggle import RESUME, SUSPEND, move_to  # noqa: E402
 from tests.testing import free_port  # noqa: E402
 
 WORK = Path(os.environ.get("SUITE_WORK", "/tmp/gpu-suite"))
@@ -476,7 +476,7 @@ def stop_supervisord(quiet: bool = False) -> None:
     if not pidfile.exists():
         return
     with contextlib.suppress(Exception):
-        toggle(RESUME, load_config())  # never stop a suspended server: resume it first
+        move_to(RESUME, load_config())  # never stop a suspended server: resume it first
     with contextlib.suppress(Exception):
         supervisor_proxy().supervisor.stopProcess("vllm", True)
     with contextlib.suppress(Exception):
@@ -539,8 +539,8 @@ def protocols(args: argparse.Namespace) -> None:
     ours = {"suspend": [], "resume": []}
     seed = {"suspend": [], "resume": []}
     for cycle in range(1, args.cycles + 1):
-        down = toggle(SUSPEND, config, mode="plain")
-        up = toggle(RESUME, config)
+        down = move_to(SUSPEND, config, mode="plain")
+        up = move_to(RESUME, config)
         ours["suspend"].append(down.seconds)
         ours["resume"].append(up.seconds)
         pids = cuda_pids()
@@ -677,10 +677,10 @@ def load(args: argparse.Namespace) -> None:
         time.sleep(2)
         for cycle in range(1, args.cycles + 1):
             try:
-                down = toggle(SUSPEND, config, mode="plain")
+                down = move_to(SUSPEND, config, mode="plain")
                 time.sleep(args.hold_s)
-                up = toggle(RESUME, config)
-            except SuspendError as error:
+                up = move_to(RESUME, config)
+            except ToolError as error:
                 cycles.append({"error": error.message})
                 log(f"cycle {cycle} FAILED: {error.message}")
                 break
@@ -744,7 +744,7 @@ def first_request_after_suspend(gate_url: str, config, mode: str) -> dict:
     """Suspend, then time one request through the gate: it wakes the server and must give the reference."""
     client = OpenAIClient(gate_url)
     reference = client.chat(server().served_name, PROMPTS[0], 24, 0).text
-    down = toggle(SUSPEND, config, mode=mode)
+    down = move_to(SUSPEND, config, mode=mode)
     answer = client.chat(server().served_name, PROMPTS[0], 24, 0)
     return {
         "mode": down.mode,
@@ -767,7 +767,7 @@ def gate(args: argparse.Namespace) -> None:
         with LoadClients(url, args.clients) as clients:
             for _ in range(args.cycles):
                 time.sleep(1)
-                toggle(SUSPEND, config, mode=args.mode)
+                move_to(SUSPEND, config, mode=args.mode)
                 time.sleep(args.hold_s)  # the clients' requests wake it: the gate resumes on demand
                 deadline = time.monotonic() + 300
                 while SuspendRecord.any(str(WORK / "run")) and time.monotonic() < deadline:
@@ -801,9 +801,9 @@ def hybrid(args: argparse.Namespace) -> None:
     for cycle in range(1, args.cycles + 1):
         for mode in ("plain", "hybrid"):
             used_before = [g.used_mib for g in read_gpus(config).gpus]
-            down = toggle(SUSPEND, config, mode=mode)
+            down = move_to(SUSPEND, config, mode=mode)
             used_suspended = [g.used_mib for g in read_gpus(config).gpus]
-            up = toggle(RESUME, config)
+            up = move_to(RESUME, config)
             runs[mode].append(
                 {
                     "mode": down.mode,
@@ -837,7 +837,7 @@ def hybrid(args: argparse.Namespace) -> None:
         client = OpenAIClient(url)
         reference = {prompt: client.chat(server().served_name, prompt, 24, 0).text for prompt in PROMPTS}
         for _ in range(args.cycles):
-            toggle(SUSPEND, config, mode="hybrid")
+            move_to(SUSPEND, config, mode="hybrid")
             answers: dict[str, str] = {}
 
             def ask(prompt: str, answers: dict[str, str] = answers) -> None:
@@ -1064,8 +1064,8 @@ def measured_suspend(config, mode: str) -> tuple[dict, bool]:
     used_before = gpu_used_mib()
     first = srv.count_suspend()
     try:
-        down = toggle(SUSPEND, config, mode=mode)
-    except SuspendError as error:
+        down = move_to(SUSPEND, config, mode=mode)
+    except ToolError as error:
         result = getattr(error, "result", None)
         return {
             "mode_asked": mode,
@@ -1095,8 +1095,8 @@ def measured_suspend(config, mode: str) -> tuple[dict, bool]:
 
 def measured_resume(config, row: dict) -> bool:
     try:
-        up = toggle(RESUME, config)
-    except SuspendError as error:
+        up = move_to(RESUME, config)
+    except ToolError as error:
         result = getattr(error, "result", None)
         row.update(error=error.message, resume=result.to_json() if result else None)
         return False
