@@ -34,7 +34,9 @@ def observe(config: Config, backend: Backend, pid: int | None, *, force: bool = 
     states = {pid: state for pid, state in answers.items() if state is not None}
     root_process = next(p for p in tree if p.pid == root.pid) if tree else describe(root.pid)
     control = VllmControl(server_url(root_process, config.server_url), config.sleep_timeout_s)
-    return Observation(root.pid, root.how, tree, states, unreadable, read_gpus(config), control.capabilities())
+    frozen = any(process.stopped and process.matches(config.dispatcher) for process in tree)
+    capabilities = control.capabilities(engine_frozen=frozen)
+    return Observation(root.pid, root.how, tree, states, unreadable, read_gpus(config), capabilities)
 
 
 def gpu_progress(config: Config):

@@ -86,5 +86,9 @@ def thaw_all(record: SuspendRecord | None, dispatchers: list[ProcessInfo]) -> li
     return [pid for pid, f in frozen.items() if thaw(f)]
 
 
-def vllm_flags(control: VllmControl) -> dict[str, bool | None]:
+def vllm_flags(control: VllmControl, engine_frozen: bool = False) -> dict[str, bool | None]:
+    """vLLM's /is_paused and /is_sleeping; None (unknown) while its dispatcher is frozen: both are answered
+    through EngineCore, so each would only wait out its timeout."""
+    if engine_frozen:
+        return {"is_paused": None, "is_sleeping": None}
     return {"is_paused": control.is_paused(), "is_sleeping": control.is_sleeping()}

@@ -77,7 +77,7 @@ def status(config: Config, *, pid: int | None = None, backend_name: str | None =
         gpus=obs.gpus.to_json(),
         gpu_source=obs.gpus.source if obs.gpus.gpus else obs.gpus.problem,
         server=obs.capabilities.to_json(),
-        vllm=vllm_flags(control),
+        vllm=vllm_flags(control, engine_frozen=bool(frozen)),
         suspend_record=asdict(record) if record else None,
     )
 

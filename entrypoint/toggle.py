@@ -182,7 +182,8 @@ def _suspend(
         result.notes.append("already checkpointed: nothing to do")
         if record is not None:
             result.quiesce, result.mode = record.quiesce, record.mode
-        result.evidence = {"vllm": vllm_flags(control), "gpus": {"already": True}}
+        frozen = any(process.matches(config.dispatcher) for process in obs.stopped)
+        result.evidence = {"vllm": vllm_flags(control, engine_frozen=frozen), "gpus": {"already": True}}
         _finish(result, states, started)
         result.ok = True
         return result
@@ -231,7 +232,7 @@ def _suspend(
         after = read_gpus(config)
         proof = released_proof(obs.gpus, after, plan.checkpoint, config.residual_mib, hooks.neighbour_restore_mib)
         result.gpus_after = after.to_json()
-        result.evidence = {"gpus": proof.to_json(), "vllm": vllm_flags(control)}
+        result.evidence = {"gpus": proof.to_json(), "vllm": vllm_flags(control, plan.quiesce == "sigstop")}
         if not proof.ok and obs.gpus.gpus:
             logger.error("the checkpoint did not free the server's GPU memory: {}", proof.failure())
             transition.rollback_to_running()

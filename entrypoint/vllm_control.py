@@ -138,10 +138,12 @@ class VllmControl:
         value = body.get("version") if body else None
         return value if isinstance(value, str) else None
 
-    def capabilities(self) -> Capabilities:
+    def capabilities(self, engine_frozen: bool = False) -> Capabilities:
+        """What the server answers. With its dispatcher frozen (SIGSTOP), /is_paused and /is_sleeping, which
+        go through EngineCore, are not asked (each would wait out its timeout): pause and sleep read False."""
         version = self.version()
-        pause = self.is_paused() is not None
-        sleep = self.is_sleeping() is not None
+        pause = not engine_frozen and self.is_paused() is not None
+        sleep = not engine_frozen and self.is_sleeping() is not None
         reachable = version is not None or pause or sleep or self._answers("/health")
         parsed = parse_version(version)
         return Capabilities(
