@@ -86,7 +86,13 @@ def test_a_bug_is_one_line_with_a_hint_and_its_own_code():
 def test_ctrl_c_exits_130():
     """SIGINT while the command runs exits 130 (128 + SIGINT) with one line, no traceback."""
     running = subprocess.Popen(
-        [sys.executable, "-c", PROBE, "waits"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO
+        [sys.executable, "-c", PROBE, "waits"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        cwd=REPO,
+        # A suite started in the background inherits SIGINT ignored, and Python then keeps it ignored.
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
     )
     try:
         assert running.stdout.readline().strip() == "waiting"

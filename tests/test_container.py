@@ -346,6 +346,8 @@ def shell_scripts() -> list[Path]:
     found = {REPO / ".ci" / "run"}
     for folder in ("docker", "scripts", "tests/gpu"):
         for path in (REPO / folder).iterdir():
+            if not path.is_file():  # __pycache__ and the like
+                continue
             if path.suffix == ".sh" or (
                 path.suffix != ".py" and path.read_text(errors="replace").startswith("#!/usr/bin/env bash")
             ):
