@@ -908,8 +908,12 @@ class Answer:
 
 
 def chat_body(srv: Server, prompt: str, max_tokens: int, stream: bool = False, logprobs: bool = False) -> dict:
+    return chat_request(srv.served_name, prompt, max_tokens, stream, logprobs)
+
+
+def chat_request(model: str, prompt: str, max_tokens: int, stream: bool = False, logprobs: bool = False) -> dict:
     body = {
-        "model": srv.served_name,
+        "model": model,
         "messages": [{"role": "user", "content": prompt}],
         "temperature": 0,
         "seed": 0,

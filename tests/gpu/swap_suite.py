@@ -26,7 +26,19 @@ from pathlib import Path
 
 import psutil
 import requests
-from run_suite import REPO, WORK, Answer, Target, ask, ensure_shaped_model, free_port, gpu_used_mib, log, save_step
+from run_suite import (
+    REPO,
+    WORK,
+    Answer,
+    Target,
+    ask,
+    chat_request,
+    ensure_shaped_model,
+    free_port,
+    gpu_used_mib,
+    log,
+    save_step,
+)
 
 PROMPT = "Name three rivers of Europe and one fact about each."
 
@@ -96,20 +108,6 @@ def wait_started(gate_url: str, supervisord: subprocess.Popen, timeout_s: float)
         time.sleep(1)
 
 
-def request_body(model: str, tokens: int) -> dict:
-    return {
-        "model": model,
-        "messages": [{"role": "user", "content": PROMPT}],
-        "temperature": 0,
-        "max_tokens": tokens,
-        "ignore_eos": True,
-        "stream": True,
-        "stream_options": {"include_usage": True},
-        "logprobs": True,
-        "top_logprobs": 5,
-    }
-
-
 def same_answer(answer: Answer, reference: Answer) -> bool:
     """The same text and, where the server gives them, the same per-token logprobs and top-5."""
     return answer.text == reference.text and answer.logprobs == reference.logprobs
@@ -122,7 +120,7 @@ def swap_rows(args: argparse.Namespace, gate_url: str) -> tuple[list[dict], dict
     rows = []
     for number in range(args.swaps + 1):
         model = models[number % 2]
-        answer = ask(gate_url, request_body(model, args.tokens), timeout=600)
+        answer = ask(gate_url, chat_request(model, PROMPT, args.tokens, stream=True, logprobs=True), timeout=600)
         status = requests.get(f"{gate_url}/gate/status", timeout=10).json()["models"]
         reference = references.setdefault(model, answer)
         row = {
