@@ -165,10 +165,10 @@ def server_pids(server: ModelServer) -> list[int]:
         return []
 
 
-def restore_size_mib(server: ModelServer) -> int:
-    """What the suspended server's restore brings back to the GPUs (its record's checkpoint_mib); 0 unknown."""
+def suspend_record_of(server: ModelServer) -> SuspendRecord | None:
+    """The suspended server's record (what its restore brings back: checkpoint_mib); None unless exactly one."""
     records = SuspendRecord.load_all(server.controller.toggle_config.run_dir)
-    return max((record.checkpoint_mib for record in records), default=0)
+    return records[0] if len(records) == 1 else None
 
 
 def describe_steps(steps: dict[str, dict[str, float]]) -> str:
@@ -454,14 +454,21 @@ class Fleet:
         def room_made() -> bool:  # in the target's worker thread, between its restore and its unlock
             return room.wait(ROOM_WAIT_S) and bool(room_ok)
 
+        record = suspend_record_of(target)
+        restore_mib = record.checkpoint_mib if record else 0  # 0: unknown, so nothing overlaps
         resuming = None
-        if victims and await self.restore_fits_now(target, victims):
-            logger.info("model {}: restoring it while {} is suspended", target.name, ", ".join(v.name for v in victims))
-            resuming = target.controller.start(Phase.RESUMING, "request (swap)", OverlapHooks(room_made=room_made))
+        for victim in victims:  # before any await: from now on their new requests wait for a later swap
+            victim.controller.draining = True
         try:
             try:
+                if victims and record and await self.restore_fits_now(record, victims):
+                    names = ", ".join(v.name for v in victims)
+                    logger.info("model {}: restoring it while {} is suspended", target.name, names)
+                    resuming = target.controller.start(
+                        Phase.RESUMING, "request (swap)", OverlapHooks(room_made=room_made)
+                    )
                 for victim in victims:
-                    suspending.append(await self.evict(victim, target))
+                    suspending.append(await self.evict(victim, target, restore_mib))
             finally:
                 if resuming is None and any(not task.done() for task in suspending):
                     resuming = target.controller.start(
@@ -472,6 +479,8 @@ class Fleet:
             if not failures:
                 room_ok.append(True)
         finally:
+            for victim in victims[len(suspending) :]:  # never reached: its suspend did not start
+                victim.controller.draining = False
             room.set()  # cancelled or failed: the target's resume is withdrawn, never left waiting
             if not room_ok:
                 await asyncio.gather(*suspending, return_exceptions=True)
@@ -492,12 +501,11 @@ class Fleet:
             raise ResumeFailed(f"resuming model {target.name} failed: {outcome.message}")
         return steps
 
-    async def restore_fits_now(self, target: ModelServer, victims: list[ModelServer]) -> bool:
-        """Whether the target's restore alone fits in the GPU memory free now, beside the resident servers,
-        and every victim's suspend will prove its release per process (else the target's restore would
-        count as the victim's memory, and fail its proof)."""
-        records = SuspendRecord.load_all(target.controller.toggle_config.run_dir)
-        need = records[0].restore_need_mib() if len(records) == 1 else {}
+    async def restore_fits_now(self, record: SuspendRecord, victims: list[ModelServer]) -> bool:
+        """Whether the target's restore alone (its `record`) fits in the GPU memory free now, beside the resident
+        servers, and every victim's suspend will prove its release per process (else the target's restore
+        would count as the victim's memory, and fail its proof)."""
+        need = record.restore_need_mib()
         if not need:
             return False
 
@@ -511,17 +519,17 @@ class Fleet:
         margin = self.toggle_config.restore_margin_mib
         return listed and all(free.get(uuid, 0) >= mib + margin for uuid, mib in need.items())
 
-    async def evict(self, victim: ModelServer, target: ModelServer) -> asyncio.Task[dict[str, float]]:
+    async def evict(self, victim: ModelServer, target: ModelServer, restore_mib: int) -> asyncio.Task[dict[str, float]]:
         """Start suspending `victim` once its requests in flight are done (new ones wait for it meanwhile).
 
         Returns when its GPU memory is free for `target`: when its suspend has ended, or earlier, when the
         suspend says vLLM's sleep released it (see overlapped_swap). The task returned ends with the
-        suspend, with its steps; raises ResumeFailed when the suspend failed.
+        suspend, with its steps; raises ResumeFailed when the suspend failed. `restore_mib`: what the target's
+        restore brings back (0 unknown: nothing overlaps).
         """
         loop = asyncio.get_running_loop()
         released = asyncio.Event()
         hooks = OverlapHooks()
-        restore_mib = restore_size_mib(target)
         if restore_mib > 0:  # known: the victim's proof can allow for it, so the two may overlap
             hooks = OverlapHooks(
                 memory_released=lambda: loop.call_soon_threadsafe(released.set), neighbour_restore_mib=restore_mib

@@ -38,7 +38,8 @@ class Swapped:
     run_dir: Path  # CUDA_TOGGLE_RUN_DIR: the default model's suspend record; models/NAME/ for the others
 
     def ask(self, model: str, prompt: str, max_tokens: int = 8, timeout: float = 30) -> requests.Response:
-        body = {"model": model, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0}
+        # ignore_eos: every answer has max_tokens tokens, whatever words the stand-in's TP ranks combine into
+        body = {"model": model, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0, "ignore_eos": True}
         return requests.post(f"{self.gate.url}/v1/completions", json=body, timeout=timeout)
 
     def text(self, model: str, prompt: str, max_tokens: int = 8) -> str:
@@ -198,9 +199,13 @@ def test_concurrent_requests_for_both_models_are_all_answered(swapped):
     assert all(entry["in_flight"] == 0 and entry["waiting"] == 0 for entry in status["models"].values())
 
 
-def test_swap_under_load_waits_for_the_requests_in_flight_and_loses_nothing(swapped):
-    """Long requests on alpha finish whole before beta is swapped in; beta's requests wait, then all answer."""
-    fleet = swapped(step_s=0.02)
+@pytest.mark.parametrize(
+    ("nvml", "tp"), [(False, 1), (True, 1), (True, 2)], ids=["serial", "overlapped", "overlapped-tp2"]
+)
+def test_swap_under_load_waits_for_the_requests_in_flight_and_loses_nothing(swapped, nvml: bool, tp: int):
+    """Long requests on alpha finish whole before beta is swapped in; beta's requests wait, then all answer
+    (overlapped: beta restores, locked, while alpha's requests finish)."""
+    fleet = swapped(step_s=0.02, nvml=nvml, tp=tp)
     outcomes: dict[str, list] = {"alpha": [], "beta": []}
     lock = threading.Lock()
 
