@@ -49,6 +49,7 @@ lint: $(VENV)/.installed ## Linters: ruff, shellcheck, hadolint, docker-compose 
 	$(VENV)/bin/shellcheck $(SHELL_SCRIPTS)
 	$(VENV)/bin/hadolint Dockerfile
 	$(VENV)/bin/docker-compose -f docker-compose.yml config -q
+	$(VENV_PY) scripts/kubernetes_chart.py  # deploy/kubernetes: every overlay rendered offline, checked against the API schemas
 
 # pytest exits 5 when it selects no test: a tier that happens to be empty is not a failure.
 # Tests run in PYTEST_WORKERS processes (pytest-xdist): most of their time is spent waiting on real servers and
@@ -74,6 +75,7 @@ demo: $(VENV)/.installed ## The whole suspend/resume cycle on the CPU STAND-IN (
 .PHONY: docs
 docs: $(VENV)/.installed ## Regenerate docs/configuration.md from the settings tables
 	$(VENV_PY) scripts/configuration_doc.py --write
+	$(VENV_PY) scripts/kubernetes_chart.py --write-schema
 
 .PHONY: bench
 bench: $(VENV)/.installed ## Benchmark on the fake GPU: tool overhead, parallel vs the seed (BENCH_ARGS=...)

@@ -128,10 +128,11 @@ def check() -> int:
             continue
         found = problems_of(objects)
         kinds = ", ".join(sorted({obj["kind"] for obj in objects}))
+        versions = " and ".join(KUBERNETES_VERSIONS)
         for problem in found:
             print(f"FAIL {case}: {problem}")
         if not found:
-            print(f"ok   {case}: {len(objects)} objects ({kinds}), valid for Kubernetes {' and '.join(KUBERNETES_VERSIONS)}")
+            print(f"ok   {case}: {len(objects)} objects ({kinds}), valid for Kubernetes {versions}")
         failed = failed or bool(found)
     return 1 if failed else 0
 

@@ -55,3 +55,15 @@ helm.sh/chart: {{ printf "%s-%s" .Chart.Name .Chart.Version }}
 {{- end -}}
 {{- $allowance -}}
 {{- end -}}
+
+{{/* The probes' /health must stay a path the gate forwards without waking the server (GATE_PASSIVE_PATHS). */}}
+{{- define "vcs.checkProbePaths" -}}
+{{- if hasKey .Values.settings "GATE_PASSIVE_PATHS" -}}
+{{- $passive := splitList "," (toString (index .Values.settings "GATE_PASSIVE_PATHS")) -}}
+{{- $trimmed := list -}}
+{{- range $passive }}{{ $trimmed = append $trimmed (trim .) }}{{ end -}}
+{{- if not (has "/health" $trimmed) -}}
+{{- fail (printf "settings.GATE_PASSIVE_PATHS=%q leaves out /health, which the readiness and startup probes ask every 10 s: each would wake a suspended server (and no idle suspend would ever happen); add /health to it" (index .Values.settings "GATE_PASSIVE_PATHS")) -}}
+{{- end -}}
+{{- end -}}
+{{- end -}}
