@@ -193,6 +193,16 @@ def test_service_exposes_the_gate_port_only(compose: dict, defaults: list[dict])
     assert gate.upstream == f"http://127.0.0.1:{vllm_port}"
 
 
+@pytest.mark.parametrize("case", CASES)
+def test_no_service_link_variables_reach_vllm(case: str):
+    """Kubernetes would set VLLM_PORT=tcp://IP:8000 in the pod for a Service named `vllm` (the release `vllm`
+    is one), and vLLM reads VLLM_PORT as its port number: the pod turns service links off."""
+    objects = kubernetes_chart.render(CASES[case])
+    service_name = only(objects, "Service")["metadata"]["name"]
+    assert service_name.upper().replace("-", "_") + "_PORT" == "VLLM_PORT"  # the render's release is `vllm`
+    assert only(objects, "Deployment")["spec"]["template"]["spec"]["enableServiceLinks"] is False
+
+
 def test_grace_period_is_the_compose_one_and_covers_supervisord_stops(compose: dict, defaults: list[dict]):
     """terminationGracePeriodSeconds is compose's stop_grace_period, longer than supervisord stopping the gate
     and then vLLM (stopwaitsecs, one after the other)."""
