@@ -287,6 +287,16 @@ def test_keda_query_uses_series_the_gate_exports():
     assert used and used <= exported
 
 
+def test_the_scaled_object_in_the_docs_is_the_rendered_one():
+    """docs/kubernetes.md shows the ScaledObject the chart renders with KEDA on (no labels), word for word."""
+    text = (REPO / "docs" / "kubernetes.md").read_text()
+    shown = [yaml.safe_load(block) for block in re.findall(r"```yaml\n(.*?)```", text, re.S)]
+    documented = next(doc for doc in shown if doc.get("kind") == "ScaledObject")
+    rendered = only(kubernetes_chart.render(kubernetes_chart.ADDONS_ON), "ScaledObject")
+    del rendered["metadata"]["labels"]
+    assert documented == rendered
+
+
 # ---------------------------------------------------------------------------------------------------
 # The settings parse with the tools' own parsers; bad values stop the render
 
