@@ -3,8 +3,10 @@
 No cluster runs here. What is checked: every case renders and each object is valid against the Kubernetes
 API schemas; the pod carries what docker-compose.yml carries (capabilities, seccomp, environment, vLLM
 arguments, ports, grace period, GPUs, the cache and shared memory); the probes and the scraped paths are
-ones the gate's own route table answers without waking a suspended server; the settings the chart writes
-parse with the gate's and the library's own parsers; bad values stop the render with a message naming the fix.
+ones the gate's own route table answers without waking a suspended server, and, asked of the real gate in
+front of the stand-in vLLM with the pod's settings, they neither hold off an idle suspend nor wake the server;
+the settings the chart writes parse with the gate's and the library's own parsers; bad values stop the
+render with a message naming the fix.
 """
 
 from __future__ import annotations
@@ -13,9 +15,11 @@ import copy
 import math
 import re
 import sys
+import threading
 
 import helm_python
 import pytest
+import requests
 import yaml
 
 from entrypoint.config import load_config
@@ -23,7 +27,8 @@ from entrypoint.gate import METRICS_PATH, STATUS_PATH
 from entrypoint.gate_config import load_gate_config
 from entrypoint.gate_paths import PathClass
 from tests.test_container import compose_config, service
-from tests.testing import REPO
+from tests.test_gate import gate, run_dir, server  # noqa: F401 (fixtures: the real gate, a stand-in vLLM)
+from tests.testing import REPO, wait_until
 
 sys.path.insert(0, str(REPO / "scripts"))
 import kubernetes_chart  # noqa: E402
@@ -95,8 +100,8 @@ def wakes_the_server(path: str, environment: dict[str, str | None]) -> bool:
     never do; a forwarded route does unless the route table, with the pod's GATE_* settings, calls it passive."""
     if path in GATE_OWN_PATHS:
         return False
-    gate = load_gate_config({name: value for name, value in environment.items() if value is not None})
-    return gate.routes.classify("GET", path).path_class is not PathClass.PASSIVE
+    gate_config = load_gate_config({name: value for name, value in environment.items() if value is not None})
+    return gate_config.routes.classify("GET", path).path_class is not PathClass.PASSIVE
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -186,11 +191,11 @@ def test_service_exposes_the_gate_port_only(compose: dict, defaults: list[dict])
     compose_targets = {int(port["target"]) for port in compose["ports"]}
     service_ports = {port["port"] for port in only(defaults, "Service")["spec"]["ports"]}
     container_ports = {port["containerPort"] for port in container(defaults)["ports"]}
-    gate = load_gate_config({k: v for k, v in pod_environment(defaults).items() if v is not None})
-    assert service_ports == container_ports == compose_targets == {gate.port}
+    gate_config = load_gate_config({k: v for k, v in pod_environment(defaults).items() if v is not None})
+    assert service_ports == container_ports == compose_targets == {gate_config.port}
     vllm_port = int(container(defaults)["args"][container(defaults)["args"].index("--port") + 1])
     assert vllm_port not in service_ports
-    assert gate.upstream == f"http://127.0.0.1:{vllm_port}"
+    assert gate_config.upstream == f"http://127.0.0.1:{vllm_port}"
 
 
 @pytest.mark.parametrize("case", CASES)
@@ -247,12 +252,58 @@ def test_probes_ask_the_gate_on_paths_that_never_wake_the_server(case: str):
     objects = kubernetes_chart.render(CASES[case])
     spec = container(objects)
     environment = pod_environment(objects)
-    gate = load_gate_config({k: v for k, v in environment.items() if v is not None})
+    gate_config = load_gate_config({k: v for k, v in environment.items() if v is not None})
     named_ports = {port["name"]: port["containerPort"] for port in spec["ports"]}
     for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
         get = spec[probe]["httpGet"]
-        assert named_ports.get(get["port"], get["port"]) == gate.port, probe
+        assert named_ports.get(get["port"], get["port"]) == gate_config.port, probe
         assert not wakes_the_server(get["path"], environment), f"{probe} on {get['path']} wakes the server"
+
+
+def scraped_and_probed_paths(objects: list[dict]) -> list[str]:
+    """Every path Kubernetes and Prometheus ask the pod for: the probes, the annotations, the ServiceMonitor."""
+    spec = container(objects)
+    paths = [spec[probe]["httpGet"]["path"] for probe in ("startupProbe", "readinessProbe", "livenessProbe")]
+    paths.append(only(objects, "Deployment")["spec"]["template"]["metadata"]["annotations"]["prometheus.io/path"])
+    paths += [endpoint["path"] for endpoint in only(objects, "ServiceMonitor")["spec"]["endpoints"]]
+    return sorted(set(paths))
+
+
+def test_probes_and_scrapes_let_the_server_idle_suspend_and_never_wake_it(server, gate):  # noqa: F811
+    """The real gate with the pod's settings, in front of the stand-in vLLM: asked for every probe and scrape
+    path every 0.1 s, the server still suspends when idle, stays suspended, and every path answers 200."""
+    objects = kubernetes_chart.render(kubernetes_chart.ADDONS_ON)
+    paths = scraped_and_probed_paths(objects)
+    pod_settings = {
+        name: value
+        for name, value in pod_environment(objects).items()
+        if name.startswith(("GATE_", "CUDA_TOGGLE_")) and name != "GATE_UPSTREAM" and value is not None
+    }
+    upstream = server()
+    front = gate(upstream, **{**pod_settings, "GATE_IDLE_SUSPEND_S": "1"})
+    answers: list[tuple[str, int]] = []
+    stop = threading.Event()
+
+    def probe_like_kubelet() -> None:
+        while not stop.is_set():
+            answers.extend((path, requests.get(front.url + path, timeout=5).status_code) for path in paths)
+            stop.wait(0.1)
+
+    prober = threading.Thread(target=probe_like_kubelet)
+    prober.start()
+    try:
+        front.wait_for_state("suspended", timeout=30)
+        probed_before = len(answers)
+        wait_until(lambda: len(answers) >= probed_before + 5 * len(paths), "five more rounds of probes", 30)
+        status = front.status()
+    finally:
+        stop.set()
+        prober.join(10)
+    assert status["state"] == "suspended" and status["last_resume_s"] is None
+    assert front.metric("vllm_gate_transitions_total", transition="resume", outcome="ok") == 0
+    assert front.metric("vllm_gate_requests_total", path_class="waking") == 0
+    assert {path for path, code in answers if code != 200} == set(), answers
+    assert {path for path, _ in answers[probed_before:]} == set(paths)
 
 
 def test_startup_allowance_covers_the_first_download(defaults: list[dict]):
@@ -306,14 +357,14 @@ def test_settings_written_by_the_chart_parse_with_the_tools_own_parsers(case: st
     """The pod's GATE_* and CUDA_TOGGLE_* (GATE_MODELS built from `models` included) load in the gate and the
     library as they would in the container: no exit 2 at start."""
     environment = {k: v for k, v in pod_environment(kubernetes_chart.render(CASES[case])).items() if v is not None}
-    gate = load_gate_config(environment)
+    gate_config = load_gate_config(environment)
     load_config(environment)
     values = CASES[case]
-    assert [(m.name, m.model, m.port, m.share) for m in gate.models] == [
+    assert [(m.name, m.model, m.port, m.share) for m in gate_config.models] == [
         (m["name"], m["model"], m["port"], m["memoryShare"]) for m in values.get("models", [])
     ]
     idle = values.get("settings", {}).get("GATE_IDLE_SUSPEND_S", 0)
-    assert math.isclose(gate.idle_suspend_s, idle)
+    assert math.isclose(gate_config.idle_suspend_s, idle)
 
 
 def test_a_gpu_count_that_is_not_the_tensor_parallel_size_stops_the_render():
