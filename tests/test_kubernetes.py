@@ -173,6 +173,11 @@ def test_pod_environment_carries_every_compose_variable(compose: dict, case: str
             assert environment[name] == value, name
 
 
+def test_pod_runs_the_image_compose_builds(compose: dict, defaults: list[dict]):
+    """The default image is the one `make build` tags (pushed elsewhere, set image.repository)."""
+    assert container(defaults)["image"] == compose["image"]
+
+
 def test_vllm_arguments_are_the_compose_command(compose: dict, defaults: list[dict]):
     """The defaults pass vLLM the compose file's command, word for word (numbers compared as numbers)."""
     assert [same_argument(a) for a in container(defaults)["args"]] == [same_argument(a) for a in compose["command"]]
