@@ -51,7 +51,7 @@ REQUIRED_ENV = {
     "XDG_CACHE_HOME": "/root/.cache",
 }
 MAKE_TARGETS = ["venv", "lint", "check", "help", "build", "up", "down", "logs", "wait", "test"]
-MAKE_TARGETS += ["suspend", "resume", "status", "gate-status"]
+MAKE_TARGETS += ["suspend", "resume", "status", "gate-status", "check-container"]
 # The gate's settings in the compose file (the vLLM side of GATE_UPSTREAM is the command's --host/--port).
 GATE_ENV = {
     "GATE_UPSTREAM": "http://127.0.0.1:8001",
