@@ -53,8 +53,8 @@ RUN CUDA_CHECKPOINT_URL="https://raw.githubusercontent.com/NVIDIA/cuda-checkpoin
         bash /tmp/cuda-checkpoint/install.sh /usr/local/bin/cuda-checkpoint \
     && rm -rf /tmp/cuda-checkpoint
 
-# This package: cuda-toggle-all, selftest, vllm-gate and their dependencies, which vLLM's image already has
-# (docs/container.md). Installed into the image's Python (the one vLLM runs on), not editable, without
+# This package: cuda-toggle-all, selftest, vllm-gate and their dependencies, most of which vLLM's image
+# already has (docs/container.md says which; pip adds the others from the index). Installed into the image's Python (the one vLLM runs on), not editable, without
 # build isolation: the image's setuptools builds it, so no index is needed when everything is there. The
 # pip freeze before and after fails the build if the install upgraded or removed anything the base image
 # had (vLLM's own pins). PIP_BREAK_SYSTEM_PACKAGES: harmless where the interpreter is not marked externally
