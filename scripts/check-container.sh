@@ -37,7 +37,9 @@ fail() {
   failures+=("$*")
   say "FAIL: $*"
 }
+# Whatever was started is removed first, so that the verdict is the last line.
 skip() {
+  if declare -F cleanup >/dev/null; then cleanup; fi
   if ((in_ci)); then
     say "check-container: cannot run in CI: $*"
     say "check-container: 0 passed, 1 failed"
@@ -98,13 +100,17 @@ export COMPOSE_ENV_FILES=$state/empty.env
 export SERVED_MODEL_NAME=qwen3-8b-awq WAIT_TIMEOUT=120
 dockerd_pid=
 
+cleaned=0
 cleanup() {
+  ((cleaned == 0)) || return 0
+  cleaned=1
+  [[ -n ${state:-} ]] || return 0
   set +e
   say "--- cleanup: containers, images, the engine ---"
   if [[ -S $state/docker.sock ]]; then
     docker-compose down --rmi all --volumes --timeout 30 >/dev/null 2>&1 || true
-    docker rm -f "$container" >/dev/null 2>&1 || true
-    docker rmi -f "$STANDIN_BASE_IMAGE" >/dev/null 2>&1 || true
+    docker rm -f "${container:-}" >/dev/null 2>&1 || true
+    docker rmi -f "${STANDIN_BASE_IMAGE:-}" >/dev/null 2>&1 || true
     left=$(docker ps -aq | wc -l) images=$(docker images -q | wc -l)
     say "containers left: $left, images left: $images"
   fi
@@ -114,7 +120,7 @@ cleanup() {
     kill -0 "$dockerd_pid" 2>/dev/null && kill -KILL "$dockerd_pid"
     say "engine stopped (pid $dockerd_pid)"
   fi
-  rm -f "docker/cuda-checkpoint/$STANDIN_CUDA_CHECKPOINT_FILE"
+  [[ -z ${STANDIN_CUDA_CHECKPOINT_FILE:-} ]] || rm -f "docker/cuda-checkpoint/$STANDIN_CUDA_CHECKPOINT_FILE"
   # Whatever the engine left mounted under its folders, then the folders.
   grep -o " $state/[^ ]*" /proc/mounts | sort -r | while read -r mount; do umount -l "$mount" 2>/dev/null; done
   rm -rf "$state"
@@ -197,6 +203,7 @@ else
   fail "make test"
   say "--- last lines of the container's log ---"
   docker logs --tail 40 "$container" 2>&1 || true
+  cleanup
   say "check-container: $passed passed, $failed failed"
   exit 1
 fi
@@ -303,6 +310,7 @@ else
 fi
 
 say "=== check-container: $(($(date +%s) - started)) s in all ==="
+cleanup
 if ((failed)); then
   say "failed steps: ${failures[*]}"
 fi
