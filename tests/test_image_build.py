@@ -218,3 +218,34 @@ def test_sys_ptrace_in_the_bounding_set_or_unknown_refuses_nothing(status: str):
 def test_own_status_of_these_tests_is_read():
     """The preflight reads the caller's own /proc status (the capabilities the kernel reports)."""
     assert re.search(r"^CapBnd:\s*[0-9a-f]+$", safety.own_proc_status(), re.M)
+
+
+def start_services(tmp_path: Path, as_pid_1: bool) -> subprocess.CompletedProcess:
+    """docker/start-services.sh with supervisord replaced by `true`, as PID 1 of a new PID namespace (a
+    container start) or as an ordinary process."""
+    env = {
+        "PATH": os.environ["PATH"],
+        "CUDA_TOGGLE_RUN_DIR": str(tmp_path / "toggle"),
+        "SUPERVISOR_RUN_DIR": str(tmp_path / "run"),
+        "VLLM_ARGS_FILE": str(tmp_path / "vllm" / "args"),
+        "SUPERVISORD_BIN": "true",
+    }
+    command = [str(REPO / "docker" / "start-services.sh"), "--model", "m"]
+    if as_pid_1:
+        command = ["unshare", "--pid", "--fork", "--mount-proc", *command]
+    return subprocess.run(command, env=env, capture_output=True, text=True, timeout=30)
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="a new PID namespace needs root")
+def test_container_start_forgets_the_suspend_record_of_the_last_start(tmp_path: Path):
+    """A container start (start-services.sh as PID 1) removes the suspend record left by `docker stop` while
+    suspended, whose processes are gone; run as an ordinary process it removes nothing."""
+    record = tmp_path / "toggle" / "suspend.json"
+    record.parent.mkdir()
+    record.write_text("{}")
+    result = start_services(tmp_path, as_pid_1=False)
+    assert result.returncode == 0, result.stderr
+    assert record.exists()
+    result = start_services(tmp_path, as_pid_1=True)
+    assert result.returncode == 0, result.stderr
+    assert not record.parent.exists()
