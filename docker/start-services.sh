@@ -11,6 +11,14 @@ set -euo pipefail
 : "${VLLM_ARGS_FILE:=/run/vllm/args}"
 export SUPERVISOR_RUN_DIR VLLM_ARGS_FILE
 
+# As the container's PID 1 this is a container start, so no process of an earlier start is alive: a
+# suspend record left in the container's file system (`docker stop` while suspended, then `docker start`)
+# describes processes that are gone, and would make the tools and the gate take the new server for a
+# suspended one. (Outside a container, as in the tests, nothing is removed.)
+if (($$ == 1)); then
+  rm -rf "${CUDA_TOGGLE_RUN_DIR:-/run/cuda-toggle-all}"
+fi
+
 mkdir -p "$SUPERVISOR_RUN_DIR" "$(dirname "$VLLM_ARGS_FILE")"
 
 # NUL-separated, because NUL is the one byte no argument can contain: spaces, quotes and newlines

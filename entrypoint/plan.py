@@ -165,8 +165,10 @@ def plan_suspend(
     host_available_mib: int | None,
     ram_margin_mib: int,
     record_mode: str | None = None,
+    proc_status: str = "",
 ) -> SuspendPlan:
-    """What a suspend does to this server, or why it must not (refusals) or cannot (blockers)."""
+    """What a suspend does to this server, or why it must not (refusals) or cannot (blockers).
+    proc_status: the caller's /proc/self/status, for the container's capabilities."""
     holders = model_holders(obs)
     dispatchers = dispatcher_candidates(obs, dispatcher_titles, holders)
     if all(state == "checkpointed" for state in obs.states.values()) and obs.states:
@@ -192,6 +194,7 @@ def plan_suspend(
         "SYS_PTRACE and seccomp=unconfined, and the tool must run as root"
         for pid, error in obs.unreadable.items()
     ]
+    plan.refusals += safety.ptrace_capability_refusals(proc_status)
     holder_processes = [obs.process(pid) for pid in holders]
     plan.refusals += safety.nccl_refusals(holder_processes, read_environ)
     plan.refusals += safety.vllm_all_reduce_refusals(obs.tree, holder_processes, read_environ)

@@ -6,6 +6,7 @@ each returns the list of reasons to refuse, every reason naming the setting or t
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable, Mapping
 from pathlib import Path
 
@@ -22,6 +23,7 @@ REQUIRED_NCCL_ENV = {
 # The whole environment a TP server needs for suspend/resume (what the compose file sets; tests use it too).
 REQUIRED_SERVER_ENV = {**REQUIRED_NCCL_ENV, "VLLM_ALLREDUCE_USE_SYMM_MEM": "0"}
 CUSTOM_ALL_REDUCE_FLAGS = ("--disable-custom-all-reduce", "--disable_custom_all_reduce")
+CAP_SYS_PTRACE = 19  # linux/capability.h
 
 
 def workers_of(processes: list[ProcessInfo], cuda_pids: list[int], worker_title: str) -> list[ProcessInfo]:
@@ -151,3 +153,27 @@ def restore_refusals(
                 f"{needed_mib + margin_mib - present.free_mib} MiB on that GPU, then resume"
             )
     return reasons
+
+
+def own_proc_status(path: Path = Path("/proc/self/status")) -> str:
+    """This process's /proc status (capabilities, seccomp); empty where it cannot be read."""
+    try:
+        return path.read_text()
+    except OSError:
+        return ""
+
+
+def ptrace_capability_refusals(proc_status: str) -> list[str]:
+    """Refuse where SYS_PTRACE is missing from this process's bounding set: a container started without
+    `cap_add: [SYS_PTRACE]` (Docker's default set drops it), in which no process can have it, and
+    cuda-checkpoint cannot act on the server's processes. A user without root on a host keeps it in the
+    bounding set (only the effective set is empty), so this refuses nothing there."""
+    match = re.search(r"^CapBnd:\s*([0-9a-fA-F]+)\s*$", proc_status, re.M)
+    if match is None or int(match.group(1), 16) >> CAP_SYS_PTRACE & 1:
+        return []
+    return [
+        "this container lacks the SYS_PTRACE capability, which cuda-checkpoint needs to act on the server's "
+        "processes: add `cap_add: [SYS_PTRACE]` and `security_opt: [seccomp=unconfined]` to the service in "
+        "docker-compose.yml (docker run: --cap-add SYS_PTRACE --security-opt seccomp=unconfined) and recreate "
+        "the container"
+    ]

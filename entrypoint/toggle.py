@@ -154,6 +154,7 @@ def _suspend(
         host_available_mib=host_available_mib(config),
         ram_margin_mib=config.ram_margin_mib,
         record_mode=record.mode if record else None,
+        proc_status=safety.own_proc_status(),
     )
     result = _new_result(SUSPEND, obs, backend, plan.checkpoint, plan.holders)
     result.forced, result.quiesce, result.mode = force, plan.quiesce, plan.mode
