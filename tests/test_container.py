@@ -576,7 +576,7 @@ def test_make_lint_runs_the_container_linters():
     assert result.returncode == 0, result.stderr
     for fragment in ["shellcheck", "docker/start-services.sh", "scripts/wait-for-model.sh", ".ci/run"]:
         assert fragment in result.stdout
-    for fragment in ["hadolint Dockerfile", "docker-compose -f docker-compose.yml config -q"]:
+    for fragment in ["hadolint Dockerfile", "-f docker-compose.yml config -q", "-f docker-compose.cpu.yml config -q"]:
         assert fragment in result.stdout
 
 
