@@ -155,9 +155,25 @@ class PowerController:
         purpose = tool_lock_purpose(self.toggle_config.run_dir)
         if purpose is not None:
             return phase_of_tool_run(purpose)
-        if SuspendRecord.any(self.toggle_config.run_dir) or self.believed_suspended:
+        if self.live_record_exists() or self.believed_suspended:
             return Phase.SUSPENDED
         return Phase.RUNNING
+
+    def live_record_exists(self) -> bool:
+        """A suspend record of a server instance that lives; records of instances that are gone (the server
+        died while suspended, and supervisord restarted it) are removed, with a log line: the server there
+        now is served, once it answers."""
+        run_dir = self.toggle_config.run_dir
+        if not SuspendRecord.any(run_dir):
+            return False
+        for record in SuspendRecord.remove_stale(run_dir):
+            logger.warning(
+                "the server{} suspended as {} is gone: its record was removed; requests go to the server "
+                "supervisord runs now, once it answers",
+                self.label,
+                record.describe_instance(),
+            )
+        return SuspendRecord.any(run_dir)
 
     def refresh(self) -> Phase:
         """Observe, and note a change made by someone else (cuda-toggle-all run by hand)."""
