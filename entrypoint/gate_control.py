@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 from enum import Enum
 from pathlib import Path
 
+import aiohttp
 from loguru import logger
 
 from .config import Config
@@ -99,6 +100,19 @@ def phase_of_tool_run(purpose: str) -> Phase:
     # move_to() writes "cuda-toggle-all running" or "cuda-toggle-all checkpointed"; anything else might
     # be a suspend, so requests must wait for it either way.
     return Phase.RESUMING if purpose.endswith(RESUME) else Phase.SUSPENDING
+
+
+UNREACHABLE = "unreachable"  # /gate/status's state when the power state says running but vLLM does not answer
+
+
+async def upstream_answers(url: str, timeout_s: float = 2.0) -> bool:
+    """vLLM's /health answers below 500 at `url` (it answers while suspended too; 503 once its engine died)."""
+    try:
+        async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=timeout_s)) as session:
+            async with session.get(url.rstrip("/") + "/health") as response:
+                return response.status < 500
+    except (aiohttp.ClientError, OSError, asyncio.TimeoutError):
+        return False
 
 
 class PowerController:
