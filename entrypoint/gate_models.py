@@ -428,10 +428,7 @@ class Fleet:
             if controller.transition is not None:  # an idle suspend of its own, say
                 await asyncio.shield(controller.transition)
             if controller.refresh() is not Phase.RUNNING:
-                loop = asyncio.get_running_loop()
-                reason = await loop.run_in_executor(None, why_it_cannot_come_back, target)
-                if reason:
-                    raise ResumeFailed(f"model {target.name} cannot come back, nothing was suspended for it: {reason}")
+                await self.check_it_can_come_back(target)
                 steps = await self.overlapped_swap(target)
                 seconds = time.monotonic() - started
                 target.stats.swaps += 1
@@ -452,6 +449,22 @@ class Fleet:
         finally:
             self.swap_task = None
             self.schedule()
+
+    async def check_it_can_come_back(self, target: ModelServer) -> None:
+        """Raise ResumeFailed, before anyone is evicted, when `target` cannot come back (why_it_cannot_come_back).
+        The servers in its way take no new requests meanwhile (as overlapped_swap wants from its first await on):
+        marked draining during the check, unmarked right after it; overlapped_swap, called without an await in
+        between, marks its own victims again."""
+        in_the_way = self.victims_for(target)
+        for victim in in_the_way:
+            victim.controller.draining = True
+        try:
+            reason = await asyncio.get_running_loop().run_in_executor(None, why_it_cannot_come_back, target)
+        finally:
+            for victim in in_the_way:
+                victim.controller.draining = False
+        if reason:
+            raise ResumeFailed(f"model {target.name} cannot come back, nothing was suspended for it: {reason}")
 
     async def overlapped_swap(self, target: ModelServer) -> dict[str, dict[str, float]]:
         """Suspend the servers in the way and resume `target`, overlapping the two where that is safe.

@@ -14,7 +14,6 @@ kill, so that no case leaves the program FATAL for the next.
 
 from __future__ import annotations
 
-import os
 import shutil
 import signal
 import subprocess
@@ -277,21 +276,28 @@ def test_two_models_servers_killed_while_suspended_and_during_swaps(rig):
     assert_consistent_after_restart(made, beta, beta_root, beta_tree)
     assert made.ask(alpha) == 200 and made.ask(beta) == 200
     # a swap whose victim dies during its suspend, then one whose target dies during its restore
-    for victim_model, target_model, op in ((alpha, beta, "lock"), (beta, alpha, "restore")):
-        made.serving(victim_model if op == "lock" else target_model)
-        made.ask(victim_model)  # resident now
-        dying = victim_model if op == "lock" else target_model
-        root, tree, holder = made.root(dying), made.tree(dying), made.holder(dying)
-        fakegpu.add_fault(holder.pid, op, f"slow:{SLOW_OP_S}", root=made.state_dir)
-        asking = subprocess.Popen(
-            [sys.executable, "-c", "import sys, requests; print(requests.post(sys.argv[1], json=eval(sys.argv[2]), "
-             "timeout=120).status_code)", f"{made.supervised.gate_url}/v1/completions",
-             repr({"model": target_model, "prompt": "hi", "max_tokens": 4, "temperature": 0})],
-            stdout=subprocess.PIPE, text=True,
-        )  # fmt: skip
-        wait_until(lambda: made.started_calls(op, holder.pid), f"the swap's slow {op}", 60)
-        kill([psutil.Process(root)])
-        status = int(asking.communicate(timeout=120)[0].strip() or 0)
-        assert status in (200, 502, 503), status
-        assert_consistent_after_restart(made, dying, root, tree)
-        wait_until(lambda: made.ask(alpha) == 200 and made.ask(beta) == 200, "both models served", SERVE_BOUND_S)
+    kill_during_swap(made, victim_model=alpha, target_model=beta, op="lock")
+    kill_during_swap(made, victim_model=beta, target_model=alpha, op="restore")
+
+
+def kill_during_swap(made: Rig, victim_model: str, target_model: str, op: str) -> None:
+    """A request for `target_model` swaps out `victim_model`; the server whose `op` is slowed (the victim's
+    lock, or the target's restore) is killed meanwhile: the request is answered 200, 502 or 503, supervisord
+    restarts the server, and both models are served again."""
+    made.serving(victim_model)  # resident now
+    dying = victim_model if op == "lock" else target_model
+    root, tree, holder = made.root(dying), made.tree(dying), made.holder(dying)
+    fakegpu.add_fault(holder.pid, op, f"slow:{SLOW_OP_S}", root=made.state_dir)
+    asking = subprocess.Popen(
+        [sys.executable, "-c", "import sys, requests; print(requests.post(sys.argv[1], json=eval(sys.argv[2]), "
+         "timeout=120).status_code)", f"{made.supervised.gate_url}/v1/completions",
+         repr({"model": target_model, "prompt": "hi", "max_tokens": 4, "temperature": 0})],
+        stdout=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    wait_until(lambda: made.started_calls(op, holder.pid), f"the swap's slow {op}", 60)
+    kill([psutil.Process(root)])
+    status = int(asking.communicate(timeout=120)[0].strip() or 0)
+    assert status in (200, 502, 503), status
+    assert_consistent_after_restart(made, dying, root, tree)
+    both = MODELS
+    wait_until(lambda: all(made.ask(model) == 200 for model in both), "both models served", SERVE_BOUND_S)
