@@ -22,8 +22,8 @@ from entrypoint.errors import ExitCode
 from entrypoint.runstate import ToolLock
 from tests.test_faults import SERVER_ARGS, Rig, assert_running_gets_there
 from tests.test_gate import Gate
-from tests.test_swap import library_env, start_gate
-from tests.testing import free_port, wait_until
+from tests.test_swap import library_env, start_gate, swapped  # noqa: F401 (swapped: a fixture used here)
+from tests.testing import fakegpu, free_port, wait_until
 from tests.toggle_fixtures import SAFE_ENV
 
 
@@ -264,3 +264,34 @@ def test_gate_serves_the_server_there_now_and_removes_a_dead_instances_record(fa
         assert gate.status()["state"] == "running"
     finally:
         gate.stop()
+
+
+# --- GATE_MODELS: a swap checks its target first ----------------------------------------------------------
+
+
+def alpha_holds_the_gpu(fleet) -> bool:
+    return all(fakegpu.read_state(pid, fleet.fake_gpu) == "running" for pid in fleet.cuda_pids("alpha"))
+
+
+@pytest.mark.parametrize("death", ["tree", "engine-of-a-live-root"])
+def test_a_request_for_a_dead_suspended_model_never_evicts_the_resident_one(swapped, death):  # noqa: F811
+    """beta died while suspended (its whole tree; or its EngineCore, its API server still there): a request
+    for beta gets an error, and alpha, resident and healthy, is not suspended for it (it used to be, leaving
+    nothing resident)."""
+    fleet = swapped()
+    wait_until(lambda: fleet.model_status("beta")["state"] == "suspended", "beta suspended at start-up", 20)
+    beta = fleet.servers["beta"]
+    if death == "tree":
+        beta.kill_tree()
+    else:
+        api = psutil.Process(beta.pid)
+        engine = beta.engine_core()
+        api.suspend()  # keeps the API server from exiting when its engine dies: the record's root lives
+        engine.kill()
+        wait_until(lambda: not psutil.pid_exists(engine.pid) or engine.status() == "zombie", "EngineCore dead")
+    response = fleet.ask("beta", "anyone there")
+    assert response.status_code in (502, 503), response.text
+    assert alpha_holds_the_gpu(fleet), "alpha was evicted for a model that cannot come back"
+    assert fleet.text("alpha", "still here") and fleet.model_status("alpha")["swaps"] == 0
+    if death != "tree":
+        assert "cannot come back, nothing was suspended for it" in fleet.gate.log()
