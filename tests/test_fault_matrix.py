@@ -32,6 +32,7 @@ from entrypoint.gate_control import tool_lock_purpose
 from tests.test_container import STANDIN, Supervised, alive, process_tree, start_supervised
 from tests.test_swap import MODELS, SHARE, library_env
 from tests.testing import REPO, TOGGLE_ALL_CLI, fakegpu, free_port, wait_until
+from tests.toggle_fixtures import SAFE_ENV
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(400)]
 SLOW_OP_S = 2.0  # a lock or restore made this long, so that the kill lands inside it
@@ -129,6 +130,7 @@ def start_rig(fake_gpu: Path, tp: int, models: tuple[str, ...] = ("",)) -> Rig:
     args = ["--model", "standin", "--tensor-parallel-size", str(tp), "--host", "127.0.0.1"]
     args += ["--disable-custom-all-reduce", "--gpu-memory-utilization", SHARE if len(models) > 1 else "0.3"]
     settings = {key: value for key, value in library_env(fake_gpu, Path()).items() if not key.endswith(("URL", "DIR"))}
+    settings.update(SAFE_ENV)  # the NCCL and all-reduce settings a TP=2 server needs to be suspended
     settings.update(FAKE_CUDA_STATE_DIR=str(fake_gpu), SPT_NOENV="1", STANDIN_STEP_S="0.005", VLLM_SLEEP_MODE="1")
     settings.update(CUDA_TOGGLE_LOCK_TIMEOUT_MS="200", CUDA_TOGGLE_VERIFY_SLEEP_S="0.05", GATE_BUSY_WAIT_S="60")
     if len(models) > 1:
@@ -260,11 +262,14 @@ def test_two_models_servers_killed_while_suspended_and_during_swaps(rig):
     (its restore). Each time supervisord restarts it and both models are served again."""
     made = rig(1, MODELS)
     alpha, beta = MODELS
-    wait_until(
-        lambda: requests.get(f"{made.supervised.gate_url}/gate/status", timeout=2).json().get("started"),
-        "the gate to start both servers",
-        60,
-    )
+
+    def started() -> bool:
+        try:
+            return requests.get(f"{made.supervised.gate_url}/gate/status", timeout=2).json()["started"]
+        except (requests.RequestException, ValueError, KeyError):
+            return False
+
+    wait_until(started, "the gate to start both servers", 60)
     made.serving(alpha)
     # beta is suspended: kill it, ask for it; alpha stays resident meanwhile
     beta_root, beta_tree = made.root(beta), made.tree(beta)
