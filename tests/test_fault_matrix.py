@@ -290,6 +290,9 @@ def kill_during_swap(made: Rig, victim_model: str, target_model: str, op: str) -
     lock, or the target's restore) is killed meanwhile: the request is answered 200, 502 or 503, supervisord
     restarts the server, and both models are served again."""
     made.serving(victim_model)  # resident now
+    made.serving(target_model)  # restarted by an earlier case beside it, say: suspend it, so that a swap is needed
+    code, output = made.toggle("checkpointed", target_model)
+    assert code == 0, output
     dying = victim_model if op == "lock" else target_model
     root, tree, holder = made.root(dying), made.tree(dying), made.holder(dying)
     fakegpu.add_fault(holder.pid, op, f"slow:{SLOW_OP_S}", root=made.state_dir)
