@@ -21,8 +21,8 @@ import requests
 from entrypoint.errors import ExitCode
 from entrypoint.runstate import ToolLock
 from tests.test_faults import SERVER_ARGS, Rig, assert_running_gets_there
-from tests.test_gate import Gate
-from tests.test_swap import library_env, start_gate, swapped  # noqa: F401 (swapped: a fixture used here)
+from tests.test_gate import gate, run_dir  # noqa: F401 (fixtures used here)
+from tests.test_swap import swapped  # noqa: F401 (a fixture used here)
 from tests.testing import fakegpu, free_port, wait_until
 from tests.toggle_fixtures import SAFE_ENV
 
@@ -148,12 +148,12 @@ def test_wrong_server_url_at_suspend_warns_and_the_right_url_resumes(toggle_env,
     assert_running_gets_there(rig)
 
 
-def hold_lock(run_dir: Path, purpose: str, seconds: float) -> threading.Thread:
+def hold_lock(folder: Path, purpose: str, seconds: float) -> threading.Thread:
     """Another caller: holds the tool's lock for `purpose` (as move_to names it) for `seconds`."""
     taken = threading.Event()
 
     def hold() -> None:
-        with ToolLock(str(run_dir), 0, purpose):
+        with ToolLock(str(folder), 0, purpose):
             taken.set()
             time.sleep(seconds)
 
@@ -203,7 +203,7 @@ def dead_instance() -> tuple[int, float]:
     return process.pid, create_time
 
 
-def write_record(run_dir: Path, root_pid: int, root_create_time: float, server_url: str = "") -> Path:
+def write_record(folder: Path, root_pid: int, root_create_time: float, server_url: str = "") -> Path:
     record = {
         "root_pid": root_pid,
         "root_create_time": root_create_time,
@@ -217,53 +217,25 @@ def write_record(run_dir: Path, root_pid: int, root_create_time: float, server_u
         "quiesce": "scheduler",
         "server_url": server_url,
     }
-    path = run_dir / "servers" / f"{root_pid}-{root_create_time:.2f}.json"
+    path = folder / "servers" / f"{root_pid}-{root_create_time:.2f}.json"
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(record))
     return path
 
 
-def start_gate_for(tmp_path: Path, fake_gpu: Path, run_dir: Path, server, **settings: str) -> Gate:
-    """The real gate in front of the one `server` (found by its PID), library over the fake GPU."""
-    environ = {
-        **library_env(fake_gpu, run_dir),
-        "GATE_UPSTREAM": server.url,
-        "GATE_SERVER_PID": str(server.pid),
-        "GATE_BUSY_WAIT_S": "60",
-        **settings,
-    }
-    process = start_gate(tmp_path, environ)
-    gate = Gate(process, process.port, process.log_path)  # type: ignore[attr-defined]
-
-    def answers() -> bool:
-        if process.poll() is not None:
-            raise AssertionError(f"the gate exited ({process.returncode}):\n{gate.log()}")
-        try:
-            return requests.get(gate.url + "/gate/status", timeout=1).status_code == 200
-        except requests.ConnectionError:
-            return False
-
-    wait_until(answers, "the gate to answer", timeout=30)
-    return gate
-
-
-def test_gate_serves_the_server_there_now_and_removes_a_dead_instances_record(fake_gpu, tmp_path, standin_server):
+def test_gate_serves_the_server_there_now_and_removes_a_dead_instances_record(run_dir, standin_server, gate):  # noqa: F811
     """A record left by a server instance that died while suspended (supervisord restarted it): the gate
     removes it, says so, and serves the server there now (it used to answer 503 for good)."""
-    run_dir = tmp_path / "run"
     server = standin_server(*SERVER_ARGS, env={**SAFE_ENV, "VLLM_SERVER_DEV_MODE": "1"})
     pid, create_time = dead_instance()
     path = write_record(run_dir, pid, create_time, server.url)
-    gate = start_gate_for(tmp_path, fake_gpu, run_dir, server)
-    try:
-        body = {"model": "standin-model", "prompt": "hi", "max_tokens": 3, "temperature": 0}
-        response = requests.post(gate.url + "/v1/completions", json=body, timeout=60)
-        assert response.status_code == 200, response.text
-        assert not path.exists()
-        assert f"suspended as PID {pid}" in gate.log() and "is gone" in gate.log()
-        assert gate.status()["state"] == "running"
-    finally:
-        gate.stop()
+    front = gate(server)
+    body = {"model": "standin-model", "prompt": "hi", "max_tokens": 3, "temperature": 0}
+    response = requests.post(front.url + "/v1/completions", json=body, timeout=60)
+    assert response.status_code == 200, response.text
+    assert not path.exists()
+    assert f"suspended as PID {pid}" in front.log() and "is gone" in front.log()
+    assert front.status()["state"] == "running"
 
 
 # --- GATE_MODELS: a swap checks its target first ----------------------------------------------------------
