@@ -182,8 +182,13 @@ def why_it_cannot_come_back(server: ModelServer) -> str:
     except ToolError as failure:
         return failure.message
     for record in SuspendRecord.load_all(server.controller.toggle_config.run_dir):
+        if not record.instance_alive():  # restarted meanwhile: the new instance is not suspended, nothing to resume
+            return (
+                f"the server suspended as {record.describe_instance()} is gone; requests go to the server supervisord "
+                "runs now, once it answers"
+            )
         dead = [f"PID {p.pid} ({p.title[:40]})" for p in record.cuda if not same_process(p.pid, p.create_time)]
-        if record.instance_alive() and dead:
+        if dead:
             return (
                 f"{', '.join(dead)} died while it was suspended: this server instance cannot serve again; supervisord "
                 "restarts the program once vLLM exits (else: supervisorctl restart the model's program)"

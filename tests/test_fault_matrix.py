@@ -277,7 +277,8 @@ def test_two_models_servers_killed_while_suspended_and_during_swaps(rig):
     alpha_engine = made.engine(alpha).pid
     kill(beta_tree)
     assert made.ask(beta) in (200, 502, 503)
-    assert fakegpu.read_state(alpha_engine, made.state_dir) == "running", "alpha was evicted for a dead beta"
+    evicted = fakegpu.read_state(alpha_engine, made.state_dir) != "running"
+    assert not evicted, f"alpha was evicted for a dead beta:\n{made.supervised.log()[-5000:]}"
     assert_consistent_after_restart(made, beta, beta_root, beta_tree)
     assert made.ask(alpha) == 200 and made.ask(beta) == 200
     # a swap whose victim dies during its suspend, then one whose target dies during its restore
