@@ -89,6 +89,16 @@ SETTINGS: dict[str, Setting] = {
             "seconds",
         ),
         Setting(
+            "CUDA_TOGGLE_CONVERGE_WAIT_S",
+            "600",
+            "how long a cuda-toggle-all waits for another caller (the gate, say) reaching the same state, before"
+            " it proves that state itself; a caller reaching the other state is waited for CUDA_TOGGLE_BUSY_WAIT_S",
+            "float",
+            0,
+            DAY_S,
+            "seconds",
+        ),
+        Setting(
             "CUDA_TOGGLE_GPU_QUERY",
             "auto",
             "where GPU memory figures come from",
@@ -196,6 +206,7 @@ class Config:
     state_timeout_s: float
     run_dir: str
     busy_wait_s: float
+    converge_wait_s: float
     gpu_query: str
     nvidia_smi: str
     ram_margin_mib: int

@@ -37,7 +37,7 @@ def render_failure(failure: ToolError, params: dict) -> None:
     if params.get("as_json"):
         report = report or {
             "ok": False,
-            "target": params.get("target"),
+            "target": TARGET_ALIASES.get(params.get("target"), params.get("target")),  # as a result names it
             "root_pid": None,
             "backend": params.get("backend"),
             "seconds": 0.0,
@@ -132,7 +132,7 @@ def cli(
         print_settings(config.describe(), as_json)
         return
     if target == "status":
-        result = status(config, pid=pid, backend_name=backend).to_json()
+        result = status(config, pid=pid, backend_name=backend, force=force).to_json()
         logger.info("\n" + status_table(result))
     elif target == "warm-up":
         result = warm_up(config, pid=pid, backend_name=backend)

@@ -26,7 +26,7 @@ from .cli_exit import ExitCodeCommand
 from .config import Config, load_config
 from .errors import GATE_EXIT_CODES, ExitCode, ToolError, exit_codes_help
 from .gate_config import GateConfig, gate_settings_help, load_gate_config
-from .gate_control import PowerController
+from .gate_control import UNREACHABLE, Phase, PowerController, upstream_answers
 from .gate_limits import ConnectionLimiter, ensure_open_file_limit
 from .gate_metrics import CONTENT_TYPE, GateMetrics
 from .gate_models import Fleet, check_host_ram
@@ -74,6 +74,12 @@ def build_app(gate: GateConfig, toggle_config: Config, limiter: ConnectionLimite
 
     async def gate_status(request: web.Request) -> web.Response:
         status = controller.status_json()
+        # Once a request got 502, "running" is checked against vLLM's /health (asked only then: it would show
+        # in the upstream's log and traffic for every status read otherwise).
+        failed_before = metrics.errors["upstream_unreachable"] > 0
+        running = status["state"] == Phase.RUNNING.value
+        if not fleet and running and failed_before and not await upstream_answers(gate.upstream):
+            status["state"] = UNREACHABLE  # what was observed: "running" would promise answers that are 502s
         return web.json_response({**status, **fleet.status_json()} if fleet else status)
 
     async def gate_metrics(request: web.Request) -> web.Response:
@@ -229,6 +235,8 @@ def cli(print_config: bool, as_json: bool, programs_dir: Path | None, verbose: b
     without waking a suspended server. The rules: docs/gate.md, "Public routes".
     """
     setup_logging(verbose)
+    if as_json and not print_config:  # else a typo of an option would start a gate on the public port
+        raise ToolError("--json only goes with --print-config: run `vllm-gate --print-config --json`", ExitCode.USAGE)
     gate, toggle_config = load_settings()
     if programs_dir is not None:
         try:

@@ -287,6 +287,13 @@ def load_gate_config(environ: Mapping[str, str]) -> GateConfig:
     """Parse GATE_* variables of `environ` into a GateConfig; a bad value raises ToolError(USAGE)."""
     values, sources = parse_settings(GATE_SETTINGS.values(), environ)
     config = GateConfig(**values, sources=sources)
+    models_text = environ.get("GATE_MODELS", "")
+    if not config.models and models_text.strip():  # "," or blanks: a list of nothing is no choice of one server
+        raise ToolError(
+            f"GATE_MODELS={models_text!r} lists no model: give {MODELS_FORMAT} entries, or unset it for the one "
+            "server at GATE_UPSTREAM",
+            ExitCode.USAGE,
+        )
     if config.models and config.server_pid is not None:
         raise ToolError(
             "GATE_SERVER_PID names one server, but GATE_MODELS runs several (the gate finds each by its port):"

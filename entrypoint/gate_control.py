@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 from enum import Enum
 from pathlib import Path
 
+import aiohttp
 from loguru import logger
 
 from .config import Config
@@ -101,6 +102,19 @@ def phase_of_tool_run(purpose: str) -> Phase:
     return Phase.RESUMING if purpose.endswith(RESUME) else Phase.SUSPENDING
 
 
+UNREACHABLE = "unreachable"  # /gate/status's state when the power state says running but vLLM does not answer
+
+
+async def upstream_answers(url: str, timeout_s: float = 2.0) -> bool:
+    """vLLM's /health answers below 500 at `url` (it answers while suspended too; 503 once its engine died)."""
+    try:
+        async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=timeout_s)) as session:
+            async with session.get(url.rstrip("/") + "/health") as response:
+                return response.status < 500
+    except (aiohttp.ClientError, OSError, asyncio.TimeoutError):
+        return False
+
+
 class PowerController:
     def __init__(
         self,
@@ -155,9 +169,25 @@ class PowerController:
         purpose = tool_lock_purpose(self.toggle_config.run_dir)
         if purpose is not None:
             return phase_of_tool_run(purpose)
-        if SuspendRecord.any(self.toggle_config.run_dir) or self.believed_suspended:
+        if self.live_record_exists() or self.believed_suspended:
             return Phase.SUSPENDED
         return Phase.RUNNING
+
+    def live_record_exists(self) -> bool:
+        """A suspend record of a server instance that lives; records of instances that are gone (the server
+        died while suspended, and supervisord restarted it) are removed, with a log line: the server there
+        now is served, once it answers."""
+        run_dir = self.toggle_config.run_dir
+        if not SuspendRecord.any(run_dir):
+            return False
+        for record in SuspendRecord.remove_stale(run_dir):
+            logger.warning(
+                "the server{} suspended as {} is gone: its record was removed; requests go to the server "
+                "supervisord runs now, once it answers",
+                self.label,
+                record.describe_instance(),
+            )
+        return SuspendRecord.any(run_dir)
 
     def refresh(self) -> Phase:
         """Observe, and note a change made by someone else (cuda-toggle-all run by hand)."""

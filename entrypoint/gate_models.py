@@ -42,6 +42,7 @@ from .gate_control import Phase, PowerController, ResumeFailed
 from .gate_metrics import PHASES, GateMetrics
 from .gpus import GpuReading, read_gpus
 from .observe import host_available_mib
+from .processes import same_process
 from .proof import proves_per_process_alone
 from .runstate import SuspendRecord
 from .server_status import warm_up
@@ -169,6 +170,30 @@ def suspend_record_of(server: ModelServer) -> SuspendRecord | None:
     """The suspended server's record (what its restore brings back: checkpoint_mib); None unless exactly one."""
     records = SuspendRecord.load_all(server.controller.toggle_config.run_dir)
     return records[0] if len(records) == 1 else None
+
+
+def why_it_cannot_come_back(server: ModelServer) -> str:
+    """Why the suspended `server` cannot be resumed ('' when it can, as far as can be seen without touching it):
+    no server of the model is found, or a process its suspend moved has died since. A swap checks this before
+    it evicts anyone, so that a healthy resident server is never suspended for a target that cannot come back.
+    Runs in a worker thread (reads processes and supervisord)."""
+    try:
+        server.controller.find_pid()
+    except ToolError as failure:
+        return failure.message
+    for record in SuspendRecord.load_all(server.controller.toggle_config.run_dir):
+        if not record.instance_alive():  # restarted meanwhile: the new instance is not suspended, nothing to resume
+            return (
+                f"the server suspended as {record.describe_instance()} is gone; requests go to the server supervisord "
+                "runs now, once it answers"
+            )
+        dead = [f"PID {p.pid} ({p.title[:40]})" for p in record.cuda if not same_process(p.pid, p.create_time)]
+        if dead:
+            return (
+                f"{', '.join(dead)} died while it was suspended: this server instance cannot serve again; supervisord "
+                "restarts the program once vLLM exits (else: supervisorctl restart the model's program)"
+            )
+    return ""
 
 
 def describe_steps(steps: dict[str, dict[str, float]]) -> str:
@@ -408,6 +433,7 @@ class Fleet:
             if controller.transition is not None:  # an idle suspend of its own, say
                 await asyncio.shield(controller.transition)
             if controller.refresh() is not Phase.RUNNING:
+                await self.check_it_can_come_back(target)
                 steps = await self.overlapped_swap(target)
                 seconds = time.monotonic() - started
                 target.stats.swaps += 1
@@ -428,6 +454,22 @@ class Fleet:
         finally:
             self.swap_task = None
             self.schedule()
+
+    async def check_it_can_come_back(self, target: ModelServer) -> None:
+        """Raise ResumeFailed, before anyone is evicted, when `target` cannot come back (why_it_cannot_come_back).
+        The servers in its way take no new requests meanwhile (as overlapped_swap wants from its first await on):
+        marked draining during the check, unmarked right after it; overlapped_swap, called without an await in
+        between, marks its own victims again."""
+        in_the_way = self.victims_for(target)
+        for victim in in_the_way:
+            victim.controller.draining = True
+        try:
+            reason = await asyncio.get_running_loop().run_in_executor(None, why_it_cannot_come_back, target)
+        finally:
+            for victim in in_the_way:
+                victim.controller.draining = False
+        if reason:
+            raise ResumeFailed(f"model {target.name} cannot come back, nothing was suspended for it: {reason}")
 
     async def overlapped_swap(self, target: ModelServer) -> dict[str, dict[str, float]]:
         """Suspend the servers in the way and resume `target`, overlapping the two where that is safe.

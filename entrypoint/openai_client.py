@@ -9,6 +9,7 @@ top_logprobs: [{token, logprob}]}]`; `"stream": true` gives Server-Sent Events e
 from __future__ import annotations
 
 import json
+import re
 import threading
 import time
 from collections.abc import Callable
@@ -181,6 +182,14 @@ def _greedy_chat(model: str, prompt: str, max_tokens: int, seed: int) -> dict:
     }
 
 
+def request_failure(error: Exception) -> str:
+    """Why a request failed, in one line: the operating system's reason where requests wrapped one (its
+    message otherwise buries it behind the pool's and the connection object's descriptions)."""
+    text = " ".join(str(error).split())
+    reason = re.search(r"\[Errno -?\d+\][^'\"()]*", text)
+    return reason.group(0).strip() if reason else text
+
+
 class OpenAIClient:
     def __init__(self, url: str, request_timeout_s: float = 600.0):
         self.url = url.rstrip("/")
@@ -274,16 +283,19 @@ class OpenAIClient:
         next_progress = began + progress_s
         waiting_for = "the server to answer /v1/models"
         while True:
+            # Each request gets what is left of the timeout: a server that accepts and never answers must not
+            # stretch the wait beyond it.
+            left_s = max(0.1, timeout_s - (time.monotonic() - began))
             try:
-                models = self.models(timeout_s=10)
+                models = self.models(timeout_s=min(10.0, left_s))
                 if models:
                     waiting_for = "a first completion"
-                    self.tiny_completion(model if model in models else models[0])
+                    left_s = max(0.1, timeout_s - (time.monotonic() - began))
+                    self.tiny_completion(model if model in models else models[0], timeout_s=left_s)
                     return models, time.monotonic() - began
                 waiting_for = "/v1/models to list a model"
             except (requests.RequestException, ApiError, ValueError, KeyError) as error:
-                last = str(error).splitlines()[0][:120]
-                waiting_for = f"{waiting_for.split(' (')[0]} ({last})"
+                waiting_for = f"{waiting_for.split(' (')[0]} ({request_failure(error)})"
             now = time.monotonic()
             if now - began >= timeout_s:
                 raise TimeoutError(f"not ready after {timeout_s:g} s: still waiting for {waiting_for}")

@@ -14,15 +14,19 @@ from pathlib import Path
 from loguru import logger
 
 from .errors import ExitCode, ToolError
+from .processes import same_process
 
 
 class ToolLock:
     """One cuda-toggle-all at a time: an flock on RUN_DIR/lock (released by the kernel if we crash)."""
 
-    def __init__(self, run_dir: str, wait_s: float, purpose: str = ""):
+    def __init__(self, run_dir: str, wait_s: float, purpose: str = "", same_purpose_wait_s: float = 0.0):
         self.path = Path(run_dir) / "lock"
         self.wait_s = wait_s
         self.purpose = purpose or " ".join(sys.argv)
+        # A holder that does what we want to do (reach the same target) is waited for longer: once it is done,
+        # we only have to prove that state (callers wanting the same state converge).
+        self.same_purpose_wait_s = same_purpose_wait_s
         self.handle = None
 
     def __enter__(self) -> ToolLock:
@@ -34,13 +38,19 @@ class ToolLock:
                 f"cannot open the lock file {self.path}: {error}; set CUDA_TOGGLE_RUN_DIR to a writable folder",
                 ExitCode.USAGE,
             )
-        deadline = time.monotonic() + self.wait_s
+        began = time.monotonic()
+        announced = False
         while True:
             try:
                 fcntl.flock(self.handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
                 break
             except BlockingIOError:
-                if time.monotonic() >= deadline:
+                same = self.holder_purpose() == self.purpose
+                if same and not announced and self.same_purpose_wait_s > self.wait_s:
+                    logger.info("another caller is reaching the same state ({}): waiting for it", self.holder())
+                    announced = True
+                wait_s = max(self.wait_s, self.same_purpose_wait_s) if same else self.wait_s
+                if time.monotonic() >= began + wait_s:
                     holder = self.holder()
                     self.handle.close()
                     raise ToolError(
@@ -53,6 +63,12 @@ class ToolLock:
         self.handle.write(json.dumps({"pid": os.getpid(), "purpose": self.purpose, "since": time.time()}))
         self.handle.flush()
         return self
+
+    def holder_purpose(self) -> str | None:
+        try:
+            return json.loads(self.path.read_text() or "{}").get("purpose")
+        except (OSError, ValueError, AttributeError):
+            return None
 
     def holder(self) -> str:
         try:
@@ -284,6 +300,33 @@ class SuspendRecord:
             return any(cls.directory(run_dir).glob("*.json"))
         except OSError:
             return False
+
+    def instance_alive(self) -> bool:
+        """True while the server instance this record belongs to lives: its root process, named by PID and
+        create time (a restarted server is a new instance, even with the same PID)."""
+        return same_process(self.root_pid, self.root_create_time)
+
+    def describe_instance(self) -> str:
+        started = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(self.root_create_time))
+        return f"PID {self.root_pid}, started {started}"
+
+    @classmethod
+    def remove_stale(cls, run_dir: str) -> list[SuspendRecord]:
+        """Remove every record whose server instance is gone (it died, or was restarted: supervisord's restart
+        is a new instance), saying so in the log; returns the records removed. Nothing can resume a server
+        that is gone, and its record would make the gate and `running` act on a server that is not there."""
+        removed = []
+        for record in cls.load_all(run_dir):
+            if record.instance_alive():
+                continue
+            logger.warning(
+                "suspend record of server {} removed: that server is gone (it died or was restarted while "
+                "suspended); the server there now is acted on instead",
+                record.describe_instance(),
+            )
+            record.clear(run_dir)
+            removed.append(record)
+        return removed
 
     def clear(self, run_dir: str) -> None:
         """Remove this server's record (never raises: a record that cannot be removed is reported)."""

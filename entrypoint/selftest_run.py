@@ -72,7 +72,7 @@ class Selftest:
     def step(self, name: str, began: float, detail: str, ok: bool = True) -> None:
         seconds = time.monotonic() - began
         self.report.steps.append(Step(name, ok, round(seconds, 3), detail))
-        logger.info("{} {}: {} ({:.2f} s)", "ok  " if ok else "FAIL", name, detail, seconds)
+        logger.log("INFO" if ok else "ERROR", "{} {}: {} ({:.2f} s)", "ok  " if ok else "FAIL", name, detail, seconds)
 
     def checked(self, name: str, began: float, check, *args) -> dict:
         """Run a check; log it as a step either way and return its evidence."""

@@ -38,10 +38,13 @@ class StatusResult:
         return asdict(self)
 
 
-def status(config: Config, *, pid: int | None = None, backend_name: str | None = None) -> StatusResult:
-    """What every process of the server is, whether anything is frozen or paused, and the GPUs' memory."""
+def status(
+    config: Config, *, pid: int | None = None, backend_name: str | None = None, force: bool = False
+) -> StatusResult:
+    """What every process of the server is, whether anything is frozen or paused, and the GPUs' memory.
+    A --pid that is no vLLM server's root (PID 1, whose tree is every process) is refused unless `force`."""
     backend = select_backend(config, backend_name)
-    obs = observe(config, backend, pid, force=True)
+    obs = observe(config, backend, pid, force=force)
     holders = set(model_holders(obs))
     frozen = [p for p in obs.stopped if p.matches(config.dispatcher)]
     pids = []

@@ -26,7 +26,7 @@ from .operations import settle_orphans
 from .plan import Observation, dispatcher_candidates, model_holders, plan_suspend
 from .processes import describe, inherited_environ, same_process
 from .proof import proves_per_process_alone, released_proof, returned_proof
-from .quiesce import quiesce_server, unquiesce_server, vllm_flags
+from .quiesce import quiesce_server, thaw_all, unquiesce_server, vllm_flags
 from .results import PidResult, ToggleResult
 from .runstate import FrozenProcess, GpuRecord, ProcessRecord, SuspendRecord, ToolLock
 from .transition import (
@@ -98,12 +98,15 @@ def move_to(
     started = time.monotonic()
     # One guard for the whole run: SIGINT/SIGTERM are deferred, and acted on between phases (a phase of the
     # driver is never cut: the driver does not roll back a checkpoint or restore half-way).
-    with SignalGuard() as guard, ToolLock(config.run_dir, config.busy_wait_s, purpose=f"cuda-toggle-all {target}"):
+    lock = ToolLock(config.run_dir, config.busy_wait_s, f"cuda-toggle-all {target}", config.converge_wait_s)
+    with SignalGuard() as guard, lock:
         backend = select_backend(config, backend_name)
         mark_phase(config.run_dir, "settle")
         settled = settle_orphans(config, backend)  # a killed run's driver calls land before we look
         mark_phase(config.run_dir, "observe")
-        obs = observe(config, backend, pid, force=force)
+        gone = SuspendRecord.remove_stale(config.run_dir)
+        settled += [f"removed the suspend record of server {r.describe_instance()}: that server is gone" for r in gone]
+        obs = _observe_after_removal(config, backend, pid, force, gone)
         try:
             if target == SUSPEND:
                 requested_quiesce = quiesce or (config.quiesce if freeze_dispatcher else "none")
@@ -118,6 +121,27 @@ def move_to(
             raise
         result.notes[:0] = settled
         return result
+
+
+def _observe_after_removal(
+    config: Config, backend: Backend, pid: int | None, force: bool, gone: list[SuspendRecord]
+) -> Observation:
+    """observe(), saying what happened when the server it looks for is one whose record was just removed
+    (the whole tree died while suspended) rather than blaming the PID it was given."""
+    try:
+        return observe(config, backend, pid, force=force)
+    except ToolError as failure:
+        if not gone or failure.result is not None or failure.exit_code != ExitCode.SERVER_NOT_FOUND:
+            raise
+        names = ", ".join(record.describe_instance() for record in gone)
+        # The PID asked for is the dead server's own: the lookup's "check the PID" would blame the caller.
+        lookup = "" if pid in {record.root_pid for record in gone} else f" ({failure.message})"
+        raise ToolError(
+            f"the server ({names}) died while suspended: its suspend record was removed and nothing is left to "
+            "resume. supervisord restarts the program (see `supervisorctl status vllm`); the gate serves the new "
+            f"instance once it answers, and `cuda-toggle-all running` then proves it{lookup}",
+            ExitCode.SERVER_NOT_FOUND,
+        ) from None
 
 
 def _interrupted_before_any_change(guard: SignalGuard, result: ToggleResult, started: float, states: dict) -> None:
@@ -179,6 +203,7 @@ def _suspend(
     for reason in plan.refusals:
         logger.warning("--force: going on despite: {}", reason)
     control = VllmControl(obs.capabilities.url, config.sleep_timeout_s)
+    _warn_unreachable(config, obs, plan.quiesce, result)
     if all(state == "checkpointed" for state in states.values()):
         result.notes.append("already checkpointed: nothing to do")
         if record is not None:
@@ -254,6 +279,18 @@ def _suspend(
         result.interrupted = guard.received
         problems = unquiesce_server(control, record, plan.freeze, result)
         record.clear(config.run_dir)
+        dead = _dead_while_suspended(record)
+        if dead:  # killed during the lock, say: the rollback cannot bring it back
+            raise _fail(
+                result,
+                f"suspend failed: {failure}; and {', '.join(dead)} died meanwhile: this server instance cannot "
+                "serve again. The requests were let go so that vLLM sees it and exits; supervisord restarts the "
+                "program (if it does not, restart it: supervisorctl restart vllm); the gate serves the new instance "
+                "once it answers",
+                ExitCode.INCONSISTENT,
+                started,
+                states,
+            )
         hint = problems or "every process is running again and the server takes requests"
         raise _fail(
             result,
@@ -290,11 +327,49 @@ def _suspend(
     return result
 
 
+def _warn_unreachable(config: Config, obs: Observation, quiesce: str, result: ToggleResult) -> None:
+    """Say loudly when vLLM does not answer where the tool looks for it (a typo in CUDA_TOGGLE_SERVER_URL,
+    say): its own pause and sleep cannot be used, and the suspend falls back to what holds nothing through
+    HTTP (the SIGSTOP of the dispatcher, and a plain checkpoint of all the GPU memory: much slower)."""
+    if obs.capabilities.reachable:
+        return
+    where = f"CUDA_TOGGLE_SERVER_URL={config.server_url}" if config.server_url else "the server's --host/--port"
+    warning = (
+        f"no HTTP server answers at {obs.capabilities.url} ({where}): vLLM's own pause and sleep cannot be used, so "
+        f"the requests are held by quiesce={quiesce} and every byte of GPU memory is checkpointed (plain, slow). "
+        "If that address is wrong, set CUDA_TOGGLE_SERVER_URL to the server's own address (http://127.0.0.1:8001 "
+        "in the image)"
+    )
+    logger.warning(warning)
+    result.notes.append(warning)
+
+
 # resume -----------------------------------------------------------------------------------------------------
 def _dead_while_suspended(record: SuspendRecord | None) -> list[str]:
     if record is None:
         return []
     return [f"PID {p.pid} ({p.title[:40]})" for p in record.cuda if not same_process(p.pid, p.create_time)]
+
+
+def _resume_control(
+    config: Config, record: SuspendRecord | None, obs: Observation, result: ToggleResult
+) -> VllmControl:
+    """Where the resume talks to vLLM. The rule: the address the suspend paused vLLM through (its record) while
+    it answers; else the address of now (CUDA_TOGGLE_SERVER_URL, or the server's --host/--port), with a
+    warning. A wrong address at the suspend must not outvote a right one given now."""
+    now = VllmControl(obs.capabilities.url, config.sleep_timeout_s)
+    if record is None or not record.server_url or record.server_url == now.url:
+        return now
+    recorded = VllmControl(record.server_url, config.sleep_timeout_s)
+    if recorded.answers():
+        return recorded
+    warning = (
+        f"nothing answers at {record.server_url}, the address the suspend used (its record): using {now.url} "
+        "(CUDA_TOGGLE_SERVER_URL, or the server's --host/--port) instead"
+    )
+    logger.warning(warning)
+    result.notes.append(warning)
+    return now
 
 
 def _resume(
@@ -322,9 +397,7 @@ def _resume(
         if p.stopped
     ]
     states = dict(obs.states)
-    control = VllmControl(
-        record.server_url if record and record.server_url else obs.capabilities.url, config.sleep_timeout_s
-    )
+    control = _resume_control(config, record, obs, result)
     if obs.unreadable:
         raise _fail(
             result,
@@ -337,10 +410,18 @@ def _resume(
         )
     dead = _dead_while_suspended(record)
     if dead:
+        # Nothing may stay stopped: a frozen dispatcher would hold requests for good instead of letting vLLM
+        # see its dead member and exit (supervisord then restarts it). The record stays while the instance
+        # lives, so that the gate keeps answering 503 rather than sending requests to it; it goes with it.
+        continued = thaw_all(record, dispatchers)
+        result.notes += [f"continued the frozen dispatcher PID {pid}" for pid in continued]
+        let_go = f"; continued the frozen dispatcher PID {continued} so that vLLM sees it and exits"
+        let_go = let_go if continued else ""
         raise _fail(
             result,
-            f"{', '.join(dead)} died while the server was suspended: the server cannot serve again; restart it "
-            "(supervisorctl restart vllm)",
+            f"{', '.join(dead)} died while the server was suspended: this server instance cannot serve again"
+            f"{let_go}. supervisord restarts the program once vLLM exits (if it does not exit, restart it: "
+            "supervisorctl restart vllm); the gate serves the new instance once it answers",
             ExitCode.INCONSISTENT,
             started,
             states,
@@ -430,7 +511,7 @@ def _resume(
     failures = []
     if not memory.ok:
         failures.append(memory.failure())
-    if obs.capabilities.reachable:
+    if obs.capabilities.reachable or control.url != obs.capabilities.url:  # (the record's URL answered)
         began = time.monotonic()
         probe = control.probe(timeout_s=config.sleep_timeout_s)
         result.phases["probe"] = time.monotonic() - began
@@ -441,6 +522,13 @@ def _resume(
         result.notes.append(f"no HTTP server answers at {control.url}: no completion could prove the resume")
     if flags["is_paused"] or flags["is_sleeping"]:
         failures.append(f"vLLM still says {flags}")
+    cuda_processes = [obs.process(pid) for pid in moving]
+    gone = [f"PID {p.pid} ({p.short_title(40)})" for p in cuda_processes if not same_process(p.pid, p.create_time)]
+    if gone:  # a member died (its tree is ending, say): this instance is not serving, whatever it answered
+        failures.append(
+            f"{', '.join(gone)} of the server ended meanwhile: supervisord restarts the program once vLLM exits; "
+            "run `cuda-toggle-all running` again then"
+        )
     if failures:
         raise _fail(
             result,

@@ -514,6 +514,9 @@ class Transition:
         if not self.verify("checkpointed"):
             self.rollback_to_running()
             raise RolledBack("not every process reached checkpointed")
+        if self.gone:  # a server with a dead member is not suspended, whatever the others read
+            self.rollback_to_running()
+            raise RolledBack(f"PID {sorted(self.gone)} ended during the suspend")
 
     # resume ----------------------------------------------------------------------------------------
     def resume(self, room_made: Callable[[], bool] | None = None) -> None:

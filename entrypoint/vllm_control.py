@@ -155,6 +155,10 @@ class VllmControl:
             sleep_pauses_scheduler=sleep and parsed is not None and parsed >= SLEEP_PAUSES_SCHEDULER_SINCE,
         )
 
+    def answers(self) -> bool:
+        """Some HTTP server answers at this address (vLLM's /health, or anything below 500)."""
+        return self._answers("/health")
+
     def _answers(self, path: str) -> bool:
         try:
             return requests.get(f"{self.url}{path}", timeout=self.query_timeout_s).status_code < 500
