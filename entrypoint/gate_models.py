@@ -38,7 +38,7 @@ from .config import Config
 from .discovery import supervisor_program_pid, supervisor_proxy
 from .errors import ExitCode, ToolError
 from .gate_config import GateConfig, ModelEntry
-from .gate_control import Phase, PowerController, ResumeFailed
+from .gate_control import Held, Phase, PowerController, ResumeFailed
 from .gate_metrics import PHASES, GateMetrics
 from .gpus import GpuReading, read_gpus
 from .observe import host_available_mib
@@ -133,6 +133,10 @@ class ModelStats:
     swap_seconds: float = 0.0
     last_swap_s: float | None = None
     last_swap_steps: dict[str, dict[str, float]] = field(default_factory=dict)  # transition -> phase -> s
+    # How the last swap made room: "overlapped: restore at once" (the target's restore fitted beside the
+    # resident servers), "overlapped: restore after sleep" (it began once the victims' sleep freed their
+    # memory), "serial" (it waited for their suspends), "nothing in the way".
+    last_swap_path: str = ""
     failed_swaps: int = 0
     waited_requests: int = 0
     waited_seconds: float = 0.0
@@ -322,11 +326,11 @@ class Fleet:
         Yields the seconds it waited; raises ResumeFailed when the swap it waited for failed.
         """
         controller = server.controller
-        waited_s = 0.0
+        waited_s = await controller.wait_while_held(label)  # raises Held when the hold outlasts GATE_HOLD_WAIT_S
         if self.admissible(server):
             controller.in_flight += 1
         else:
-            waited_s = await self.wait_for_swap(server, label)  # counts it in flight when it may go
+            waited_s += await self.wait_for_swap(server, label)  # counts it in flight when it may go
         server.stats.last_used = time.monotonic()
         try:
             yield waited_s
@@ -407,6 +411,8 @@ class Fleet:
         try:
             if controller.transition is not None:  # an idle suspend of its own, say
                 await asyncio.shield(controller.transition)
+            if controller.held() is not None:  # held since its requests began to wait
+                raise Held(f"model {target.name} is held suspended by the operator", self.gate.hold_retry_after_s)
             if controller.refresh() is not Phase.RUNNING:
                 steps = await self.overlapped_swap(target)
                 seconds = time.monotonic() - started
@@ -467,6 +473,7 @@ class Fleet:
                     resuming = target.controller.start(
                         Phase.RESUMING, "request (swap)", OverlapHooks(room_made=room_made)
                     )
+                    target.stats.last_swap_path = "overlapped: restore at once"
                 for victim in victims:
                     suspending.append(await self.evict(victim, target, restore_mib))
             finally:
@@ -474,6 +481,7 @@ class Fleet:
                     resuming = target.controller.start(
                         Phase.RESUMING, "request (swap)", OverlapHooks(room_made=room_made)
                     )
+                    target.stats.last_swap_path = "overlapped: restore after sleep"
             ended = await asyncio.gather(*suspending, return_exceptions=True)
             failures = [result for result in ended if isinstance(result, BaseException)]
             if not failures:
@@ -495,6 +503,7 @@ class Fleet:
             raise ResumeFailed(f"{type(failure).__name__}: {failure}")
         if resuming is None:  # nothing overlapped: the victims are suspended, resume plainly
             resuming = target.controller.start(Phase.RESUMING, "request (swap)")
+            target.stats.last_swap_path = "serial" if victims else "nothing in the way"
         outcome = await asyncio.shield(resuming)
         steps[f"resume {target.name}"] = outcome.steps
         if not outcome.ok:
@@ -554,7 +563,7 @@ class Fleet:
                 await asyncio.sleep(DRAIN_POLL_S)
             if controller.transition is not None:
                 await asyncio.shield(controller.transition)
-            if controller.refresh() is not Phase.RUNNING:
+            if controller.refresh() not in (Phase.RUNNING, Phase.ASLEEP):
                 return {}
             outcome = await asyncio.shield(controller.start(Phase.SUSPENDING, f"swap to {target.name}", hooks))
             if not outcome.ok and outcome.exit_code in NOT_HOLDING_GPUS:
@@ -590,6 +599,11 @@ class Fleet:
                 "last_suspend_s": controller.last_suspend_s,
                 "last_resume_s": controller.last_resume_s,
                 "last_failure_at": controller.last_failure_at,
+                "last_sleep_s": controller.last_sleep_s,
+                "last_wake_s": controller.last_wake_s,
+                "proof": controller.last_proof,
+                "last_swap_path": stats.last_swap_path,
+                "hold": hold.to_json() if (hold := controller.held()) else None,
             }
         return {"started": self.ready, "models": models}
 
