@@ -43,7 +43,7 @@ def pause_for_ticks(front, ticks: int = 5) -> None:
 def test_hold_keeps_the_server_suspended_with_requests_in_flight_until_release(server, gate, fake_gpu, run_dir):
     """hold --inflight keep with streams in flight: the gate resumes nothing, new requests get 503 with
     Retry-After, the hold shows in both status views and the metrics; release resumes and the streams end whole."""
-    upstream = server(step_s=0.03)
+    upstream = server(step_s=0.04)
     prompts = [f"hold {index}" for index in range(2)]
     references = {prompt: stream_deltas(upstream.url, prompt, 120) for prompt in prompts}
     front = gate(upstream, GATE_HOLD_RETRY_AFTER_S="7")
@@ -59,13 +59,16 @@ def test_hold_keeps_the_server_suspended_with_requests_in_flight_until_release(s
         pause_for_ticks(front)
         status = front.status()
         assert status["state"] == "suspended" and status["hold"]["inflight"] == "keep"
-        assert status["in_flight"] == len(prompts) and not any(stream.done() for stream in streams.values())
+        kept = [prompt for prompt, stream in streams.items() if not stream.done()]
+        assert kept, "no stream was in flight across the hold (the machine was too slow for this test)"
+        assert status["in_flight"] == len(kept)
         assert front.metric("vllm_gate_held") == 1
         assert front.metric("vllm_gate_transitions_total", transition="resume", outcome="ok") == 0
         assert front.metric("vllm_gate_errors_total", reason="held") == 1
         assert toggle_all("status", "--pid", str(upstream.pid))["hold"]["inflight"] == "keep"
         assert [fakegpu.read_state(w.pid) for w in upstream.workers()] == ["checkpointed"] * 2
 
+        assert not any(streams[prompt].done() for prompt in kept)  # frozen until the release
         released = toggle_all("release", "--pid", str(upstream.pid))
         assert released["released"] and released["resume"]["ok"]
         results = {prompt: stream.result(timeout=30) for prompt, stream in streams.items()}
@@ -130,12 +133,8 @@ def test_two_idle_stages_light_sleep_then_suspend_and_requests_wake_from_each(se
     then suspended (0 MiB); a request wakes from the light sleep with a wake-up only, and from the suspend."""
     upstream = server(*SLEEP_MODE, env=DEV_MODE)
     reference = answer_text(chat_answer(upstream.url, "stages", 8))
-    front = gate(upstream, GATE_IDLE_SLEEP_S="0.3", GATE_IDLE_SUSPEND_S="1.5")
+    front = gate(upstream, GATE_IDLE_SLEEP_S="0.3", GATE_IDLE_SUSPEND_S="6")
     front.wait_for_state("asleep")
-    assert (run_dir / "asleep.json").exists() and not list((run_dir / "servers").glob("*.json"))
-    assert [fakegpu.read_state(w.pid) for w in upstream.workers()] == ["running"] * 2
-    residual = fakegpu.used_mib(fake_gpu)
-    assert toggle_all("status", "--pid", str(upstream.pid))["asleep_since"] > 0
 
     # A request wakes it from the light sleep: a wake-up, no resume.
     assert answer_text(chat_answer(front.url, "stages", 8)) == reference
@@ -143,10 +142,16 @@ def test_two_idle_stages_light_sleep_then_suspend_and_requests_wake_from_each(se
     assert front.metric("vllm_gate_transitions_total", transition="resume", outcome="ok") == 0
     assert not (run_dir / "asleep.json").exists()
 
-    # Idle again: asleep, then suspended (0 MiB left by the server), in that order.
+    # Idle again: asleep (the workers still running, a residual on the GPU), then suspended (0 MiB left by the
+    # server), in that order.
+    front.wait_for_state("asleep")
+    assert (run_dir / "asleep.json").exists() and not list((run_dir / "servers").glob("*.json"))
+    assert [fakegpu.read_state(w.pid) for w in upstream.workers()] == ["running"] * 2
+    residual = fakegpu.used_mib(fake_gpu)
+    assert toggle_all("status", "--pid", str(upstream.pid))["asleep_since"] > 0
     seen: list[str] = []
     wait_until(lambda: seen.append(front.status()["state"]) or seen[-1] == "suspended", "the deep suspend", 20)
-    assert seen.index("asleep") < seen.index("suspended") if "asleep" in seen else True
+    assert seen[0] == "asleep"
     assert front.metric("vllm_gate_transitions_total", transition="sleep", outcome="ok") == 2
     assert [fakegpu.read_state(w.pid) for w in upstream.workers()] == ["checkpointed"] * 2
     baseline = {index: mib for index, _, _, mib in fakegpu.read_gpus(fake_gpu)}
