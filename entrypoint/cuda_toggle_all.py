@@ -176,7 +176,8 @@ def cli(
     elif target == "warm-up":
         result = warm_up(config, pid=pid, backend_name=backend)
         logger.info(
-            "warm-up: slept {sleep_s} s, woke up in {wake_up_s} s".format(**result)
+            "warm-up: slept {sleep_s} s, woke up in {wake_up_s} s, first completion {first_completion_s} s,"
+            " first chat with logprobs {first_chat_s} s".format(**result)
             if result["done"]
             else f"warm-up: nothing done ({result['reason']})"
         )

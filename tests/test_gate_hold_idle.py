@@ -194,3 +194,14 @@ def test_light_sleep_is_refused_without_sleep_mode_and_the_deep_stage_still_runs
     assert "needs vLLM >= 0.17 with sleep mode" in front.log()
     reference = answer_text(chat_answer(front.url, "plain", 4))
     assert reference and front.metric("vllm_gate_transitions_total", transition="resume", outcome="ok") == 1
+
+
+def test_warm_up_also_sends_a_chat_with_logprobs(server, gate):
+    """cuda-toggle-all warm-up: a sleep/wake-up, a plain completion, then a chat with logprobs (vLLM's first
+    one pays for paths the plain completion leaves cold), each timed."""
+    upstream = server(*SLEEP_MODE, env=DEV_MODE)
+    report = toggle_all("warm-up", "--pid", str(upstream.pid))
+    assert report["done"]
+    assert report["sleep_s"] >= 0 and report["first_completion_s"] > 0 and report["first_chat_s"] > 0
+    access_log = upstream.log()
+    assert access_log.index('"POST /v1/completions') < access_log.index('"POST /v1/chat/completions')
