@@ -185,6 +185,15 @@ GATE_SETTINGS: dict[str, Setting] = {
             "seconds",
         ),
         Setting(
+            "GATE_SWAP_EARLY_WAKE",
+            "1",
+            "with GATE_MODELS: a swap wakes its target as soon as the servers in its way have slept, before"
+            " their checkpoint ends, where the target's whole share fits beside what their sleep left"
+            " (per-process GPU figures needed); a server in the way whose checkpoint then fails stays asleep."
+            " 0: the target wakes only once their suspends ended",
+            "bool",
+        ),
+        Setting(
             "GATE_HOLD_WAIT_S",
             "0",
             "while an operator holds a server (cuda-toggle-all hold), how long a request waits for the"
@@ -301,6 +310,7 @@ class GateConfig:
     idle_sleep_s: float = 0.0  # 0: no light sleep
     hold_wait_s: float = 0.0
     hold_retry_after_s: int = 30
+    swap_early_wake: bool = True
     sources: Mapping[str, str] = field(default_factory=dict, compare=False)
 
     def describe(self) -> list[tuple[str, str, str]]:

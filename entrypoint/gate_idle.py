@@ -56,6 +56,10 @@ def asleep_since(run_dir: str) -> float | None:
         return None
 
 
+def mark_asleep(run_dir: str) -> None:
+    asleep_path(run_dir).write_text(json.dumps({"since": time.time()}))
+
+
 def clear_asleep(run_dir: str) -> None:
     with contextlib.suppress(OSError):
         asleep_path(run_dir).unlink()
@@ -85,7 +89,7 @@ def light_sleep(config: Config, *, pid: int | None = None) -> LightResult:
             control.sleep(level=1)
         except VllmControlError as error:
             raise ToolError(f"light sleep failed: {error}", ExitCode.TRANSITION_FAILED)
-        asleep_path(config.run_dir).write_text(json.dumps({"since": time.time()}))
+        mark_asleep(config.run_dir)
         return LightResult(phases={"sleep": time.monotonic() - began}, notes=["vLLM sleeps (level 1), no checkpoint"])
 
 

@@ -463,6 +463,7 @@ class Fleet:
         record = suspend_record_of(target)
         restore_mib = record.checkpoint_mib if record else 0  # 0: unknown, so nothing overlaps
         resuming = None
+        woke_early = False
         for victim in victims:  # before any await: from now on their new requests wait for a later swap
             victim.controller.draining = True
         try:
@@ -482,8 +483,22 @@ class Fleet:
                         Phase.RESUMING, "request (swap)", OverlapHooks(room_made=room_made)
                     )
                     target.stats.last_swap_path = "overlapped: restore after sleep"
+            if resuming is not None and any(not task.done() for task in suspending) and await self.fits_awake(target):
+                # Early wake: every victim sleeps, and the target's whole share fits beside what their sleep left:
+                # it unlocks and wakes up while their checkpoints go on (a victim whose checkpoint fails stays
+                # asleep: see evict).
+                woke_early = True
+                room_ok.append(True)
+                room.set()
+                target.stats.last_swap_path += ", woken before the checkpoint ended"
+                names = ", ".join(v.name for v in victims)
+                logger.info("model {}: waking it up while {} is checkpointed", target.name, names)
             ended = await asyncio.gather(*suspending, return_exceptions=True)
             failures = [result for result in ended if isinstance(result, BaseException)]
+            if woke_early and failures:  # the target is up; the victims that failed stay asleep
+                for failure in failures:
+                    logger.warning("after the early wake of model {}: {}", target.name, failure)
+                failures = []
             if not failures:
                 room_ok.append(True)
         finally:
@@ -528,6 +543,17 @@ class Fleet:
         margin = self.toggle_config.restore_margin_mib
         return listed and all(free.get(uuid, 0) >= mib + margin for uuid, mib in need.items())
 
+    async def fits_awake(self, target: ModelServer) -> bool:
+        """GATE_SWAP_EARLY_WAKE: whether the target's whole share of every GPU (what its wake-up takes) fits in
+        the memory free now, beside what the victims' sleep left and its own restored contexts hold."""
+        if not self.gate.swap_early_wake:
+            return False
+        reading = await asyncio.get_running_loop().run_in_executor(None, read_gpus, self.toggle_config)
+        margin = self.toggle_config.restore_margin_mib
+        return bool(reading.gpus) and all(
+            gpu.free_mib >= int(target.entry.share * gpu.total_mib) + margin for gpu in reading.gpus
+        )
+
     async def evict(self, victim: ModelServer, target: ModelServer, restore_mib: int) -> asyncio.Task[dict[str, float]]:
         """Start suspending `victim` once its requests in flight are done (new ones wait for it meanwhile).
 
@@ -541,7 +567,9 @@ class Fleet:
         hooks = OverlapHooks()
         if restore_mib > 0:  # known: the victim's proof can allow for it, so the two may overlap
             hooks = OverlapHooks(
-                memory_released=lambda: loop.call_soon_threadsafe(released.set), neighbour_restore_mib=restore_mib
+                memory_released=lambda: loop.call_soon_threadsafe(released.set),
+                neighbour_restore_mib=restore_mib,
+                stay_asleep_on_rollback=self.gate.swap_early_wake,
             )
         suspending = loop.create_task(self.suspend_victim(victim, target, hooks))
         waiting = loop.create_task(released.wait())

@@ -27,6 +27,7 @@ from .plan import Observation, dispatcher_candidates, model_holders, plan_suspen
 from .processes import describe, inherited_environ, same_process
 from .proof import proves_per_process_alone, released_proof, returned_proof
 from .quiesce import quiesce_server, unquiesce_server, vllm_flags
+from .gate_idle import mark_asleep
 from .results import PidResult, ToggleResult
 from .runstate import FrozenProcess, GpuRecord, ProcessRecord, SuspendRecord, ToolLock
 from .transition import (
@@ -251,6 +252,16 @@ def _suspend(
             )
     except RolledBack as failure:
         result.interrupted = guard.received
+        if hooks.stay_asleep_on_rollback and plan.mode == "hybrid" and plan.quiesce == "scheduler":
+            record.clear(config.run_dir)
+            mark_asleep(config.run_dir)  # the gate wakes it on its next request, when there is room
+            raise _fail(
+                result,
+                f"suspend failed: {failure}; every process is running again and vLLM stays asleep (light sleep)",
+                ExitCode.TRANSITION_FAILED,
+                started,
+                states,
+            )
         problems = unquiesce_server(control, record, plan.freeze, result)
         record.clear(config.run_dir)
         hint = problems or "every process is running again and the server takes requests"

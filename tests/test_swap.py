@@ -263,8 +263,9 @@ def finished_at(fleet: Swapped, op: str, model: str) -> list[int]:
 @pytest.mark.parametrize("tp", [1, 2])
 def test_swap_restores_the_next_server_while_the_last_one_is_checkpointed(swapped, tp: int):
     """With per-process figures (NVML), beta's restore (its contexts: it fits beside alpha) runs while alpha sleeps
-    and is checkpointed; beta unlocks and wakes only after alpha's suspend ended: never both resident, steps shown."""
-    fleet = swapped(nvml=True, tp=tp)
+    and is checkpointed; beta unlocks and wakes only after alpha's suspend ended (no early wake): never both
+    resident, steps shown."""
+    fleet = swapped(nvml=True, tp=tp, GATE_SWAP_EARLY_WAKE="0")
     for pid in fleet.cuda_pids("alpha"):
         fakegpu.add_fault(pid, "checkpoint", "slow:0.6", root=fleet.fake_gpu)
     assert fleet.text("beta", "overlap") != "" and fleet.holders_on_gpu() == ["beta"]
@@ -300,8 +301,8 @@ def test_a_restore_that_does_not_fit_beside_the_resident_server_waits_for_its_sl
 @pytest.mark.parametrize("tp", [1, 2])
 def test_a_victim_that_fails_to_checkpoint_withdraws_the_overlapped_resume(swapped, tp: int):
     """alpha's checkpoint fails after beta began restoring: alpha runs again, beta is checkpointed again without
-    ever waking, the request gets 503, alpha keeps serving, and the next request for beta swaps."""
-    fleet = swapped(nvml=True, tp=tp)
+    ever waking, the request gets 503, alpha keeps serving, and the next request for beta swaps (no early wake)."""
+    fleet = swapped(nvml=True, tp=tp, GATE_SWAP_EARLY_WAKE="0")
     fakegpu.add_fault(fleet.cuda_pids("alpha")[-1], "checkpoint", "error-after:0.4", root=fleet.fake_gpu)
     refused = fleet.ask("beta", "withdrawn")
     assert refused.status_code == 503, refused.text
@@ -410,3 +411,34 @@ def test_a_model_whose_server_is_gone_does_not_block_swaps(swapped):
     fleet.servers["alpha"].kill_tree()
     assert fleet.text("beta", "alone") != "" and fleet.model_status("beta")["state"] == "running"
     assert "model alpha: no server on the GPUs, not in the way" in fleet.gate.log()
+
+
+@pytest.mark.parametrize("tp", [1, 2])
+def test_early_wake_wakes_the_target_before_the_victims_checkpoint_ends(swapped, tp: int):
+    """GATE_SWAP_EARLY_WAKE (default): beta's whole share fits beside alpha's post-sleep residual, so beta unlocks
+    and wakes up while alpha's checkpoint still runs; the fake GPU never holds more than it has (the fixture checks
+    its over-commit log), alpha's memory proof passes, and the path is reported in /gate/status."""
+    fleet = swapped(nvml=True, tp=tp)
+    for pid in fleet.cuda_pids("alpha"):
+        fakegpu.add_fault(pid, "checkpoint", "slow:0.8", root=fleet.fake_gpu)
+    assert fleet.text("beta", "early") != "" and fleet.holders_on_gpu() == ["beta"]
+    (restored,), (unlocked,) = finished_at(fleet, "restore", "beta"), finished_at(fleet, "unlock", "beta")
+    checkpointed = finished_at(fleet, "checkpoint", "alpha")[-1]
+    assert restored < unlocked < checkpointed  # woken before alpha's checkpoint ended
+    status = fleet.model_status("beta")
+    assert status["last_swap_path"].endswith("woken before the checkpoint ended")
+    assert fleet.model_status("alpha")["state"] == "suspended" and fleet.model_status("alpha")["proof"] == "per-process"
+    assert "model beta: waking it up while alpha is checkpointed" in fleet.gate.log()
+    assert fleet.text("alpha", "back") != "" and fleet.holders_on_gpu() == ["alpha"]
+
+
+def test_a_victim_whose_checkpoint_fails_after_the_early_wake_stays_asleep(swapped):
+    """alpha's checkpoint fails after beta woke: beta answers, alpha stays asleep (its CUDA processes running,
+    vLLM asleep: no over-commit), and the next request for alpha swaps it back in."""
+    fleet = swapped(nvml=True)
+    fakegpu.add_fault(fleet.cuda_pids("alpha")[-1], "checkpoint", "error-after:0.8", root=fleet.fake_gpu)
+    assert fleet.text("beta", "up") != ""
+    wait_until(lambda: fleet.model_status("alpha")["state"] == "asleep", "alpha to stay asleep", 10)
+    assert fleet.servers["alpha"].get("/is_sleeping").json() == {"is_sleeping": True}
+    assert "vLLM stays asleep" in fleet.gate.log()
+    assert fleet.text("alpha", "again") != "" and fleet.holders_on_gpu() == ["alpha"]
