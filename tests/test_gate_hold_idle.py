@@ -4,6 +4,7 @@ vLLM over the fake GPU, through the real gate and the real CLI."""
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -28,9 +29,12 @@ SLEEP_MODE = ("--enable-sleep-mode",)
 DEV_MODE = {"VLLM_SERVER_DEV_MODE": "1"}
 
 
-def toggle_all(*args: str, timeout: float = 60) -> dict:
+def toggle_all(*args: str, timeout: float = 60, env: dict[str, str] | None = None) -> dict:
     """Run cuda-toggle-all with --json; its JSON object (the run must succeed)."""
-    done = subprocess.run([*TOGGLE_ALL_CLI, *args, "--json"], capture_output=True, text=True, timeout=timeout, cwd=REPO)
+    environ = {**os.environ, **(env or {})}
+    done = subprocess.run(
+        [*TOGGLE_ALL_CLI, *args, "--json"], capture_output=True, text=True, timeout=timeout, cwd=REPO, env=environ
+    )
     assert done.returncode == 0, done.stderr
     return json.loads(done.stdout)
 
@@ -205,3 +209,18 @@ def test_warm_up_also_sends_a_chat_with_logprobs(server, gate):
     assert report["sleep_s"] >= 0 and report["first_completion_s"] > 0 and report["first_chat_s"] > 0
     access_log = upstream.log()
     assert access_log.index('"POST /v1/completions') < access_log.index('"POST /v1/chat/completions')
+
+
+def test_the_proof_is_chosen_at_run_time_by_whether_the_listed_pids_are_the_servers(server, fake_gpu):
+    """Where the GPU query lists the server's own PIDs the proof is per process; where it lists PIDs of another
+    namespace (none of the server's) it counts whole GPUs; the JSON says which, each time."""
+    upstream = server()
+    pid = str(upstream.pid)
+    mapped = toggle_all("checkpointed", "--pid", pid)
+    assert mapped["ok"] and mapped["proof"] == "per-process"
+    assert toggle_all("running", "--pid", pid)["proof"] == "per-process"
+    foreign = {"FAKE_GPU_LISTED_PID_OFFSET": "1000000"}
+    unmapped = toggle_all("checkpointed", "--pid", pid, env=foreign)
+    assert unmapped["ok"] and unmapped["proof"] == "whole GPU"
+    assert toggle_all("running", "--pid", pid, env=foreign)["proof"] == "whole GPU"
+    assert_server_healthy(upstream)
