@@ -14,8 +14,8 @@ from loguru import logger
 from .cli_exit import ExitCodeCommand
 from .config import load_config, settings_help
 from .errors import TOGGLE_EXIT_CODES, ToolError, exit_codes_help
-from .render import print_settings, setup_logging, status_table, toggle_table
 from .gate_hold import INFLIGHT_CHOICES, hold, release
+from .render import print_settings, setup_logging, status_table, toggle_table
 from .server_status import status, warm_up
 from .toggle import TARGET_ALIASES, move_to
 
@@ -170,7 +170,9 @@ def cli(
         logger.info("\n" + toggle_table(result["suspend"]))
     elif target == "release":
         result = release(config, model=model, resume=not no_resume, pid=pid, backend_name=backend)
-        logger.info("released{}{}", f" model {model}" if model else "", "" if result["released"] else " (it was not held)")
+        logger.info(
+            "released{}{}", f" model {model}" if model else "", "" if result["released"] else " (it was not held)"
+        )
         if "resume" in result:
             logger.info("\n" + toggle_table(result["resume"]))
     elif target == "warm-up":

@@ -244,7 +244,9 @@ class PowerController:
                 if time.monotonic() >= deadline:
                     self.metrics.record_wait(time.monotonic() - started)
                     logger.info("{}: 503, the server{} is held by the operator", label, self.label)
-                    raise Held(f"the server{self.label} is held suspended by the operator", self.gate.hold_retry_after_s)
+                    raise Held(
+                        f"the server{self.label} is held suspended by the operator", self.gate.hold_retry_after_s
+                    )
                 await asyncio.sleep(min(self.gate.poll_s, max(0.01, deadline - time.monotonic())))
         finally:
             self.waiting -= 1
@@ -265,7 +267,9 @@ class PowerController:
                     raise ResumeFailed(f"the server was suspended again {rounds} times while this request waited")
                 rounds += 1
                 if self.held() is not None and self.transition is None:  # held while it waited
-                    raise Held(f"the server{self.label} is held suspended by the operator", self.gate.hold_retry_after_s)
+                    raise Held(
+                        f"the server{self.label} is held suspended by the operator", self.gate.hold_retry_after_s
+                    )
                 # A transition of cuda-toggle-all in flight, or a suspended server: resume. The resume
                 # waits for the tool's lock, so a suspend by the tool finishes first and is then undone.
                 task = self.transition or self.start(Phase.RESUMING, "request")

@@ -20,6 +20,7 @@ from . import safety
 from .backends import Backend, BackendError, select_backend
 from .config import Config
 from .errors import ExitCode, ToolError
+from .gate_idle import mark_asleep
 from .gpus import GpuReading, read_gpus
 from .observe import gpu_progress, host_available_mib, observe, record_of
 from .operations import settle_orphans
@@ -27,7 +28,6 @@ from .plan import Observation, dispatcher_candidates, model_holders, plan_suspen
 from .processes import describe, inherited_environ, same_process
 from .proof import proves_per_process_alone, released_proof, returned_proof
 from .quiesce import quiesce_server, unquiesce_server, vllm_flags
-from .gate_idle import mark_asleep
 from .results import PidResult, ToggleResult
 from .runstate import FrozenProcess, GpuRecord, ProcessRecord, SuspendRecord, ToolLock
 from .transition import (

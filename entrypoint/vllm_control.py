@@ -250,7 +250,9 @@ class VllmControl:
             reason = str(response.json()["choices"][0].get("finish_reason") or "")
         except (requests.RequestException, ValueError, KeyError, IndexError, TypeError) as error:
             return ProbeAnswer(False, time.monotonic() - began, model, error=str(error))
-        return ProbeAnswer(reason != "abort", seconds, model, reason, "the chat was aborted" if reason == "abort" else "")
+        return ProbeAnswer(
+            reason != "abort", seconds, model, reason, "the chat was aborted" if reason == "abort" else ""
+        )
 
     def warm_up(self) -> dict[str, float]:
         """One sleep/wake-up cycle on a fresh server, before it is announced ready.

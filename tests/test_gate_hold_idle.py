@@ -11,19 +11,19 @@ from concurrent.futures import ThreadPoolExecutor
 
 import requests
 
+from tests import test_gate
 from tests.conftest import fakegpu
-from tests.test_gate import (  # noqa: F401 (fixtures)
+from tests.test_gate import (
     answer_text,
     assert_server_healthy,
     assert_transitions_never_overlapped,
     chat_answer,
-    chat_body,
-    gate,
-    run_dir,
-    server,
     stream_deltas,
 )
 from tests.testing import REPO, TOGGLE_ALL_CLI, wait_until
+
+# The gate's fixtures (tests/test_gate.py), shared
+run_dir, server, gate = test_gate.run_dir, test_gate.server, test_gate.gate
 
 SLEEP_MODE = ("--enable-sleep-mode",)
 DEV_MODE = {"VLLM_SERVER_DEV_MODE": "1"}

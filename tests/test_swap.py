@@ -442,4 +442,3 @@ def test_a_victim_whose_checkpoint_fails_after_the_early_wake_stays_asleep(swapp
     assert fleet.servers["alpha"].get("/is_sleeping").json() == {"is_sleeping": True}
     assert "vLLM stays asleep" in fleet.gate.log()
     assert fleet.text("alpha", "again") != "" and fleet.holders_on_gpu() == ["alpha"]
-

@@ -78,8 +78,13 @@ def first_token(body: dict) -> dict:
 
 
 def chat(logprobs: bool, tokens: int = 8) -> dict:
-    body = {"_path": "/v1/chat/completions", "model": "m", "max_tokens": tokens, "temperature": 0,
-            "messages": [{"role": "user", "content": "Say hello in one short sentence."}]}
+    body = {
+        "_path": "/v1/chat/completions",
+        "model": "m",
+        "max_tokens": tokens,
+        "temperature": 0,
+        "messages": [{"role": "user", "content": "Say hello in one short sentence."}],
+    }
     if logprobs:
         body |= {"logprobs": True, "top_logprobs": 5}
     return first_token(body)
@@ -141,15 +146,47 @@ def deep_cycle_by_hand(pids: list[int], free_variant: str | None) -> dict:
 def start_server() -> subprocess.Popen:
     if not (MODEL_DIR / "config.json").exists():
         subprocess.run([sys.executable, str(REPO / "scripts" / "build_dummy_model.py"), str(MODEL_DIR)], check=True)
-    env = {**os.environ, "VLLM_SERVER_DEV_MODE": "1", "VLLM_USE_FLASHINFER_SAMPLER": "0", "VLLM_NO_USAGE_STATS": "1",
-           "HF_HUB_OFFLINE": "1", "PYTHONPATH": f"{os.environ.get('PYTHONPATH', '')}:{REPO / 'tests' / 'gpu'}"}
-    args = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(MODEL_DIR),
-            "--served-model-name", "m", "--load-format", "dummy", "--quantization", "awq", "--dtype", "float16",
-            "--enforce-eager", "--attention-backend", "TRITON_ATTN", "--max-num-seqs", "16", "--max-model-len", "512",
-            "--gpu-memory-utilization", os.environ.get("PROBE_UTIL", "0.80"), "--enable-sleep-mode",
-            "--worker-extension-cls", "residual_ext.ResidualProbe", "--host", "127.0.0.1", "--port", str(PORT)]
-    log_file = open(OUT / "vllm.log", "w")
-    server = subprocess.Popen(args, env=env, stdout=log_file, stderr=subprocess.STDOUT)
+    env = {
+        **os.environ,
+        "VLLM_SERVER_DEV_MODE": "1",
+        "VLLM_USE_FLASHINFER_SAMPLER": "0",
+        "VLLM_NO_USAGE_STATS": "1",
+        "HF_HUB_OFFLINE": "1",
+        "PYTHONPATH": f"{os.environ.get('PYTHONPATH', '')}:{REPO / 'tests' / 'gpu'}",
+    }
+    args = [
+        sys.executable,
+        "-m",
+        "vllm.entrypoints.openai.api_server",
+        "--model",
+        str(MODEL_DIR),
+        "--served-model-name",
+        "m",
+        "--load-format",
+        "dummy",
+        "--quantization",
+        "awq",
+        "--dtype",
+        "float16",
+        "--enforce-eager",
+        "--attention-backend",
+        "TRITON_ATTN",
+        "--max-num-seqs",
+        "16",
+        "--max-model-len",
+        "512",
+        "--gpu-memory-utilization",
+        os.environ.get("PROBE_UTIL", "0.80"),
+        "--enable-sleep-mode",
+        "--worker-extension-cls",
+        "residual_ext.ResidualProbe",
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(PORT),
+    ]
+    with open(OUT / "vllm.log", "w") as log_file:  # the child keeps its own descriptor
+        server = subprocess.Popen(args, env=env, stdout=log_file, stderr=subprocess.STDOUT)
     began = time.monotonic()
     while time.monotonic() - began < 300:
         try:
@@ -165,9 +202,11 @@ def start_server() -> subprocess.Popen:
 
 
 def bare_context() -> None:
-    code = ("import torch,time,os,subprocess;a=torch.randn(256,256,device='cuda');b=a@a;torch.cuda.synchronize();"
-            "print(subprocess.run(['nvidia-smi','--query-compute-apps=pid,used_memory','--format=csv,noheader'],"
-            "capture_output=True,text=True).stdout)")
+    code = (
+        "import torch,time,os,subprocess;a=torch.randn(256,256,device='cuda');b=a@a;torch.cuda.synchronize();"
+        "print(subprocess.run(['nvidia-smi','--query-compute-apps=pid,used_memory','--format=csv,noheader'],"
+        "capture_output=True,text=True).stdout)"
+    )
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     RESULTS["bare_context_plus_cublas"] = done.stdout.strip() or done.stderr[-400:]
 
@@ -189,11 +228,18 @@ def main() -> None:
     try:
         step("resident_mib", per_process_mib)
         step("warm_up_sleep_wake", lambda: {"sleep_s": sleep_light(), "wake_up_s": wake()})
-        step("first_requests", lambda: [
-            ("completion", completion(False)), ("completion", completion(False)),
-            ("completion+logprobs", completion(True)), ("chat", chat(False)),
-            ("chat+logprobs", chat(True)), ("chat+logprobs", chat(True)), ("chat", chat(False)),
-        ])
+        step(
+            "first_requests",
+            lambda: [
+                ("completion", completion(False)),
+                ("completion", completion(False)),
+                ("completion+logprobs", completion(True)),
+                ("chat", chat(False)),
+                ("chat+logprobs", chat(True)),
+                ("chat+logprobs", chat(True)),
+                ("chat", chat(False)),
+            ],
+        )
         step("resident_report", lambda: rpc("residual_report"))
 
         def light_cycles() -> list[dict]:
@@ -203,8 +249,9 @@ def main() -> None:
                 began = time.monotonic()
                 row["wake_up_s"] = wake()
                 row["first_chat"] = chat(logprobs=True)
-                row["wake_to_first_token_s"] = round(time.monotonic() - began - row["first_chat"]["total_s"]
-                                                     + row["first_chat"]["first_token_s"], 4)
+                row["wake_to_first_token_s"] = round(
+                    time.monotonic() - began - row["first_chat"]["total_s"] + row["first_chat"]["first_token_s"], 4
+                )
                 rows.append(row)
             return rows
 

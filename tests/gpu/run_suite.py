@@ -1614,7 +1614,6 @@ def acceptance_table(step: dict) -> str:
     return "\n".join(lines)
 
 
-
 # --- the gate's idle stages and the operator's hold ------------------------------------------------------
 
 IDLE_SLEEP_S, IDLE_SUSPEND_S = 1.0, 6.0
@@ -1653,7 +1652,11 @@ def idle(args: argparse.Namespace) -> None:
     srv = server()
     before = run_alone(srv)
     data: dict = {"idle_sleep_s": IDLE_SLEEP_S, "idle_suspend_s": IDLE_SUSPEND_S}
-    settings = {"GATE_IDLE_SLEEP_S": str(IDLE_SLEEP_S), "GATE_IDLE_SUSPEND_S": str(IDLE_SUSPEND_S), "GATE_POLL_S": "0.1"}
+    settings = {
+        "GATE_IDLE_SLEEP_S": str(IDLE_SLEEP_S),
+        "GATE_IDLE_SUSPEND_S": str(IDLE_SUSPEND_S),
+        "GATE_POLL_S": "0.1",
+    }
     with gate_running(settings) as gate_url:
         light, deep = [], []
         for _ in range(args.cycles):
