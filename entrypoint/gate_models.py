@@ -451,6 +451,12 @@ class Fleet:
         Returns the steps of every transition (name -> phase -> seconds), for the status and the log.
         """
         victims = self.victims_for(target)
+        sleepers = [victim for victim in victims if victim.controller.refresh() is Phase.ASLEEP]
+        if victims and sleepers == victims and await self.fits_awake(target, beside_sleep=True):
+            # The cheapest way: those in the way sleep lightly already, and the target fits beside their residual.
+            logger.info("swap to model {}: fits beside {} asleep", target.name, ", ".join(v.name for v in victims))
+            victims = []
+            target.stats.last_swap_path = "beside the light sleep"
         logger.info("swap to model {}: suspending {}", target.name, ", ".join(v.name for v in victims) or "nothing")
         steps: dict[str, dict[str, float]] = {}
         suspending: list[asyncio.Task[dict[str, float]]] = []
@@ -518,7 +524,8 @@ class Fleet:
             raise ResumeFailed(f"{type(failure).__name__}: {failure}")
         if resuming is None:  # nothing overlapped: the victims are suspended, resume plainly
             resuming = target.controller.start(Phase.RESUMING, "request (swap)")
-            target.stats.last_swap_path = "serial" if victims else "nothing in the way"
+            if victims or target.stats.last_swap_path != "beside the light sleep":
+                target.stats.last_swap_path = "serial" if victims else "nothing in the way"
         outcome = await asyncio.shield(resuming)
         steps[f"resume {target.name}"] = outcome.steps
         if not outcome.ok:
@@ -543,10 +550,11 @@ class Fleet:
         margin = self.toggle_config.restore_margin_mib
         return listed and all(free.get(uuid, 0) >= mib + margin for uuid, mib in need.items())
 
-    async def fits_awake(self, target: ModelServer) -> bool:
-        """GATE_SWAP_EARLY_WAKE: whether the target's whole share of every GPU (what its wake-up takes) fits in
-        the memory free now, beside what the victims' sleep left and its own restored contexts hold."""
-        if not self.gate.swap_early_wake:
+    async def fits_awake(self, target: ModelServer, beside_sleep: bool = False) -> bool:
+        """Whether the target's whole share of every GPU (what its wake-up takes) fits in the memory free now,
+        beside what the victims' sleep left and its own restored contexts hold. For the early wake
+        (GATE_SWAP_EARLY_WAKE), or `beside_sleep`: for a swap that leaves servers in light sleep as they are."""
+        if not (self.gate.swap_early_wake or beside_sleep):
             return False
         reading = await asyncio.get_running_loop().run_in_executor(None, read_gpus, self.toggle_config)
         margin = self.toggle_config.restore_margin_mib

@@ -7,6 +7,7 @@ through the real library and the fake cuda-checkpoint.
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -22,6 +23,7 @@ import requests
 from entrypoint.runstate import SuspendRecord
 from tests.conftest import StandinServer, fakegpu, free_port
 from tests.test_gate import REPO, SAFE_ENV, Gate, parse_metrics, series, wait_until
+from tests.testing import TOGGLE_ALL_CLI
 
 MODELS = ("alpha", "beta")  # alpha is the default (first) model
 SHARE = "0.6"  # of a fake 80 GB GPU each: two do not fit
@@ -442,3 +444,39 @@ def test_a_victim_whose_checkpoint_fails_after_the_early_wake_stays_asleep(swapp
     assert fleet.servers["alpha"].get("/is_sleeping").json() == {"is_sleeping": True}
     assert "vLLM stays asleep" in fleet.gate.log()
     assert fleet.text("alpha", "again") != "" and fleet.holders_on_gpu() == ["alpha"]
+
+
+def test_a_server_in_light_sleep_is_left_asleep_where_the_target_fits_beside_it(swapped):
+    """The cheapest way to make room: alpha sleeps lightly (GATE_IDLE_SLEEP_S) and beta's share fits beside its
+    residual, so the swap to beta checkpoints nothing of alpha; a request for alpha then suspends beta and wakes
+    alpha from its light sleep. The fake GPU never over-commits (the fixture checks)."""
+    fleet = swapped(nvml=True, GATE_IDLE_SLEEP_S="0.3")
+    wait_until(lambda: fleet.model_status("alpha")["state"] == "asleep", "alpha's light sleep", 10)
+    assert fleet.text("beta", "beside") != ""
+    assert fleet.model_status("beta")["last_swap_path"] == "beside the light sleep"
+    assert {fakegpu.read_state(pid, fleet.fake_gpu) for pid in fleet.cuda_pids("alpha")} == {"running"}
+    assert finished_at(fleet, "checkpoint", "alpha") == []  # never checkpointed
+    assert fleet.text("alpha", "woken") != "" and fleet.holders_on_gpu() == ["alpha"]
+    assert fleet.model_status("alpha")["last_wake_s"] is not None
+
+
+def test_a_hold_of_one_model_leaves_the_other_serving(swapped):
+    """hold --model beta: beta's requests get 503 with Retry-After, alpha keeps serving; release lets beta swap in."""
+    fleet = swapped(nvml=True)
+    entries = ",".join(f"{model}:standin-{model}:{fleet.servers[model].port}:{SHARE}" for model in MODELS)
+    environ = {**os.environ, **library_env(fleet.fake_gpu, fleet.run_dir), "GATE_MODELS": entries}
+
+    def toggle(*args: str) -> dict:
+        done = subprocess.run([*TOGGLE_ALL_CLI, *args, "--json"], capture_output=True, text=True, cwd=REPO, env=environ)
+        assert done.returncode == 0, done.stderr
+        return json.loads(done.stdout)
+
+    held = toggle("hold", "--model", "beta")
+    assert held["held"] and held["model"] == "beta"
+    refused = fleet.ask("beta", "held")
+    assert refused.status_code == 503 and int(refused.headers["Retry-After"]) > 0
+    assert fleet.text("alpha", "serving") != "" and fleet.holders_on_gpu() == ["alpha"]
+    assert fleet.model_status("beta")["hold"]["model"] == "beta" and fleet.model_status("alpha")["hold"] is None
+    assert fleet.gate.metric("vllm_gate_held", model="beta") == 1
+    toggle("release", "--model", "beta", "--no-resume")
+    assert fleet.text("beta", "released") != "" and fleet.holders_on_gpu() == ["beta"]
