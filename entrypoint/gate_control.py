@@ -153,6 +153,7 @@ class PowerController:
         self.last_sleep_s: float | None = None  # the light sleep's, and its wake-up's
         self.last_wake_s: float | None = None
         self.last_proof = ""  # the last suspend's or resume's memory proof
+        self.last_steps: dict[str, dict[str, float]] = {}  # the last transition's phases: restore, wake_up, ...
         # Off once a light sleep was refused (no sleep mode that holds requests): the deep stage only.
         self.may_sleep = True
         self.phase = self.observe()
@@ -211,6 +212,7 @@ class PowerController:
             "last_sleep_s": self.last_sleep_s,
             "last_wake_s": self.last_wake_s,
             "proof": self.last_proof,
+            "last_steps": self.last_steps,
             "hold": hold.to_json() if (hold := self.held()) else None,
         }
 
@@ -357,6 +359,7 @@ class PowerController:
             self.last_wake_s = outcome.seconds
         if outcome.proof:
             self.last_proof = outcome.proof
+        self.last_steps = {outcome.transition: {phase: round(s, 4) for phase, s in outcome.steps.items()}}
         past = {"suspend": "suspended", "resume": "resumed", "sleep": "put to light sleep", "wake": "woken up"}[
             outcome.transition
         ]
