@@ -186,6 +186,8 @@ class PowerController:
     def refresh(self) -> Phase:
         """Observe, and note a change made by someone else (cuda-toggle-all run by hand)."""
         phase = self.observe()
+        if phase is Phase.SUSPENDED and self.transition is None and is_asleep(self.toggle_config.run_dir):
+            clear_asleep(self.toggle_config.run_dir)  # suspended by hand while asleep: its resume wakes vLLM
         if phase is not self.phase:
             if self.transition is None:
                 logger.info("the server{} is now {} (changed outside the gate)", self.label, phase.value)

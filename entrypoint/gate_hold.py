@@ -28,6 +28,7 @@ from loguru import logger
 from .backends import select_backend
 from .config import Config
 from .errors import ExitCode, ToolError
+from .gate_idle import clear_asleep
 from .observe import observe
 from .toggle import RESUME, SUSPEND, move_to
 
@@ -199,6 +200,7 @@ def hold(
         else:
             earlier.save(target.config.run_dir)
         raise
+    clear_asleep(target.config.run_dir)  # a light sleep, if any, is now a suspend
     report["suspend"] = suspended.to_json()
     return report
 
