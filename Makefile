@@ -137,6 +137,19 @@ suspend: ## Suspend vLLM: sleep mode first (if on), then checkpoint all its work
 resume: ## Resume vLLM: restore all its workers to the GPUs (and wake it up from sleep mode)
 	$(COMPOSE) exec -T $(SERVICE) cuda-toggle-all running
 
+# `make hold MODEL=name INFLIGHT=drain`: MODEL picks a model of GATE_MODELS (default: the default model).
+MODEL ?=
+INFLIGHT ?= keep
+HOLD_ARGS = $(if $(MODEL),--model $(MODEL))
+
+.PHONY: hold
+hold: ## Suspend vLLM and keep it suspended until `make release` (MODEL=, INFLIGHT=keep|drain); the gate answers 503
+	$(COMPOSE) exec -T $(SERVICE) cuda-toggle-all hold $(HOLD_ARGS) --inflight $(INFLIGHT)
+
+.PHONY: release
+release: ## End the hold of `make hold` and resume vLLM (MODEL=)
+	$(COMPOSE) exec -T $(SERVICE) cuda-toggle-all release $(HOLD_ARGS)
+
 .PHONY: status
 status: ## Show the CUDA state of vLLM's processes
 	$(COMPOSE) exec -T $(SERVICE) cuda-toggle-all status

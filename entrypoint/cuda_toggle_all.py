@@ -14,6 +14,7 @@ from loguru import logger
 from .cli_exit import ExitCodeCommand
 from .config import load_config, settings_help
 from .errors import TOGGLE_EXIT_CODES, ToolError, exit_codes_help
+from .gate_hold import INFLIGHT_CHOICES, hold, release
 from .render import print_settings, setup_logging, status_table, toggle_table
 from .server_status import status, warm_up
 from .toggle import TARGET_ALIASES, move_to
@@ -53,7 +54,9 @@ def render_failure(failure: ToolError, params: dict) -> None:
     epilog=EPILOG,
     context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110},
 )
-@click.argument("target", type=click.Choice([*TARGET_ALIASES, "status", "config", "warm-up"]), metavar="TARGET")
+@click.argument(
+    "target", type=click.Choice([*TARGET_ALIASES, "status", "config", "warm-up", "hold", "release"]), metavar="TARGET"
+)
 @click.option("--pid", type=int, help="PID of the server's root process (default: ask supervisord, then match).")
 @click.option(
     "--match",
@@ -80,6 +83,22 @@ def render_failure(failure: ToolError, params: dict) -> None:
     help="What holds the requests while suspended: scheduler = vLLM's own /pause or /sleep (mode=keep), "
     "sigstop = freeze the dispatcher (older vLLM, TP >= 2), none = nothing (env CUDA_TOGGLE_QUIESCE).",
 )
+@click.option("--model", help="hold/release: the model of GATE_MODELS (default: the default model, or the one server).")
+@click.option(
+    "--inflight",
+    type=click.Choice(INFLIGHT_CHOICES),
+    default="keep",
+    show_default=True,
+    help="hold: the requests in flight are kept across the suspend (finished after the release) or drained first.",
+)
+@click.option(
+    "--drain-timeout",
+    type=click.FloatRange(0, 86400),
+    default=60.0,
+    show_default=True,
+    help="hold --inflight drain: seconds to wait for them; those left are kept across the suspend.",
+)
+@click.option("--no-resume", is_flag=True, help="release: leave the server suspended (the gate wakes it on request).")
 @click.option("--force", is_flag=True, help="Go on despite the safety refusals (loudly).")
 @click.option("--no-freeze", is_flag=True, help="The same as --quiesce none.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object on stdout.")
@@ -93,6 +112,10 @@ def cli(
     backend: str | None,
     mode: str | None,
     quiesce: str | None,
+    model: str | None,
+    inflight: str,
+    drain_timeout: float,
+    no_resume: bool,
     force: bool,
     no_freeze: bool,
     as_json: bool,
@@ -100,7 +123,8 @@ def cli(
 ) -> None:
     """Suspend or resume every CUDA process of a vLLM server with cuda-checkpoint.
 
-    TARGET is one of: checkpointed (alias suspend), running (alias resume), status, config, warm-up.
+    TARGET is one of: checkpointed (alias suspend), running (alias resume), status, config, warm-up,
+    hold, release.
 
     \b
     checkpointed  hold the requests (vLLM's scheduler pause or sleep with mode=keep; on older
@@ -115,6 +139,10 @@ def cli(
     config        the settings in force (environment variables and defaults).
     warm-up       once per server: one vLLM sleep/wake-up, so that the first suspend is as fast
                   as the later ones (vLLM's first sleep pins host memory). `make wait` runs it.
+    hold          suspend and keep suspended until `release`: the gate resumes nothing meanwhile and
+                  answers its requests 503 with Retry-After (or lets them wait GATE_HOLD_WAIT_S).
+                  --inflight keep|drain, --model M with GATE_MODELS. `make hold`.
+    release       end the hold and resume (--no-resume: leave it to the next request). `make release`.
     """
     setup_logging(verbose)
     config = load_config()
@@ -134,10 +162,24 @@ def cli(
     if target == "status":
         result = status(config, pid=pid, backend_name=backend, force=force).to_json()
         logger.info("\n" + status_table(result))
+    elif target == "hold":
+        result = hold(
+            config, model=model, inflight=inflight, drain_timeout_s=drain_timeout, pid=pid, backend_name=backend
+        )
+        logger.info("held{}: {}", f" model {model}" if model else "", "suspended until `cuda-toggle-all release`")
+        logger.info("\n" + toggle_table(result["suspend"]))
+    elif target == "release":
+        result = release(config, model=model, resume=not no_resume, pid=pid, backend_name=backend)
+        logger.info(
+            "released{}{}", f" model {model}" if model else "", "" if result["released"] else " (it was not held)"
+        )
+        if "resume" in result:
+            logger.info("\n" + toggle_table(result["resume"]))
     elif target == "warm-up":
         result = warm_up(config, pid=pid, backend_name=backend)
         logger.info(
-            "warm-up: slept {sleep_s} s, woke up in {wake_up_s} s".format(**result)
+            "warm-up: slept {sleep_s} s, woke up in {wake_up_s} s, first completion {first_completion_s} s,"
+            " first chat with logprobs {first_chat_s} s".format(**result)
             if result["done"]
             else f"warm-up: nothing done ({result['reason']})"
         )
@@ -152,6 +194,7 @@ def cli(
             mode=mode,
             quiesce=quiesce,
         ).to_json()
+        result["proof"] = (result.get("evidence", {}).get("gpus") or {}).get("how", "")
         logger.info("\n" + toggle_table(result))
     if as_json:
         click.echo(json.dumps(result))

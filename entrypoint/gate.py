@@ -27,6 +27,7 @@ from .config import Config, load_config
 from .errors import GATE_EXIT_CODES, ExitCode, ToolError, exit_codes_help
 from .gate_config import GateConfig, gate_settings_help, load_gate_config
 from .gate_control import UNREACHABLE, Phase, PowerController, upstream_answers
+from .gate_hold import hold_metrics
 from .gate_limits import ConnectionLimiter, ensure_open_file_limit
 from .gate_metrics import CONTENT_TYPE, GateMetrics
 from .gate_models import Fleet, check_host_ram
@@ -90,6 +91,8 @@ def build_app(gate: GateConfig, toggle_config: Config, limiter: ConnectionLimite
         )
         if fleet is not None:
             text += fleet.render_metrics()
+        held = [(s.name, s.controller.held()) for s in fleet.servers.values()] if fleet else [("", controller.held())]
+        text += hold_metrics(held)
         return web.Response(body=text.encode(), headers={"Content-Type": CONTENT_TYPE})
 
     async def on_startup(app: web.Application) -> None:

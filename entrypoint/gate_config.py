@@ -174,6 +174,45 @@ GATE_SETTINGS: dict[str, Setting] = {
             "seconds",
         ),
         Setting(
+            "GATE_IDLE_SLEEP_S",
+            "0",
+            "the first stage of idleness: after this long without a request in flight, vLLM's light sleep"
+            " (level 1, no checkpoint: ~0.9 GiB per GPU stays, wakes in ~0.4 s); GATE_IDLE_SUSPEND_S, when"
+            " longer, then suspends what remains (0 MiB). Needs sleep mode (0 = never)",
+            "float",
+            0,
+            WEEK_S,
+            "seconds",
+        ),
+        Setting(
+            "GATE_SWAP_EARLY_WAKE",
+            "1",
+            "with GATE_MODELS: a swap wakes its target as soon as the servers in its way have slept, before"
+            " their checkpoint ends, where the target's whole share fits beside what their sleep left"
+            " (per-process GPU figures needed); a server in the way whose checkpoint then fails stays asleep."
+            " 0: the target wakes only once their suspends ended",
+            "bool",
+        ),
+        Setting(
+            "GATE_HOLD_WAIT_S",
+            "0",
+            "while an operator holds a server (cuda-toggle-all hold), how long a request waits for the"
+            " release before it gets 503 with Retry-After (0 = at once)",
+            "float",
+            0,
+            DAY_S,
+            "seconds",
+        ),
+        Setting(
+            "GATE_HOLD_RETRY_AFTER_S",
+            "30",
+            "the Retry-After of the 503 a request gets while its server is held",
+            "int",
+            1,
+            DAY_S,
+            "seconds",
+        ),
+        Setting(
             "GATE_SERVER_PID",
             "",
             "PID of vLLM's API server (default: the library finds it itself)",
@@ -268,6 +307,10 @@ class GateConfig:
     keepalive_s: float
     models: tuple[ModelEntry, ...] = ()  # empty: one server, at `upstream`
     start_timeout_s: float = 1800.0
+    idle_sleep_s: float = 0.0  # 0: no light sleep
+    hold_wait_s: float = 0.0
+    hold_retry_after_s: int = 30
+    swap_early_wake: bool = True
     sources: Mapping[str, str] = field(default_factory=dict, compare=False)
 
     def describe(self) -> list[tuple[str, str, str]]:

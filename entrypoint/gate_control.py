@@ -29,8 +29,10 @@ import aiohttp
 from loguru import logger
 
 from .config import Config
-from .errors import ToolError
+from .errors import ExitCode, ToolError
 from .gate_config import GateConfig
+from .gate_hold import Hold
+from .gate_idle import clear_asleep, is_asleep, light_sleep, light_wake
 from .gate_metrics import GateMetrics
 from .runstate import SuspendRecord
 from .server_status import status
@@ -49,6 +51,7 @@ class Phase(str, Enum):
     SUSPENDING = "suspending"
     SUSPENDED = "suspended"
     RESUMING = "resuming"
+    ASLEEP = "asleep"  # the gate's light sleep (gate_idle.py): vLLM asleep, no checkpoint
 
 
 class ResumeFailed(Exception):
@@ -57,15 +60,24 @@ class ResumeFailed(Exception):
         self.message = message
 
 
+class Held(ResumeFailed):
+    """The operator holds the server suspended (gate_hold.py): the request gets 503 with Retry-After."""
+
+    def __init__(self, message: str, retry_after_s: float):
+        super().__init__(message)
+        self.retry_after_s = retry_after_s
+
+
 @dataclass(frozen=True)
 class TransitionOutcome:
-    transition: str  # suspend | resume
+    transition: str  # suspend | resume | sleep | wake (the light sleep's)
     trigger: str  # why the gate started it: idle, request, in-flight
     ok: bool
     seconds: float
     message: str = ""
     exit_code: int = 0  # the library's ExitCode when it failed
     steps: dict[str, float] = field(default_factory=dict)  # the library's phases and their seconds
+    proof: str = ""  # how the library proved the GPU memory released or back: per-process | whole GPU
 
 
 def tool_lock_purpose(run_dir: str) -> str | None:
@@ -152,6 +164,12 @@ class PowerController:
         self.last_suspend_s: float | None = None
         self.last_resume_s: float | None = None
         self.last_failure_at: float | None = None  # time.time() of the last transition that failed
+        self.last_sleep_s: float | None = None  # the light sleep's, and its wake-up's
+        self.last_wake_s: float | None = None
+        self.last_proof = ""  # the last suspend's or resume's memory proof
+        self.last_steps: dict[str, dict[str, float]] = {}  # the last transition's phases: restore, wake_up, ...
+        # Off once a light sleep was refused (no sleep mode that holds requests): the deep stage only.
+        self.may_sleep = True
         self.phase = self.observe()
         self.since = time.time()
         self.watcher: asyncio.Task | None = None
@@ -171,6 +189,8 @@ class PowerController:
             return phase_of_tool_run(purpose)
         if self.live_record_exists() or self.believed_suspended:
             return Phase.SUSPENDED
+        if is_asleep(self.toggle_config.run_dir):
+            return Phase.ASLEEP
         return Phase.RUNNING
 
     def live_record_exists(self) -> bool:
@@ -189,9 +209,15 @@ class PowerController:
             )
         return SuspendRecord.any(run_dir)
 
+    def held(self) -> Hold | None:
+        """The operator's hold on this server (RUN_DIR/hold.json), or None."""
+        return Hold.read(self.toggle_config.run_dir)
+
     def refresh(self) -> Phase:
         """Observe, and note a change made by someone else (cuda-toggle-all run by hand)."""
         phase = self.observe()
+        if phase is Phase.SUSPENDED and self.transition is None and is_asleep(self.toggle_config.run_dir):
+            clear_asleep(self.toggle_config.run_dir)  # suspended by hand while asleep: its resume wakes vLLM
         if phase is not self.phase:
             if self.transition is None:
                 logger.info("the server{} is now {} (changed outside the gate)", self.label, phase.value)
@@ -215,6 +241,11 @@ class PowerController:
             "last_suspend_s": self.last_suspend_s,
             "last_resume_s": self.last_resume_s,
             "last_failure_at": self.last_failure_at,
+            "last_sleep_s": self.last_sleep_s,
+            "last_wake_s": self.last_wake_s,
+            "proof": self.last_proof,
+            "last_steps": self.last_steps,
+            "hold": hold.to_json() if (hold := self.held()) else None,
         }
 
     # -- requests --------------------------------------------------------------------------------
@@ -234,9 +265,31 @@ class PowerController:
             if self.in_flight == 0:
                 self.idle_since = time.monotonic()
 
-    async def admit(self, label: str) -> float:
-        if self.refresh() is Phase.RUNNING:
+    async def wait_while_held(self, label: str) -> float:
+        """Wait up to GATE_HOLD_WAIT_S for the operator's release; raise Held when it does not come.
+        Returns the seconds waited (0 without a hold)."""
+        if self.held() is None:
             return 0.0
+        started = time.monotonic()
+        deadline = started + self.gate.hold_wait_s
+        self.waiting += 1
+        try:
+            while self.held() is not None:
+                if time.monotonic() >= deadline:
+                    self.metrics.record_wait(time.monotonic() - started)
+                    logger.info("{}: 503, the server{} is held by the operator", label, self.label)
+                    raise Held(
+                        f"the server{self.label} is held suspended by the operator", self.gate.hold_retry_after_s
+                    )
+                await asyncio.sleep(min(self.gate.poll_s, max(0.01, deadline - time.monotonic())))
+        finally:
+            self.waiting -= 1
+        return time.monotonic() - started
+
+    async def admit(self, label: str) -> float:
+        held_s = await self.wait_while_held(label)
+        if self.refresh() is Phase.RUNNING:
+            return held_s
         started = time.monotonic()
         self.waiting += 1
         ending = "and went away"  # unless the loop below ends otherwise: the client disconnected
@@ -247,6 +300,10 @@ class PowerController:
                     ending = "and gets a 503: suspended again each time it was resumed"
                     raise ResumeFailed(f"the server was suspended again {rounds} times while this request waited")
                 rounds += 1
+                if self.held() is not None and self.transition is None:  # held while it waited
+                    raise Held(
+                        f"the server{self.label} is held suspended by the operator", self.gate.hold_retry_after_s
+                    )
                 # A transition of cuda-toggle-all in flight, or a suspended server: resume. The resume
                 # waits for the tool's lock, so a suspend by the tool finishes first and is then undone.
                 task = self.transition or self.start(Phase.RESUMING, "request")
@@ -264,28 +321,42 @@ class PowerController:
 
     # -- transitions -----------------------------------------------------------------------------
 
-    def start(self, phase: Phase, trigger: str, hooks: OverlapHooks | None = None) -> asyncio.Task[TransitionOutcome]:
+    def start(
+        self, phase: Phase, trigger: str, hooks: OverlapHooks | None = None, *, light: bool = False
+    ) -> asyncio.Task[TransitionOutcome]:
         """Start the gate's suspend (Phase.SUSPENDING) or resume (Phase.RESUMING); one at a time.
 
-        `hooks` overlap it with another server's transition (a swap, see gate_models.py)."""
+        `hooks` overlap it with another server's transition (a swap, see gate_models.py). `light` with
+        Phase.SUSPENDING: the light sleep instead of the suspend. A resume of a server in light sleep is its
+        wake-up."""
         if self.transition is not None:
             raise RuntimeError("a transition of the gate is already in flight")
+        if phase is Phase.RESUMING and self.observe() is Phase.ASLEEP:
+            light = True
         self.transition_phase = phase
         self.set_phase(phase)
-        self.transition = asyncio.get_running_loop().create_task(self.run_transition(phase, trigger, hooks))
+        self.transition = asyncio.get_running_loop().create_task(self.run_transition(phase, trigger, hooks, light))
         return self.transition
 
-    async def run_transition(self, phase: Phase, trigger: str, hooks: OverlapHooks | None) -> TransitionOutcome:
+    async def run_transition(
+        self, phase: Phase, trigger: str, hooks: OverlapHooks | None, light: bool = False
+    ) -> TransitionOutcome:
         transition, target = ("suspend", SUSPEND) if phase is Phase.SUSPENDING else ("resume", RESUME)
+        call = functools.partial(self.call_library, move_to, target, hooks=hooks)
+        if light:
+            transition = "sleep" if phase is Phase.SUSPENDING else "wake"
+            call = functools.partial(self.call_library, light_sleep if phase is Phase.SUSPENDING else light_wake)
         started = time.monotonic()
         logger.debug("{}{} started (trigger: {})", transition, self.label, trigger)
-        call = functools.partial(self.call_library, move_to, target, hooks=hooks)
         try:
             result = await asyncio.get_running_loop().run_in_executor(self.executor, call)
             notes = "; ".join(result.notes)
+            proof = (result.evidence.get("gpus") or {}).get("how", "") if isinstance(result.evidence, dict) else ""
             outcome = TransitionOutcome(
-                transition, trigger, True, time.monotonic() - started, notes, steps=dict(result.phases)
+                transition, trigger, True, time.monotonic() - started, notes, steps=dict(result.phases), proof=proof
             )
+            if transition == "suspend":  # a deep suspend ends a light sleep
+                clear_asleep(self.toggle_config.run_dir)
         except ToolError as failure:
             seconds = time.monotonic() - started
             steps = dict(getattr(failure.result, "phases", {}) or {})
@@ -310,9 +381,20 @@ class PowerController:
         self.metrics.record_transition(outcome.transition, outcome.ok, outcome.seconds)
         if outcome.transition == "suspend":
             self.last_suspend_s = outcome.seconds
-        else:
+        elif outcome.transition == "resume":
             self.last_resume_s = outcome.seconds
-        past = "suspended" if outcome.transition == "suspend" else "resumed"
+        elif outcome.transition == "sleep":
+            self.last_sleep_s = outcome.seconds
+            if not outcome.ok and outcome.exit_code == int(ExitCode.REFUSED):
+                self.may_sleep = False  # no sleep mode that holds requests: the deep stage only, from now on
+        else:
+            self.last_wake_s = outcome.seconds
+        if outcome.proof:
+            self.last_proof = outcome.proof
+        self.last_steps = {outcome.transition: {phase: round(s, 4) for phase, s in outcome.steps.items()}}
+        past = {"suspend": "suspended", "resume": "resumed", "sleep": "put to light sleep", "wake": "woken up"}[
+            outcome.transition
+        ]
         if outcome.ok:
             self.believed_suspended = False  # the record tells the truth again
             self.last_failure_at = None
@@ -366,8 +448,8 @@ class PowerController:
 
     def tick(self) -> None:
         phase = self.refresh()
-        if self.transition is not None:
-            return
+        if self.transition is not None or self.held() is not None:
+            return  # held: the operator decides; nothing is resumed or suspended meanwhile
         now = time.monotonic()
         if phase is not Phase.RUNNING and self.in_flight > 0 and now >= self.retry_resume_after:
             # Forwarded before cuda-toggle-all suspended the server: they wait in the frozen dispatcher.
@@ -375,10 +457,22 @@ class PowerController:
             self.start(Phase.RESUMING, "in-flight")
             return
         idle_s = self.gate.idle_suspend_s
-        nothing_to_do = phase is Phase.RUNNING and self.in_flight == 0 and self.waiting == 0 and not self.draining
+        awake = phase in (Phase.RUNNING, Phase.ASLEEP)
+        nothing_to_do = awake and self.in_flight == 0 and self.waiting == 0 and not self.draining
         nothing_to_do = nothing_to_do and self.may_idle_suspend
-        if idle_s > 0 and nothing_to_do and now - self.idle_since >= idle_s:
-            self.start(Phase.SUSPENDING, f"idle for {now - self.idle_since:.1f} s")
+        if not nothing_to_do:
+            return
+        idle_for = now - self.idle_since
+        if idle_s > 0 and idle_for >= idle_s:
+            self.start(Phase.SUSPENDING, f"idle for {idle_for:.1f} s")
+        elif self.idle_sleep_due(phase, idle_for):
+            self.start(Phase.SUSPENDING, f"idle for {idle_for:.1f} s", light=True)
+
+    def idle_sleep_due(self, phase: Phase, idle_for: float) -> bool:
+        """The first stage: a light sleep after GATE_IDLE_SLEEP_S, when it comes before the deep suspend."""
+        sleep_s, suspend_s = self.gate.idle_sleep_s, self.gate.idle_suspend_s
+        before_suspend = suspend_s == 0 or sleep_s < suspend_s
+        return phase is Phase.RUNNING and self.may_sleep and 0 < sleep_s <= idle_for and before_suspend
 
     async def close(self) -> None:
         if self.watcher is not None:

@@ -12,10 +12,10 @@ from dataclasses import dataclass, field
 
 from .gate_paths import PathClass
 
-TRANSITIONS = ("suspend", "resume")
+TRANSITIONS = ("suspend", "resume", "sleep", "wake")
 OUTCOMES = ("ok", "failed")
-ERROR_REASONS = ("resume_failed", "upstream_unreachable", "body_refused", "connection_refused")
-PHASES = ("running", "suspending", "suspended", "resuming")
+ERROR_REASONS = ("resume_failed", "upstream_unreachable", "body_refused", "connection_refused", "held")
+PHASES = ("running", "suspending", "suspended", "resuming", "asleep")
 # A resume takes about a second with the hybrid suspend, minutes for a large model without it.
 WAIT_BUCKETS_S = (0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0)
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"

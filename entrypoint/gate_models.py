@@ -38,7 +38,7 @@ from .config import Config
 from .discovery import supervisor_program_pid, supervisor_proxy
 from .errors import ExitCode, ToolError
 from .gate_config import GateConfig, ModelEntry
-from .gate_control import Phase, PowerController, ResumeFailed
+from .gate_control import Held, Phase, PowerController, ResumeFailed
 from .gate_metrics import PHASES, GateMetrics
 from .gpus import GpuReading, read_gpus
 from .observe import host_available_mib
@@ -134,6 +134,10 @@ class ModelStats:
     swap_seconds: float = 0.0
     last_swap_s: float | None = None
     last_swap_steps: dict[str, dict[str, float]] = field(default_factory=dict)  # transition -> phase -> s
+    # How the last swap made room: "overlapped: restore at once" (the target's restore fitted beside the
+    # resident servers), "overlapped: restore after sleep" (it began once the victims' sleep freed their
+    # memory), "serial" (it waited for their suspends), "nothing in the way".
+    last_swap_path: str = ""
     failed_swaps: int = 0
     waited_requests: int = 0
     waited_seconds: float = 0.0
@@ -347,11 +351,11 @@ class Fleet:
         Yields the seconds it waited; raises ResumeFailed when the swap it waited for failed.
         """
         controller = server.controller
-        waited_s = 0.0
+        waited_s = await controller.wait_while_held(label)  # raises Held when the hold outlasts GATE_HOLD_WAIT_S
         if self.admissible(server):
             controller.in_flight += 1
         else:
-            waited_s = await self.wait_for_swap(server, label)  # counts it in flight when it may go
+            waited_s += await self.wait_for_swap(server, label)  # counts it in flight when it may go
         server.stats.last_used = time.monotonic()
         try:
             yield waited_s
@@ -432,6 +436,8 @@ class Fleet:
         try:
             if controller.transition is not None:  # an idle suspend of its own, say
                 await asyncio.shield(controller.transition)
+            if controller.held() is not None:  # held since its requests began to wait
+                raise Held(f"model {target.name} is held suspended by the operator", self.gate.hold_retry_after_s)
             if controller.refresh() is not Phase.RUNNING:
                 await self.check_it_can_come_back(target)
                 steps = await self.overlapped_swap(target)
@@ -487,6 +493,12 @@ class Fleet:
         Returns the steps of every transition (name -> phase -> seconds), for the status and the log.
         """
         victims = self.victims_for(target)
+        sleepers = [victim for victim in victims if victim.controller.refresh() is Phase.ASLEEP]
+        if victims and sleepers == victims and await self.fits_awake(target, beside_sleep=True):
+            # The cheapest way: those in the way sleep lightly already, and the target fits beside their residual.
+            logger.info("swap to model {}: fits beside {} asleep", target.name, ", ".join(v.name for v in victims))
+            victims = []
+            target.stats.last_swap_path = "beside the light sleep"
         logger.info("swap to model {}: suspending {}", target.name, ", ".join(v.name for v in victims) or "nothing")
         steps: dict[str, dict[str, float]] = {}
         suspending: list[asyncio.Task[dict[str, float]]] = []
@@ -499,6 +511,7 @@ class Fleet:
         record = suspend_record_of(target)
         restore_mib = record.checkpoint_mib if record else 0  # 0: unknown, so nothing overlaps
         resuming = None
+        woke_early = False
         for victim in victims:  # before any await: from now on their new requests wait for a later swap
             victim.controller.draining = True
         try:
@@ -509,6 +522,7 @@ class Fleet:
                     resuming = target.controller.start(
                         Phase.RESUMING, "request (swap)", OverlapHooks(room_made=room_made)
                     )
+                    target.stats.last_swap_path = "overlapped: restore at once"
                 for victim in victims:
                     suspending.append(await self.evict(victim, target, restore_mib))
             finally:
@@ -516,8 +530,23 @@ class Fleet:
                     resuming = target.controller.start(
                         Phase.RESUMING, "request (swap)", OverlapHooks(room_made=room_made)
                     )
+                    target.stats.last_swap_path = "overlapped: restore after sleep"
+            if resuming is not None and any(not task.done() for task in suspending) and await self.fits_awake(target):
+                # Early wake: every victim sleeps, and the target's whole share fits beside what their sleep left:
+                # it unlocks and wakes up while their checkpoints go on (a victim whose checkpoint fails stays
+                # asleep: see evict).
+                woke_early = True
+                room_ok.append(True)
+                room.set()
+                target.stats.last_swap_path += ", woken before the checkpoint ended"
+                names = ", ".join(v.name for v in victims)
+                logger.info("model {}: waking it up while {} is checkpointed", target.name, names)
             ended = await asyncio.gather(*suspending, return_exceptions=True)
             failures = [result for result in ended if isinstance(result, BaseException)]
+            if woke_early and failures:  # the target is up; the victims that failed stay asleep
+                for failure in failures:
+                    logger.warning("after the early wake of model {}: {}", target.name, failure)
+                failures = []
             if not failures:
                 room_ok.append(True)
         finally:
@@ -537,6 +566,8 @@ class Fleet:
             raise ResumeFailed(f"{type(failure).__name__}: {failure}")
         if resuming is None:  # nothing overlapped: the victims are suspended, resume plainly
             resuming = target.controller.start(Phase.RESUMING, "request (swap)")
+            if victims or target.stats.last_swap_path != "beside the light sleep":
+                target.stats.last_swap_path = "serial" if victims else "nothing in the way"
         outcome = await asyncio.shield(resuming)
         steps[f"resume {target.name}"] = outcome.steps
         if not outcome.ok:
@@ -561,6 +592,18 @@ class Fleet:
         margin = self.toggle_config.restore_margin_mib
         return listed and all(free.get(uuid, 0) >= mib + margin for uuid, mib in need.items())
 
+    async def fits_awake(self, target: ModelServer, beside_sleep: bool = False) -> bool:
+        """Whether the target's whole share of every GPU (what its wake-up takes) fits in the memory free now,
+        beside what the victims' sleep left and its own restored contexts hold. For the early wake
+        (GATE_SWAP_EARLY_WAKE), or `beside_sleep`: for a swap that leaves servers in light sleep as they are."""
+        if not (self.gate.swap_early_wake or beside_sleep):
+            return False
+        reading = await asyncio.get_running_loop().run_in_executor(None, read_gpus, self.toggle_config)
+        margin = self.toggle_config.restore_margin_mib
+        return bool(reading.gpus) and all(
+            gpu.free_mib >= int(target.entry.share * gpu.total_mib) + margin for gpu in reading.gpus
+        )
+
     async def evict(self, victim: ModelServer, target: ModelServer, restore_mib: int) -> asyncio.Task[dict[str, float]]:
         """Start suspending `victim` once its requests in flight are done (new ones wait for it meanwhile).
 
@@ -574,7 +617,9 @@ class Fleet:
         hooks = OverlapHooks()
         if restore_mib > 0:  # known: the victim's proof can allow for it, so the two may overlap
             hooks = OverlapHooks(
-                memory_released=lambda: loop.call_soon_threadsafe(released.set), neighbour_restore_mib=restore_mib
+                memory_released=lambda: loop.call_soon_threadsafe(released.set),
+                neighbour_restore_mib=restore_mib,
+                stay_asleep_on_rollback=self.gate.swap_early_wake,
             )
         suspending = loop.create_task(self.suspend_victim(victim, target, hooks))
         waiting = loop.create_task(released.wait())
@@ -596,7 +641,7 @@ class Fleet:
                 await asyncio.sleep(DRAIN_POLL_S)
             if controller.transition is not None:
                 await asyncio.shield(controller.transition)
-            if controller.refresh() is not Phase.RUNNING:
+            if controller.refresh() not in (Phase.RUNNING, Phase.ASLEEP):
                 return {}
             outcome = await asyncio.shield(controller.start(Phase.SUSPENDING, f"swap to {target.name}", hooks))
             if not outcome.ok and outcome.exit_code in NOT_HOLDING_GPUS:
@@ -632,6 +677,11 @@ class Fleet:
                 "last_suspend_s": controller.last_suspend_s,
                 "last_resume_s": controller.last_resume_s,
                 "last_failure_at": controller.last_failure_at,
+                "last_sleep_s": controller.last_sleep_s,
+                "last_wake_s": controller.last_wake_s,
+                "proof": controller.last_proof,
+                "last_swap_path": stats.last_swap_path,
+                "hold": hold.to_json() if (hold := controller.held()) else None,
             }
         return {"started": self.ready, "models": models}
 

@@ -20,7 +20,7 @@ from multidict import CIMultiDict, CIMultiDictProxy
 from yarl import URL
 
 from .gate_config import GateConfig
-from .gate_control import PowerController, ResumeFailed
+from .gate_control import Held, PowerController, ResumeFailed
 from .gate_limits import BodyBudget, BodyRefused
 from .gate_metrics import GateMetrics
 from .gate_models import Fleet, requested_model
@@ -47,6 +47,7 @@ NO_WEBSOCKET = (501, "the Realtime API (WebSocket) is not served through this en
 NOT_JSON = (400, "the request body is not a JSON object", "BadRequestError")
 NOT_FORM = (400, "the request body is not multipart/form-data", "BadRequestError")
 UNAVAILABLE = (503, "the model is not available right now; try again later", "ServiceUnavailableError")
+HELD = (503, "the model is held suspended by the operator; try again later", "ServiceUnavailableError")
 BAD_GATEWAY = (502, "the model server did not answer", "BadGatewayError")
 # Without these, aiohttp's client would add its own Accept-Encoding (and with auto_decompress off,
 # a client that never asked for gzip would get gzip), User-Agent and Accept.
@@ -213,6 +214,9 @@ class Forwarder:
         try:
             async with slot(label):
                 return await self.forward(request, body, upstream)
+        except Held as held:
+            self.metrics.count_error("held")
+            return json_error(*HELD, headers={"Retry-After": str(int(held.retry_after_s))})
         except ResumeFailed as failure:
             self.metrics.count_error("resume_failed")
             logger.warning("{}: 503, the resume failed: {}", label, failure.message)

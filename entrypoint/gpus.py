@@ -85,8 +85,8 @@ def _query_nvidia_smi(binary: str) -> GpuReading:
 def _compute_apps_mib(binary: str) -> dict[int, int]:
     """Each process's GPU memory as nvidia-smi lists it; empty when it lists none or cannot say.
 
-    Inside a container's PID namespace the PIDs listed are the host's, so they match none of the server's:
-    the proof then falls back to the whole GPU's figure (see proof.py).
+    Inside a container's PID namespace nvidia-smi may list the host's PIDs, which match none of the server's:
+    the proof then falls back to the whole GPU's figure (see proof.py). Which one applies is read at run time.
     """
     try:
         rows = _nvidia_smi_rows(binary, "--query-compute-apps=pid,used_memory")

@@ -4,7 +4,8 @@ How other tenants of a GPU are accounted for:
 - Where the GPU query lists the server's own PIDs (NVML or nvidia-smi outside a PID namespace), the
   server's memory is known exactly: the suspend is proven when none of its PIDs holds memory any more,
   and what other processes hold is left out of the sum.
-- Where it does not (inside a container, the listed PIDs are the host's), a GPU counts as the server's
+- Where it does not (listed PIDs that match none of the server's, which nvidia-smi in a PID namespace gives;
+  NVML of driver 580 lists the namespace's own PIDs, measured), a GPU counts as the server's
   when it held more than CUDA_TOGGLE_RESIDUAL_MIB before the suspend, and it must read at most that
   much after it. A GPU shared with processes the tool cannot see needs that setting raised.
 """

@@ -86,6 +86,11 @@ def status_table(status: dict) -> str:
         f" sleep mode {'yes' if server.get('sleep') else 'no'}; paused {flags.get('is_paused')},"
         f" sleeping {flags.get('is_sleeping')}"
     ]
+    if status.get("hold"):
+        hold = status["hold"]
+        lines.append(f"HELD by the operator ({hold['by']}, requests in flight: {hold['inflight']}) until `release`")
+    if status.get("asleep_since"):
+        lines.append("in light sleep (the gate's first idle stage: vLLM asleep, no checkpoint)")
     lines.append(f"{'PID':>8}  {'ROLE':<{ROLE_WIDTH}}  {'STATE':<13}  {'GPU MiB':>8}  PROCESS")
     frozen = {d["pid"]: d["frozen"] for d in status["dispatchers"]}
     for entry in status["pids"]:

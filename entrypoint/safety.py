@@ -107,7 +107,7 @@ def cgroup_available_bytes(root: Path = Path("/sys/fs/cgroup")) -> int | None:
 
 def memory_to_copy_mib(gpus: GpuReading, cuda_pids: list[int]) -> int:
     """GPU memory a checkpoint will copy to host RAM: the processes' own use where NVML sees them
-    (not inside a container's PID namespace), else everything in use on every GPU (an upper bound)."""
+    (they match the server's PIDs), else everything in use on every GPU (an upper bound)."""
     own = [gpus.pids_mib[pid] for pid in cuda_pids if pid in gpus.pids_mib]
     if own:
         return sum(own)

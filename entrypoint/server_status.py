@@ -9,6 +9,8 @@ from pathlib import Path
 from .backends import select_backend
 from .config import Config
 from .errors import ExitCode, ToolError
+from .gate_hold import Hold
+from .gate_idle import asleep_since
 from .observe import observe, record_of
 from .plan import model_holders
 from .quiesce import unquiesce_server, vllm_flags
@@ -33,6 +35,8 @@ class StatusResult:
     server: dict = field(default_factory=dict)  # what the server's endpoints answered
     vllm: dict = field(default_factory=dict)  # is_paused, is_sleeping
     suspend_record: dict | None = None
+    hold: dict | None = None  # the operator's hold (gate_hold.py), None when not held
+    asleep_since: float | None = None  # the gate's light sleep (gate_idle.py), None when not asleep
 
     def to_json(self) -> dict:
         return asdict(self)
@@ -82,6 +86,8 @@ def status(
         server=obs.capabilities.to_json(),
         vllm=vllm_flags(control, engine_frozen=bool(frozen)),
         suspend_record=asdict(record) if record else None,
+        hold=held.to_json() if (held := Hold.read(config.run_dir)) else None,
+        asleep_since=asleep_since(config.run_dir),
     )
 
 

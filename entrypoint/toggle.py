@@ -20,6 +20,7 @@ from . import safety
 from .backends import Backend, BackendError, select_backend
 from .config import Config
 from .errors import ExitCode, ToolError
+from .gate_idle import mark_asleep
 from .gpus import GpuReading, read_gpus
 from .observe import gpu_progress, host_available_mib, observe, record_of
 from .operations import settle_orphans
@@ -277,6 +278,16 @@ def _suspend(
             )
     except RolledBack as failure:
         result.interrupted = guard.received
+        if hooks.stay_asleep_on_rollback and plan.mode == "hybrid" and plan.quiesce == "scheduler":
+            record.clear(config.run_dir)
+            mark_asleep(config.run_dir)  # the gate wakes it on its next request, when there is room
+            raise _fail(
+                result,
+                f"suspend failed: {failure}; every process is running again and vLLM stays asleep (light sleep)",
+                ExitCode.TRANSITION_FAILED,
+                started,
+                states,
+            )
         problems = unquiesce_server(control, record, plan.freeze, result)
         record.clear(config.run_dir)
         dead = _dead_while_suspended(record)

@@ -53,11 +53,15 @@ class OverlapHooks:
       H200, driver 580: ~0.9 GiB unlisted), so the suspend's proof allows that much unlisted growth.
     - room_made: a resume calls it between restore and unlock and waits for its answer; False withdraws
       the resume (the restored processes, still locked, are checkpointed again; vLLM never woke up).
+    - stay_asleep_on_rollback: see below (the gate's early wake, gate_models.py).
     """
 
     memory_released: Callable[[], None] | None = None
     neighbour_restore_mib: int = 0
     room_made: Callable[[], bool] | None = None
+    # A suspend whose checkpoint fails after vLLM's sleep leaves vLLM asleep (its processes running again,
+    # ~0.9 GiB held) instead of waking it: the gate may have woken another server into the room meanwhile.
+    stay_asleep_on_rollback: bool = False
 
 
 @dataclass

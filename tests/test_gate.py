@@ -589,7 +589,7 @@ def test_gate_status_and_metrics_describe_state_and_traffic(server, gate):
     front = gate(upstream, GATE_IDLE_SUSPEND_S="600")
     status = front.status()
     assert set(status) == {"state", "since", "in_flight", "waiting", "last_suspend_s", "last_resume_s",
-                           "last_failure_at"}  # fmt: skip
+                           "last_failure_at", "last_sleep_s", "last_wake_s", "proof", "last_steps", "hold"}  # fmt: skip
     assert status["state"] == "running" and started - 1 <= status["since"] <= time.time()
     assert (status["in_flight"], status["waiting"]) == (0, 0)
     assert (status["last_suspend_s"], status["last_resume_s"], status["last_failure_at"]) == (None, None, None)

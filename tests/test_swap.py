@@ -7,6 +7,7 @@ through the real library and the fake cuda-checkpoint.
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -22,6 +23,7 @@ import requests
 from entrypoint.runstate import SuspendRecord
 from tests.conftest import StandinServer, fakegpu, free_port
 from tests.test_gate import REPO, SAFE_ENV, Gate, parse_metrics, series, wait_until
+from tests.testing import TOGGLE_ALL_CLI
 
 MODELS = ("alpha", "beta")  # alpha is the default (first) model
 SHARE = "0.6"  # of a fake 80 GB GPU each: two do not fit
@@ -263,8 +265,9 @@ def finished_at(fleet: Swapped, op: str, model: str) -> list[int]:
 @pytest.mark.parametrize("tp", [1, 2])
 def test_swap_restores_the_next_server_while_the_last_one_is_checkpointed(swapped, tp: int):
     """With per-process figures (NVML), beta's restore (its contexts: it fits beside alpha) runs while alpha sleeps
-    and is checkpointed; beta unlocks and wakes only after alpha's suspend ended: never both resident, steps shown."""
-    fleet = swapped(nvml=True, tp=tp)
+    and is checkpointed; beta unlocks and wakes only after alpha's suspend ended (no early wake): never both
+    resident, steps shown."""
+    fleet = swapped(nvml=True, tp=tp, GATE_SWAP_EARLY_WAKE="0")
     for pid in fleet.cuda_pids("alpha"):
         fakegpu.add_fault(pid, "checkpoint", "slow:0.6", root=fleet.fake_gpu)
     assert fleet.text("beta", "overlap") != "" and fleet.holders_on_gpu() == ["beta"]
@@ -300,8 +303,8 @@ def test_a_restore_that_does_not_fit_beside_the_resident_server_waits_for_its_sl
 @pytest.mark.parametrize("tp", [1, 2])
 def test_a_victim_that_fails_to_checkpoint_withdraws_the_overlapped_resume(swapped, tp: int):
     """alpha's checkpoint fails after beta began restoring: alpha runs again, beta is checkpointed again without
-    ever waking, the request gets 503, alpha keeps serving, and the next request for beta swaps."""
-    fleet = swapped(nvml=True, tp=tp)
+    ever waking, the request gets 503, alpha keeps serving, and the next request for beta swaps (no early wake)."""
+    fleet = swapped(nvml=True, tp=tp, GATE_SWAP_EARLY_WAKE="0")
     fakegpu.add_fault(fleet.cuda_pids("alpha")[-1], "checkpoint", "error-after:0.4", root=fleet.fake_gpu)
     refused = fleet.ask("beta", "withdrawn")
     assert refused.status_code == 503, refused.text
@@ -410,3 +413,70 @@ def test_a_model_whose_server_is_gone_does_not_block_swaps(swapped):
     fleet.servers["alpha"].kill_tree()
     assert fleet.text("beta", "alone") != "" and fleet.model_status("beta")["state"] == "running"
     assert "model alpha: no server on the GPUs, not in the way" in fleet.gate.log()
+
+
+@pytest.mark.parametrize("tp", [1, 2])
+def test_early_wake_wakes_the_target_before_the_victims_checkpoint_ends(swapped, tp: int):
+    """GATE_SWAP_EARLY_WAKE (default): beta's whole share fits beside alpha's post-sleep residual, so beta unlocks
+    and wakes up while alpha's checkpoint still runs; the fake GPU never holds more than it has (the fixture checks
+    its over-commit log), alpha's memory proof passes, and the path is reported in /gate/status."""
+    fleet = swapped(nvml=True, tp=tp)
+    for pid in fleet.cuda_pids("alpha"):
+        fakegpu.add_fault(pid, "checkpoint", "slow:0.8", root=fleet.fake_gpu)
+    assert fleet.text("beta", "early") != "" and fleet.holders_on_gpu() == ["beta"]
+    (restored,), (unlocked,) = finished_at(fleet, "restore", "beta"), finished_at(fleet, "unlock", "beta")
+    checkpointed = finished_at(fleet, "checkpoint", "alpha")[-1]
+    assert restored < unlocked < checkpointed  # woken before alpha's checkpoint ended
+    status = fleet.model_status("beta")
+    assert status["last_swap_path"].endswith("woken before the checkpoint ended")
+    assert fleet.model_status("alpha")["state"] == "suspended" and fleet.model_status("alpha")["proof"] == "per-process"
+    assert "model beta: waking it up while alpha is checkpointed" in fleet.gate.log()
+    assert fleet.text("alpha", "back") != "" and fleet.holders_on_gpu() == ["alpha"]
+
+
+def test_a_victim_whose_checkpoint_fails_after_the_early_wake_stays_asleep(swapped):
+    """alpha's checkpoint fails after beta woke: beta answers, alpha stays asleep (its CUDA processes running,
+    vLLM asleep: no over-commit), and the next request for alpha swaps it back in."""
+    fleet = swapped(nvml=True)
+    fakegpu.add_fault(fleet.cuda_pids("alpha")[-1], "checkpoint", "error-after:0.8", root=fleet.fake_gpu)
+    assert fleet.text("beta", "up") != ""
+    wait_until(lambda: fleet.model_status("alpha")["state"] == "asleep", "alpha to stay asleep", 10)
+    assert fleet.servers["alpha"].get("/is_sleeping").json() == {"is_sleeping": True}
+    assert "vLLM stays asleep" in fleet.gate.log()
+    assert fleet.text("alpha", "again") != "" and fleet.holders_on_gpu() == ["alpha"]
+
+
+def test_a_server_in_light_sleep_is_left_asleep_where_the_target_fits_beside_it(swapped):
+    """The cheapest way to make room: alpha sleeps lightly (GATE_IDLE_SLEEP_S) and beta's share fits beside its
+    residual, so the swap to beta checkpoints nothing of alpha; a request for alpha then suspends beta and wakes
+    alpha from its light sleep. The fake GPU never over-commits (the fixture checks)."""
+    fleet = swapped(nvml=True, GATE_IDLE_SLEEP_S="0.3")
+    wait_until(lambda: fleet.model_status("alpha")["state"] == "asleep", "alpha's light sleep", 10)
+    assert fleet.text("beta", "beside") != ""
+    assert fleet.model_status("beta")["last_swap_path"] == "beside the light sleep"
+    assert {fakegpu.read_state(pid, fleet.fake_gpu) for pid in fleet.cuda_pids("alpha")} == {"running"}
+    assert finished_at(fleet, "checkpoint", "alpha") == []  # never checkpointed
+    assert fleet.text("alpha", "woken") != "" and fleet.holders_on_gpu() == ["alpha"]
+    assert fleet.model_status("alpha")["last_wake_s"] is not None
+
+
+def test_a_hold_of_one_model_leaves_the_other_serving(swapped):
+    """hold --model beta: beta's requests get 503 with Retry-After, alpha keeps serving; release lets beta swap in."""
+    fleet = swapped(nvml=True)
+    entries = ",".join(f"{model}:standin-{model}:{fleet.servers[model].port}:{SHARE}" for model in MODELS)
+    environ = {**os.environ, **library_env(fleet.fake_gpu, fleet.run_dir), "GATE_MODELS": entries}
+
+    def toggle(*args: str) -> dict:
+        done = subprocess.run([*TOGGLE_ALL_CLI, *args, "--json"], capture_output=True, text=True, cwd=REPO, env=environ)
+        assert done.returncode == 0, done.stderr
+        return json.loads(done.stdout)
+
+    held = toggle("hold", "--model", "beta")
+    assert held["held"] and held["model"] == "beta"
+    refused = fleet.ask("beta", "held")
+    assert refused.status_code == 503 and int(refused.headers["Retry-After"]) > 0
+    assert fleet.text("alpha", "serving") != "" and fleet.holders_on_gpu() == ["alpha"]
+    assert fleet.model_status("beta")["hold"]["model"] == "beta" and fleet.model_status("alpha")["hold"] is None
+    assert fleet.gate.metric("vllm_gate_held", model="beta") == 1
+    toggle("release", "--model", "beta", "--no-resume")
+    assert fleet.text("beta", "released") != "" and fleet.holders_on_gpu() == ["beta"]

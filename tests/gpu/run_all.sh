@@ -100,10 +100,11 @@ run_step() {
     load) needs_server load --clients "$SUITE_CLIENTS" --cycles "$SUITE_LOAD_CYCLES" ;;
     gate) needs_server gate --clients "$SUITE_CLIENTS" --cycles 3 --mode plain ;;
     hybrid) needs_server hybrid --cycles 2 ;;
+    idle) needs_server idle --cycles "$SUITE_CYCLES" --clients "$SUITE_CLIENTS" ;;
   esac
 }
 
-known=" machine build-model start cycles acceptance selftest protocols load gate hybrid refusal sizes stop report "
+known=" machine build-model start cycles acceptance selftest protocols load gate hybrid idle refusal sizes stop report "
 read -r -a steps <<<"$SUITE_STEPS"
 for name in "${steps[@]}"; do
   if [[ $known != *" $name "* ]]; then

@@ -1614,6 +1614,114 @@ def acceptance_table(step: dict) -> str:
     return "\n".join(lines)
 
 
+# --- the gate's idle stages and the operator's hold ------------------------------------------------------
+
+IDLE_SLEEP_S, IDLE_SUSPEND_S = 1.0, 6.0
+
+
+def gate_state(gate_url: str) -> dict:
+    return requests.get(f"{gate_url}/gate/status", timeout=5).json()
+
+
+def wait_for_gate_state(gate_url: str, state: str, timeout_s: float = 60) -> float:
+    began = time.monotonic()
+    while gate_state(gate_url)["state"] != state:
+        if time.monotonic() - began > timeout_s:
+            raise RuntimeError(f"the gate did not reach {state} in {timeout_s:g} s: {gate_state(gate_url)}")
+        time.sleep(0.05)
+    return time.monotonic() - began
+
+
+def toggle_cli(*args: str) -> tuple[int, dict, float]:
+    began = time.monotonic()
+    done = subprocess.run(
+        [sys.executable, "-m", "entrypoint.cuda_toggle_all", *args, "--json"],
+        capture_output=True, text=True, cwd=REPO, env={**os.environ, "PYTHONPATH": f"{SITE}:{REPO}"}, timeout=300,
+    )  # fmt: skip
+    seconds = time.monotonic() - began
+    try:
+        return done.returncode, json.loads(done.stdout.strip().splitlines()[-1]), seconds
+    except (ValueError, IndexError):
+        return done.returncode, {"stderr": done.stderr[-600:]}, seconds
+
+
+def idle(args: argparse.Namespace) -> None:
+    """Through the gate: the first token from its light sleep and from its deep suspend, 4 clients of load across
+    both stages, and the operator's hold with a request in flight (503 + Retry-After meanwhile, whole after)."""
+    target_from(args)
+    srv = server()
+    before = run_alone(srv)
+    data: dict = {"idle_sleep_s": IDLE_SLEEP_S, "idle_suspend_s": IDLE_SUSPEND_S}
+    settings = {
+        "GATE_IDLE_SLEEP_S": str(IDLE_SLEEP_S),
+        "GATE_IDLE_SUSPEND_S": str(IDLE_SUSPEND_S),
+        "GATE_POLL_S": "0.1",
+    }
+    with gate_running(settings) as gate_url:
+        light, deep = [], []
+        for _ in range(args.cycles):
+            wait_for_gate_state(gate_url, "asleep")
+            answer = ask(gate_url, chat_body(srv, PROMPTS[0], 16, stream=True, logprobs=True))
+            light.append({**answer.brief(), "gate_wake_s": gate_state(gate_url)["last_wake_s"]})
+        log(f"from the light sleep: {light}")
+        for _ in range(2):
+            wait_for_gate_state(gate_url, "suspended")
+            answer = ask(gate_url, chat_body(srv, PROMPTS[0], 16, stream=True, logprobs=True))
+            state = gate_state(gate_url)
+            deep.append({**answer.brief(), "gate_resume_s": state["last_resume_s"], "proof": state["proof"]})
+        log(f"from the deep suspend: {deep}")
+        data.update(light_sleep=light, deep_suspend=deep)
+
+        # 4 clients, each a burst of requests, then a pause longer than GATE_IDLE_SLEEP_S: both stages under load.
+        answers: list[tuple[str, int, Answer]] = []
+        lock = threading.Lock()
+
+        def client(number: int) -> None:
+            for burst in range(3):
+                for _ in range(3):
+                    answer = ask(gate_url, chat_body(srv, PROMPTS[number % len(PROMPTS)], 24))
+                    with lock:
+                        answers.append((f"client {number}", 24, answer))
+                time.sleep(IDLE_SLEEP_S * 1.6 + burst)
+
+        threads = [threading.Thread(target=client, args=(n,)) for n in range(args.clients)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(600)
+        data["load"] = {**count_verdicts(answers), "gate": gate_state(gate_url)}
+        log(f"load: {data['load']}")
+
+        # The hold, with a 200-token request in flight (kept across the suspend), released later.
+        background = Background()
+        background.send("in flight", gate_url, chat_body(srv, PROMPTS[1], 200, stream=True))
+        time.sleep(1.0)
+        code, held, hold_s = toggle_cli("hold")
+        refused = requests.post(f"{gate_url}/v1/chat/completions", json=chat_body(srv, PROMPTS[0], 4), timeout=30)
+        time.sleep(3.0)
+        during = gate_state(gate_url)
+        code_release, released, release_s = toggle_cli("release")
+        background.join()
+        data["hold"] = {
+            "exit": code,
+            "command_s": round(hold_s, 3),
+            "suspend_s": (held.get("suspend") or {}).get("seconds"),
+            "suspend_phases": (held.get("suspend") or {}).get("phases"),
+            "refused": {"status": refused.status_code, "retry_after": refused.headers.get("Retry-After")},
+            "state_while_held": during["state"],
+            "hold_in_status": during["hold"],
+            "release_exit": code_release,
+            "release_command_s": round(release_s, 3),
+            "resume_s": (released.get("resume") or {}).get("seconds"),
+            "resume_phases": (released.get("resume") or {}).get("phases"),
+            "in_flight_request": count_verdicts(background.answers),
+        }
+        log(f"hold: {data['hold']}")
+    data["alone_before_after"] = compare_alone(before, run_alone(srv), args.target)
+    save_step("idle", data)
+    log(f"idle: requests alone equal: {data['alone_before_after']}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--target", choices=["gpu", "cpu"], default=os.environ.get("SUITE_TARGET", "gpu"))
@@ -1713,6 +1821,10 @@ def main() -> None:
     p.add_argument("--util", type=float, default=0.08)
     p.add_argument("--timeout", type=float, default=400)
     p.set_defaults(func=refusal)
+    p = sub.add_parser("idle")
+    p.add_argument("--cycles", type=int, default=3)
+    p.add_argument("--clients", type=int, default=4)
+    p.set_defaults(func=idle)
     p = sub.add_parser("report")
     p.add_argument("--raw", action="store_true")
     p.set_defaults(func=report)

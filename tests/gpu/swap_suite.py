@@ -133,6 +133,7 @@ def swap_rows(args: argparse.Namespace, gate_url: str) -> tuple[list[dict], dict
             "total_s": round(answer.total_s, 3),
             "gate_swap_s": None if status[model]["last_swap_s"] is None else round(status[model]["last_swap_s"], 3),
             "steps": status[model]["last_swap_steps"],
+            "path": status[model].get("last_swap_path"),  # overlapped (woken before the checkpoint ended?) or serial
             "states": {name: entry["state"] for name, entry in status.items()},
             "gpu_used_mib": gpu_used_mib(),
         }
