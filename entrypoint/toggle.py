@@ -24,7 +24,7 @@ from .gate_idle import mark_asleep
 from .gpus import GpuReading, read_gpus
 from .observe import gpu_progress, host_available_mib, observe, record_of
 from .operations import settle_orphans
-from .plan import Observation, dispatcher_candidates, model_holders, plan_suspend
+from .plan import Observation, SuspendPlan, dispatcher_candidates, model_holders, plan_suspend
 from .processes import describe, inherited_environ, same_process
 from .proof import proves_per_process_alone, released_proof, returned_proof
 from .quiesce import quiesce_server, thaw_all, unquiesce_server, vllm_flags
@@ -263,6 +263,18 @@ def _suspend(
         if not proof.ok and obs.gpus.gpus:
             logger.error("the checkpoint did not free the server's GPU memory: {}", proof.failure())
             transition.rollback_to_running()
+            if _stays_asleep(hooks, plan):
+                # After an early wake the target holds the memory the wake-up would take back: stay asleep.
+                record.clear(config.run_dir)
+                mark_asleep(config.run_dir)
+                raise _fail(
+                    result,
+                    f"every process read checkpointed, but {proof.failure()}: the checkpoint was undone and vLLM "
+                    "stays asleep (light sleep) until there is room for it",
+                    ExitCode.MEMORY_KEPT,
+                    started,
+                    states,
+                )
             problems = unquiesce_server(control, record, plan.freeze, result)
             record.clear(config.run_dir)
             raise _fail(
@@ -278,7 +290,7 @@ def _suspend(
             )
     except RolledBack as failure:
         result.interrupted = guard.received
-        if hooks.stay_asleep_on_rollback and plan.mode == "hybrid" and plan.quiesce == "scheduler":
+        if _stays_asleep(hooks, plan):
             record.clear(config.run_dir)
             mark_asleep(config.run_dir)  # the gate wakes it on its next request, when there is room
             raise _fail(
@@ -336,6 +348,13 @@ def _suspend(
     _finish(result, states, started)
     result.ok = True
     return result
+
+
+def _stays_asleep(hooks: OverlapHooks, plan: SuspendPlan) -> bool:
+    """A rolled-back suspend leaves vLLM asleep instead of waking it, where a swap's target may already be awake
+    in the memory the wake-up would take (the gate's early wake): only a light sleep that holds the requests
+    (hybrid, scheduler) can stay so."""
+    return hooks.stay_asleep_on_rollback and plan.mode == "hybrid" and plan.quiesce == "scheduler"
 
 
 def _warn_unreachable(config: Config, obs: Observation, quiesce: str, result: ToggleResult) -> None:

@@ -446,6 +446,19 @@ def test_a_victim_whose_checkpoint_fails_after_the_early_wake_stays_asleep(swapp
     assert fleet.text("alpha", "again") != "" and fleet.holders_on_gpu() == ["alpha"]
 
 
+def test_a_victim_whose_memory_stays_after_the_early_wake_stays_asleep(swapped):
+    """alpha's checkpoint 'succeeds' but its memory stays on the GPU (the proof fails, exit 9's undo) after beta
+    woke: the undo leaves alpha asleep instead of waking it into the memory beta holds; the fake GPU never
+    over-commits (the fixture checks) and the next request for alpha swaps it back in."""
+    fleet = swapped(nvml=True)
+    fakegpu.add_fault(fleet.cuda_pids("alpha")[-1], "checkpoint", "keep-memory", root=fleet.fake_gpu)
+    assert fleet.text("beta", "up") != ""
+    wait_until(lambda: fleet.model_status("alpha")["state"] == "asleep", "alpha to stay asleep", 10)
+    assert fleet.servers["alpha"].get("/is_sleeping").json() == {"is_sleeping": True}
+    assert "the checkpoint was undone and vLLM stays asleep" in fleet.gate.log()
+    assert fleet.text("alpha", "again") != "" and fleet.holders_on_gpu() == ["alpha"]
+
+
 def test_a_server_in_light_sleep_is_left_asleep_where_the_target_fits_beside_it(swapped):
     """The cheapest way to make room: alpha sleeps lightly (GATE_IDLE_SLEEP_S) and beta's share fits beside its
     residual, so the swap to beta checkpoints nothing of alpha; a request for alpha then suspends beta and wakes
