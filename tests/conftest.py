@@ -17,7 +17,7 @@ import psutil
 import pytest
 import requests
 
-from tests.testing import FAKES_DIR, fakegpu, free_port
+from tests.testing import FAKES_DIR, fakegpu, free_port, scaled
 
 STANDIN_VLLM = FAKES_DIR / "standin_vllm.py"
 STANDIN_MODEL = "standin-model"
@@ -129,8 +129,8 @@ def is_dead(process: psutil.Process) -> bool:
 
 
 def wait_until_dead(processes: list[psutil.Process], timeout: float = 5.0) -> list[psutil.Process]:
-    """Waits until every process is dead (see is_dead); returns those still alive after `timeout`."""
-    deadline = time.monotonic() + timeout
+    """Waits until every process is dead (see is_dead); returns those still alive after scaled(`timeout`)."""
+    deadline = time.monotonic() + scaled(timeout)
     while (alive := [process for process in processes if not is_dead(process)]) and time.monotonic() < deadline:
         time.sleep(0.01)
     return alive
@@ -176,6 +176,7 @@ class StandinServer:
         return sorted(self.engine_core().children(), key=process_title)
 
     def wait_until(self, ready: Callable[[], bool], what: str, timeout: float) -> None:
+        timeout = scaled(timeout)
         deadline = time.monotonic() + timeout
         while not ready():
             if self.process.poll() is not None:
