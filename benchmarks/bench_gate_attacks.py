@@ -33,7 +33,7 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -221,19 +221,16 @@ def run_scenario(
 
 
 @contextlib.contextmanager
-def answering_upstream() -> Iterator[str]:
-    """An HTTP server on loopback that answers every request at once with 200 and a small JSON (in a thread)."""
+def serving(handler: Callable[[web.Request], Awaitable[web.StreamResponse]]) -> Iterator[str]:
+    """An aiohttp server on a free loopback port that answers every request with `handler`, from a thread;
+    yields its URL, stops it after."""
     loop = asyncio.new_event_loop()
     ready = threading.Event()
-    holder: dict[str, object] = {}
-
-    async def answer(request: web.Request) -> web.Response:
-        await request.read()
-        return web.json_response({"choices": [{"text": "ok"}]})
+    holder: dict[str, int] = {}
 
     async def serve() -> web.AppRunner:
         app = web.Application()
-        app.router.add_route("*", "/{path:.*}", answer)
+        app.router.add_route("*", "/{path:.*}", handler)
         runner = web.AppRunner(app, access_log=None)
         await runner.setup()
         site = web.TCPSite(runner, "127.0.0.1", 0)
@@ -257,6 +254,12 @@ def answering_upstream() -> Iterator[str]:
     finally:
         loop.call_soon_threadsafe(loop.stop)
         thread.join(10)
+
+
+async def answer_at_once(request: web.Request) -> web.Response:
+    """The upstream of the benchmark: reads the request, answers 200 with a small JSON."""
+    await request.read()
+    return web.json_response({"choices": [{"text": "ok"}]})
 
 
 @contextlib.contextmanager
@@ -320,7 +323,7 @@ def main() -> None:
         "scenarios": {},
     }
     print(report["machine"], flush=True)
-    with answering_upstream() as upstream, running_gate(upstream, settings) as (url, pid):
+    with serving(answer_at_once) as upstream, running_gate(upstream, settings) as (url, pid):
         for name, heads, hold, flood, total in scenarios(
             args.max_connections, args.max_request_mib, args.max_bodies_mib, args.most_connections
         ):

@@ -30,7 +30,14 @@ import pytest
 import requests
 from aiohttp import web
 
-from benchmarks.bench_gate_attacks import PARTIAL_HEAD, Attack, promised_body_head, scenarios, time_requests
+from benchmarks.bench_gate_attacks import (
+    PARTIAL_HEAD,
+    Attack,
+    promised_body_head,
+    scenarios,
+    serving,
+    time_requests,
+)
 from entrypoint.config import Config, load_config
 from entrypoint.safety import REQUIRED_SERVER_ENV
 from entrypoint.toggle import move_to
@@ -267,31 +274,8 @@ def echo_upstream() -> Iterator[Recorder]:
         response.headers["X-Hop"] = "must not pass"
         return response
 
-    loop = asyncio.new_event_loop()
-    port = free_port()
-    ready = threading.Event()
-
-    async def serve() -> web.AppRunner:
-        app = web.Application()
-        app.router.add_route("*", "/{path:.*}", echo)
-        runner = web.AppRunner(app, access_log=None)
-        await runner.setup()
-        await web.TCPSite(runner, "127.0.0.1", port).start()
-        return runner
-
-    def run() -> None:
-        asyncio.set_event_loop(loop)
-        runner = loop.run_until_complete(serve())
-        ready.set()
-        loop.run_forever()
-        loop.run_until_complete(runner.cleanup())
-
-    thread = threading.Thread(target=run, daemon=True)
-    thread.start()
-    assert ready.wait(10)
-    yield Recorder(f"http://127.0.0.1:{port}", received_log)
-    loop.call_soon_threadsafe(loop.stop)
-    thread.join(10)
+    with serving(echo) as url:
+        yield Recorder(url, received_log)
 
 
 def library_config() -> Config:
