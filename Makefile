@@ -33,10 +33,13 @@ WARM_UP = $(COMPOSE) exec -T $(SERVICE) cuda-toggle-all warm-up
 
 ##@ Development (no GPU, no Docker needed)
 
-$(VENV)/.installed: pyproject.toml
+# The image's versions of our dependencies (constraints/): the tests run what runs in the container.
+IMAGE_CONSTRAINTS := constraints/vllm-v0.20.2.txt
+
+$(VENV)/.installed: pyproject.toml $(IMAGE_CONSTRAINTS)
 	$(PYTHON) -m venv $(VENV)
 	$(VENV_PY) -m pip install --quiet --upgrade pip
-	$(VENV_PY) -m pip install --quiet -e '.[test]'
+	$(VENV_PY) -m pip install --quiet -c $(IMAGE_CONSTRAINTS) -e '.[test]'
 	touch $@
 
 .PHONY: venv

@@ -15,11 +15,13 @@ import logging
 import os
 import signal
 import socket
+from collections.abc import Callable
 from pathlib import Path
 
 import click
 from aiohttp import web
 from aiohttp.http import SERVER_SOFTWARE
+from aiohttp.web_protocol import RequestHandler
 from loguru import logger
 
 from .cli_exit import ExitCodeCommand
@@ -28,11 +30,11 @@ from .errors import GATE_EXIT_CODES, ExitCode, ToolError, exit_codes_help
 from .gate_config import GateConfig, gate_settings_help, load_gate_config
 from .gate_control import UNREACHABLE, Phase, PowerController, upstream_answers
 from .gate_hold import hold_metrics
-from .gate_limits import ConnectionLimiter, ensure_open_file_limit
+from .gate_limits import SERVER_NAME, ConnectionLimiter, ensure_open_file_limit
 from .gate_metrics import CONTENT_TYPE, GateMetrics
 from .gate_models import Fleet, check_host_ram
 from .gate_programs import write_programs
-from .gate_proxy import Forwarder
+from .gate_proxy import Forwarder, json_error, shown
 from .render import print_settings, setup_logging
 
 CONTROLLER = web.AppKey("controller", PowerController)
@@ -48,7 +50,7 @@ class OneLineLog(logging.Handler):
 
     def emit(self, record: logging.LogRecord) -> None:
         error = record.exc_info[1] if record.exc_info else None
-        detail = " ".join(f"{type(error).__name__}: {error}".split())[:300] if error else ""
+        detail = shown(" ".join(f"{type(error).__name__}: {error}".split())) if error else ""
         level = "DEBUG" if record.levelno < logging.WARNING else "WARNING"
         logger.log(level, "{}{}", record.getMessage(), f": {detail}" if detail else "")
 
@@ -62,7 +64,50 @@ def quiet_aiohttp_server_log() -> None:
 async def name_the_server(request: web.Request, response: web.StreamResponse) -> None:
     """The gate's own answers say `vllm-gate`, not aiohttp's and Python's versions; vLLM's keep its own."""
     if response.headers.get("Server") == SERVER_SOFTWARE:  # aiohttp's default, set just before this hook
-        response.headers["Server"] = "vllm-gate"
+        response.headers["Server"] = SERVER_NAME
+
+
+# What the gate answers when aiohttp itself fails a request (its parser, or an unexpected error): generic.
+PARSER_ERRORS = {
+    400: ("the request could not be parsed", "BadRequestError"),
+    500: ("the gate failed to handle the request", "InternalServerError"),
+}
+
+
+class GateRequestHandler(RequestHandler):
+    """aiohttp's protocol, whose own error answers (a malformed request, an unexpected error) are generic.
+
+    aiohttp answers those itself, outside the application (no on_response_prepare hook runs): a text body
+    that repeats the bad request line and `Server: Python/3.x aiohttp/3.x`. The gate's rule is generic bodies
+    naming nothing but `vllm-gate`; what was wrong goes to the log (aiohttp's, one line: OneLineLog).
+    """
+
+    __slots__ = ()  # the same layout as aiohttp's, so that a protocol aiohttp made can become one
+
+    def handle_error(
+        self,
+        request: web.BaseRequest,
+        status: int = 500,
+        exc: BaseException | None = None,
+        message: str | None = None,
+    ) -> web.StreamResponse:
+        super().handle_error(request, status, exc, message)  # logs it; raises when an answer has begun
+        text, error_type = PARSER_ERRORS.get(status, PARSER_ERRORS[400 if status < 500 else 500])
+        response = json_error(status, text, error_type, headers={"Server": SERVER_NAME})
+        response.force_close()
+        return response
+
+
+def gate_protocols(server: web.Server) -> Callable[[], RequestHandler]:
+    """aiohttp's protocol factory, making GateRequestHandler's: the class is swapped after aiohttp made one with
+    the settings of the runner (how it passes them to RequestHandler is its own business)."""
+
+    def protocol() -> RequestHandler:
+        handler = server()
+        handler.__class__ = GateRequestHandler
+        return handler
+
+    return protocol
 
 
 def build_app(gate: GateConfig, toggle_config: Config, limiter: ConnectionLimiter | None = None) -> web.Application:
@@ -145,7 +190,7 @@ async def serve(gate: GateConfig, toggle_config: Config) -> None:
     ensure_open_file_limit(gate.max_connections)
     check_host_ram(gate, toggle_config)
     quiet_aiohttp_server_log()
-    limiter = ConnectionLimiter(gate.max_connections)
+    limiter = ConnectionLimiter(gate.max_connections, gate.keepalive_s, gate.header_timeout_s)
     app = build_app(gate, toggle_config, limiter)
     # handler_cancellation: a client that disconnects cancels its handler, which aborts the upstream request.
     runner = web.AppRunner(
@@ -159,7 +204,7 @@ async def serve(gate: GateConfig, toggle_config: Config) -> None:
     await runner.setup()
     accepting: asyncio.Task | None = None
     try:
-        limiter.factory = runner.server  # aiohttp's protocol factory: the limiter hands it each connection
+        limiter.factory = gate_protocols(runner.server)  # the limiter hands each connection to one
         accepting = asyncio.get_running_loop().create_task(limiter.serve(listener))
         logger.info(
             "vllm-gate listening on http://{}:{}, forwarding to {} (idle suspend: {}; at most {} connections)",

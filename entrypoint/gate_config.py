@@ -285,6 +285,25 @@ GATE_SETTINGS: dict[str, Setting] = {
             3600,
             "seconds",
         ),
+        Setting(
+            "GATE_HEADER_TIMEOUT_S",
+            "10",
+            "a request head must arrive whole within this long of its first byte; else the connection is closed",
+            "float",
+            0.1,
+            3600,
+            "seconds",
+        ),
+        Setting(
+            "GATE_BODY_TIMEOUT_S",
+            "60",
+            "a request body must arrive whole within this long of its head; else 408 and the connection is closed"
+            " (raise it for large uploads over slow links)",
+            "float",
+            0.1,
+            DAY_S,
+            "seconds",
+        ),
     ]
 }
 
@@ -311,6 +330,8 @@ class GateConfig:
     hold_wait_s: float = 0.0
     hold_retry_after_s: int = 30
     swap_early_wake: bool = True
+    header_timeout_s: float = 10.0
+    body_timeout_s: float = 60.0
     sources: Mapping[str, str] = field(default_factory=dict, compare=False)
 
     def describe(self) -> list[tuple[str, str, str]]:

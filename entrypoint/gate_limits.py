@@ -14,7 +14,7 @@ import contextlib
 import json
 import resource
 import socket
-from collections import Counter
+from collections import OrderedDict
 from collections.abc import AsyncIterator, Callable
 
 from aiohttp import web
@@ -31,6 +31,7 @@ REFUSAL_WAIT_S = 1.0
 MAX_REFUSING = 32  # beyond this many refusals in progress, a refused connection is closed without a word
 ACCEPT_RETRY_S = 0.1
 READ_CHUNK = 2**16
+SERVER_NAME = "vllm-gate"  # the Server header of every answer the gate gives itself
 
 
 def ensure_open_file_limit(max_connections: int) -> int:
@@ -58,8 +59,8 @@ def refusal_bytes(status: int, reason: str, message: str, error_type: str) -> by
     """A whole HTTP/1.1 response with a JSON error, for a connection the gate will not serve."""
     body = json.dumps({"error": {"message": message, "type": error_type, "param": None, "code": status}}).encode()
     head = (
-        f"HTTP/1.1 {status} {reason}\r\nContent-Type: application/json\r\nContent-Length: {len(body)}\r\n"
-        "Connection: close\r\nRetry-After: 1\r\n\r\n"
+        f"HTTP/1.1 {status} {reason}\r\nServer: {SERVER_NAME}\r\nContent-Type: application/json\r\n"
+        f"Content-Length: {len(body)}\r\nConnection: close\r\nRetry-After: 1\r\n\r\n"
     )
     return head.encode() + body
 
@@ -100,17 +101,32 @@ class _Refusal(asyncio.Protocol):
 
 
 class _Counted(asyncio.Protocol):
-    """aiohttp's protocol for one connection, counted by the limiter while the connection is open."""
+    """aiohttp's protocol for one connection, counted by the limiter while the connection is open.
+
+    It keeps the connection's deadlines itself (aiohttp before 3.14 starts its keep-alive timer only after
+    a first request, so a connection that never sends one would stay open): without a request, the
+    connection is closed after GATE_KEEPALIVE_S, and once a request head has begun, after
+    GATE_HEADER_TIMEOUT_S unless the head is whole by then (its request is being handled).
+    """
 
     def __init__(self, inner: asyncio.Protocol, limiter: ConnectionLimiter):
         self.inner, self.limiter = inner, limiter
         self.transport: asyncio.BaseTransport | None = None
+        self.request: web.BaseRequest | None = None  # the request being handled
+        self.head_begun = False
+        self.deadline: asyncio.TimerHandle | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport
+        self.limiter.opened(self)
+        self.idle()
         self.inner.connection_made(transport)
 
     def data_received(self, data: bytes) -> None:
+        if self.request is None and not self.head_begun:
+            self.head_begun = True
+            self.limiter.waits_again(self)
+            self.close_after(self.limiter.header_timeout_s)
         self.inner.data_received(data)
 
     def eof_received(self) -> bool | None:
@@ -123,25 +139,59 @@ class _Counted(asyncio.Protocol):
         self.inner.resume_writing()
 
     def connection_lost(self, exc: BaseException | None) -> None:
+        if self.deadline is not None:
+            self.deadline.cancel()
         self.limiter.forget(self)
         self.inner.connection_lost(exc)
+
+    def handling(self, request: web.BaseRequest) -> None:
+        """Its request's head arrived whole: the handler runs (the body's deadline is the reader's)."""
+        self.request = request
+        if self.deadline is not None:
+            self.deadline.cancel()
+        self.limiter.waits_again(self)
+
+    def idle(self) -> None:
+        """No request on it: waiting for the client's next one."""
+        self.request, self.head_begun = None, False
+        self.limiter.waits_again(self)
+        self.close_after(self.limiter.keepalive_s)
+
+    def served(self) -> bool:
+        """Its request is being served: the whole request arrived (it is forwarded, or waits for a resume)."""
+        return self.request is not None and self.request.content.is_eof()
+
+    def close_after(self, seconds: float) -> None:
+        if self.deadline is not None:
+            self.deadline.cancel()
+        self.deadline = asyncio.get_running_loop().call_later(seconds, self.close)
+
+    def close(self) -> None:
+        if self.transport is not None:
+            self.transport.close()
 
 
 class ConnectionLimiter:
     """Accepts the gate's connections one at a time and keeps at most `limit` of them open.
 
-    At the limit, a new connection closes the oldest idle one (no request being handled: a keep-alive
-    connection between requests, or one that never finished its request head; HTTP lets a server close
-    those at any time); when every connection is busy with a request, the new one gets a 503 at once.
+    At the limit, a new connection closes the one that has waited longest for its client: idle between
+    requests, or a request head or body that has not arrived (HTTP lets a server close those at any time).
+    A connection whose whole request arrived is being served and is never closed to make room; when every
+    connection is, the new one gets a 503 at once. So clients that open connections and send nothing, or
+    promise bodies they never send, cannot lock others out: each new client pushes out the staler of them.
     Accepting one at a time (not asyncio's batches of up to `backlog`) keeps the open files within the
     limit however many clients wait in the kernel's queue.
     """
 
-    def __init__(self, limit: int):
+    def __init__(self, limit: int, keepalive_s: float = 75.0, header_timeout_s: float = 10.0):
         self.limit = limit
+        self.keepalive_s, self.header_timeout_s = keepalive_s, header_timeout_s
         self.factory: Callable[[], asyncio.Protocol] | None = None  # aiohttp's (runner.server), set before serve()
-        self.connections: dict[_Counted, None] = {}  # oldest first
-        self.busy: Counter[asyncio.BaseTransport] = Counter()  # requests being handled per connection
+        self.connections: dict[_Counted, None] = {}
+        # The connections that wait for their client (not served), in the order they began waiting. One that
+        # is being served stays here until the next eviction finds it (then leaves until its request ends).
+        self.waiting: OrderedDict[_Counted, None] = OrderedDict()
+        self.by_transport: dict[asyncio.BaseTransport, _Counted] = {}
         self.refusing = 0  # refused connections still open (each waits up to REFUSAL_WAIT_S)
         self.refused = 0
         self.evicted = 0
@@ -150,7 +200,7 @@ class ConnectionLimiter:
     def protocol(self) -> asyncio.Protocol | None:
         """The protocol for a newly accepted connection: aiohttp's, a 503, or None (close it at once)."""
         assert self.factory is not None, "set the factory before accepting"
-        if len(self.connections) >= self.limit and not self.evict_one_idle():
+        if len(self.connections) >= self.limit and not self.evict_one():
             self.refused += 1
             if self.refused == 1 or self.refused % 100 == 0:
                 logger.warning("{} connection(s) refused: all {} connections are busy", self.refused, self.limit)
@@ -183,37 +233,54 @@ class ConnectionLimiter:
             except OSError:
                 connection.close()
 
-    def evict_one_idle(self) -> bool:
-        for connection in self.connections:
-            transport = connection.transport
-            if transport is not None and self.busy[transport] == 0:
-                self.forget(connection)
-                transport.close()
-                self.evicted += 1
-                if self.evicted == 1 or self.evicted % 100 == 0:
-                    logger.info("closed {} idle connection(s) to make room for new ones", self.evicted)
-                return True
+    def evict_one(self) -> bool:
+        while self.waiting:
+            connection, _ = self.waiting.popitem(last=False)
+            if connection.served():
+                continue  # back in `waiting` when its request ends
+            self.forget(connection)
+            connection.close()
+            self.evicted += 1
+            if self.evicted == 1 or self.evicted % 100 == 0:
+                logger.info(
+                    "closed {} idle connection(s) to make room for new ones (between requests, or waiting"
+                    " for a request's head or body)",
+                    self.evicted,
+                )
+            return True
         return False
+
+    def opened(self, connection: _Counted) -> None:
+        if connection.transport is not None:
+            self.by_transport[connection.transport] = connection
+
+    def waits_again(self, connection: _Counted) -> None:
+        if connection in self.connections:
+            self.waiting[connection] = None
+            self.waiting.move_to_end(connection)
 
     def forget(self, connection: _Counted) -> None:
         self.connections.pop(connection, None)
+        self.waiting.pop(connection, None)
         if connection.transport is not None:
-            self.busy.pop(connection.transport, None)
+            self.by_transport.pop(connection.transport, None)
 
     @web.middleware
     async def track_busy(self, request: web.Request, handler: Callable) -> web.StreamResponse:
-        """Middleware: a connection handling a request is busy, and never closed to make room."""
-        transport = request.transport
-        if transport is None:
+        """Middleware: a connection's request is being handled; the connection waits for the next one after."""
+        connection = self.by_transport.get(request.transport) if request.transport is not None else None
+        if connection is None:
             return await handler(request)
-        self.busy[transport] += 1
+        connection.handling(request)
         try:
             return await handler(request)
         finally:
-            if self.busy[transport] > 1:
-                self.busy[transport] -= 1
-            else:
-                self.busy.pop(transport, None)
+            if connection in self.connections:
+                connection.idle()
+
+
+class ClientLeft(Exception):
+    """The client closed its connection before its request body arrived whole."""
 
 
 class BodyRefused(Exception):
@@ -223,13 +290,20 @@ class BodyRefused(Exception):
 
 
 class BodyBudget:
-    """Request bodies in memory: each at most per_request bytes, all together at most total bytes."""
+    """Request bodies in memory: each at most per_request bytes, all together at most total bytes, each
+    arrived whole within timeout_s of its head.
 
-    def __init__(self, per_request_mib: int, total_mib: int):
+    A body is charged for the bytes received, not for those its Content-Length promises: promises cost a
+    client nothing, so charging them would let a few connections that never send their bodies refuse
+    every other client's.
+    """
+
+    def __init__(self, per_request_mib: int, total_mib: int, timeout_s: float = 60.0):
         self.per_request, self.total = per_request_mib * MIB, total_mib * MIB
+        self.timeout_s = timeout_s
         self.held = 0
 
-    def _reserve(self, size: int) -> None:
+    def _charge(self, size: int) -> None:
         if self.held + size > self.total:
             raise BodyRefused(
                 503,
@@ -238,29 +312,37 @@ class BodyBudget:
             )
         self.held += size
 
+    async def _receive(self, request: web.Request, charged: list[int]) -> bytes:
+        """The body, charged to charged[0] as it arrives (the caller gives the charge back)."""
+        chunks, size = [], 0
+        async for chunk in request.content.iter_chunked(READ_CHUNK):
+            size += len(chunk)
+            if size > self.per_request:
+                raise BodyRefused(413, "the request body is too large", "a body over GATE_MAX_REQUEST_MIB (chunked)")
+            self._charge(len(chunk))
+            charged[0] += len(chunk)
+            chunks.append(chunk)
+        return b"".join(chunks)
+
     @contextlib.asynccontextmanager
     async def read(self, request: web.Request) -> AsyncIterator[bytes]:
-        """The whole body, held (and counted) until the block ends; BodyRefused (413, 503) past a limit."""
+        """The whole body, held (and counted) until the block ends; BodyRefused (408, 413, 503) past a limit."""
         declared = request.content_length
-        too_large = BodyRefused(
-            413, "the request body is too large", f"a body over GATE_MAX_REQUEST_MIB ({declared or 'chunked'})"
-        )
         if declared is not None and declared > self.per_request:
-            raise too_large
-        reserved = 0
+            raise BodyRefused(413, "the request body is too large", f"a body over GATE_MAX_REQUEST_MIB ({declared})")
+        charged = [0]
         try:
-            if declared:
-                self._reserve(declared)
-                reserved = declared
-            chunks, size = [], 0
-            async for chunk in request.content.iter_chunked(READ_CHUNK):
-                size += len(chunk)
-                if size > self.per_request:
-                    raise too_large
-                if size > reserved:
-                    self._reserve(size - reserved)
-                    reserved = size
-                chunks.append(chunk)
-            yield b"".join(chunks)
+            try:
+                body = await asyncio.wait_for(self._receive(request, charged), self.timeout_s)
+            except ConnectionResetError:  # aiohttp's payload says so when the connection is lost
+                raise ClientLeft() from None
+            except asyncio.TimeoutError:
+                raise BodyRefused(
+                    408,
+                    "the request body did not arrive in time",
+                    f"{charged[0]} of {declared if declared is not None else 'chunked'} bytes of the body arrived"
+                    " within GATE_BODY_TIMEOUT_S",
+                ) from None
+            yield body
         finally:
-            self.held -= reserved
+            self.held -= charged[0]

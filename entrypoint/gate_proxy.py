@@ -21,7 +21,7 @@ from yarl import URL
 
 from .gate_config import GateConfig
 from .gate_control import Held, PowerController, ResumeFailed
-from .gate_limits import BodyBudget, BodyRefused
+from .gate_limits import BodyBudget, BodyRefused, ClientLeft
 from .gate_metrics import GateMetrics
 from .gate_models import Fleet, requested_model
 from .gate_paths import Body, PathClass, Verdict
@@ -53,7 +53,18 @@ BAD_GATEWAY = (502, "the model server did not answer", "BadGatewayError")
 # a client that never asked for gzip would get gzip), User-Agent and Accept.
 NO_AUTO_HEADERS = ("Accept", "Accept-Encoding", "User-Agent", "Content-Type")
 MODELS_PATH = "/v1/models"
+# A value from the client (a path, a model name) is shown in a body or the log up to this many characters: a
+# 10 MB name echoed whole would cost the gate more than the client that sent it.
+SHOWN_CHARACTERS = 100
+BODY_REFUSAL_TYPES = {408: "RequestTimeoutError", 413: "BadRequestError", 503: "ServiceUnavailableError"}
 RequestSlot = Callable[[str], contextlib.AbstractAsyncContextManager[float]]
+
+
+def shown(value: str) -> str:
+    """A client's value for a message: cut to SHOWN_CHARACTERS, with a marker saying how much was left out."""
+    if len(value) <= SHOWN_CHARACTERS:
+        return value
+    return f"{value[:SHOWN_CHARACTERS]}...[{len(value) - SHOWN_CHARACTERS} more characters]"
 
 
 class ClientGone(Exception):
@@ -72,6 +83,16 @@ def json_error(status: int, message: str, error_type: str, headers: dict[str, st
     """An error in the OpenAI shape that vLLM uses, so clients show the message."""
     body = {"error": {"message": message, "type": error_type, "param": None, "code": status}}
     return web.json_response(body, status=status, headers=headers)
+
+
+async def answer_and_close(request: web.Request, response: web.Response) -> None:
+    """Send `response`, then close the connection: aiohttp would otherwise wait for the rest of a body that is
+    late already (for up to its lingering time) before it closed it."""
+    with contextlib.suppress(ConnectionError):
+        await response.prepare(request)
+        await response.write_eof()
+    if request.transport is not None:
+        request.transport.close()
 
 
 def is_json_object(body: bytes) -> bool:
@@ -114,7 +135,7 @@ class Forwarder:
         self.metrics = metrics
         self.upstream = URL(gate.upstream)
         self.routes = gate.routes
-        self.bodies = BodyBudget(gate.max_request_mib, gate.max_bodies_mib)
+        self.bodies = BodyBudget(gate.max_request_mib, gate.max_bodies_mib, gate.body_timeout_s)
         self.session: aiohttp.ClientSession | None = None
         self.handlers: set[asyncio.Task] = set()  # requests being handled, for a bounded shutdown
 
@@ -161,17 +182,18 @@ class Forwarder:
     async def handle_tracked(self, request: web.Request) -> web.StreamResponse:
         verdict = self.routes.classify(request.method, request.path)
         self.metrics.count_request(verdict.path_class)
+        label = f"{shown(request.method)} {shown(request.path)}"  # for the log
         if verdict.path_class is PathClass.BLOCKED:
-            return self.refuse(request, verdict)
+            return self.refuse(label, verdict)
         assert verdict.route is not None
         try:
             async with self.bodies.read(request) as body:
                 # Junk never wakes the server: a body its route cannot parse is answered here.
                 if verdict.route.body is Body.JSON and request.method == "POST" and not is_json_object(body):
-                    logger.info("{} {}: 400, the body is not a JSON object", request.method, request.path)
+                    logger.info("{}: 400, the body is not a JSON object", label)
                     return json_error(*NOT_JSON)
                 if verdict.route.body is Body.FORM and request.method == "POST" and not is_form(request):
-                    logger.info("{} {}: 400, the body is not multipart/form-data", request.method, request.path)
+                    logger.info("{}: 400, the body is not multipart/form-data", label)
                     return json_error(*NOT_FORM)
                 upstream, slot = self.upstream, self.controller.request_slot
                 if self.fleet is not None:
@@ -180,37 +202,38 @@ class Forwarder:
                     model = requested_model(body) if verdict.route.body is Body.JSON else None
                     server = self.fleet.route(model)
                     if server is None:
-                        logger.info("{} {}: 404, no model {!r}", request.method, request.path, model)
-                        return json_error(404, f"The model `{model}` does not exist.", "NotFoundError")
+                        logger.info("{}: 404, no model {!r}", label, shown(str(model)))
+                        return json_error(404, f"The model `{shown(str(model))}` does not exist.", "NotFoundError")
                     upstream = URL(server.upstream)
                     slot = functools.partial(self.fleet.request_slot, server)
                 if verdict.path_class is PathClass.PASSIVE:
                     return await self.forward(request, body, upstream)
-                return await self.forward_awake(request, body, upstream, slot)
+                return await self.forward_awake(request, body, upstream, slot, label)
+        except ClientLeft:  # quietly: a flood of clients that never send their bodies must not flood the log
+            logger.debug("{}: the client went away before its body arrived", label)
+            return json_error(400, "the request body did not arrive", "BadRequestError")  # for nobody
         except BodyRefused as refused:
             self.metrics.count_error("body_refused")
-            logger.warning("{} {}: {}, {}", request.method, request.path, refused.status, refused.log)
-            return json_error(
-                refused.status,
-                refused.message,
-                "ServiceUnavailableError" if refused.status == 503 else "BadRequestError",
-            )
+            logger.warning("{}: {}, {}", label, refused.status, refused.log)
+            response = json_error(refused.status, refused.message, BODY_REFUSAL_TYPES[refused.status])
+            if refused.status == 408:
+                await answer_and_close(request, response)
+            return response
 
-    def refuse(self, request: web.Request, verdict: Verdict) -> web.Response:
+    def refuse(self, label: str, verdict: Verdict) -> web.Response:
         if verdict.status == 405:
-            logger.info("{} {}: 405, not a method of this route", request.method, request.path)
+            logger.info("{}: 405, not a method of this route", label)
             return json_error(*METHOD_NOT_ALLOWED, headers={"Allow": ", ".join(verdict.allowed_methods)})
         if verdict.status == 501:
-            logger.info("{} {}: 501, the gate forwards no WebSocket", request.method, request.path)
+            logger.info("{}: 501, the gate forwards no WebSocket", label)
             return json_error(*NO_WEBSOCKET)
-        logger.info("{} {}: 404, not a public route", request.method, request.path)
+        logger.info("{}: 404, not a public route", label)
         return json_error(*NOT_FOUND)
 
     async def forward_awake(
-        self, request: web.Request, body: bytes, upstream: URL, slot: RequestSlot
+        self, request: web.Request, body: bytes, upstream: URL, slot: RequestSlot, label: str
     ) -> web.StreamResponse:
         """Forward once the server runs: wake it first when it is suspended (swap it in, with GATE_MODELS)."""
-        label = f"{request.method} {request.path}"
         try:
             async with slot(label):
                 return await self.forward(request, body, upstream)
@@ -242,7 +265,9 @@ class Forwarder:
             )
         except (aiohttp.ClientError, OSError, asyncio.TimeoutError) as error:
             self.metrics.count_error("upstream_unreachable")
-            logger.warning("{} {}: 502, {} did not answer: {!r}", request.method, request.path, upstream_base, error)
+            logger.warning(
+                "{} {}: 502, {} did not answer: {!r}", request.method, shown(request.path), upstream_base, error
+            )
             return json_error(*BAD_GATEWAY)
         response = web.StreamResponse(
             status=upstream.status, reason=upstream.reason, headers=returned_response_headers(upstream)
@@ -255,11 +280,11 @@ class Forwarder:
             await to_client(response.write_eof())
             finished = True
         except ClientGone:
-            logger.debug("{} {}: the client went away; upstream request aborted", request.method, request.path)
+            logger.debug("{} {}: the client went away; upstream request aborted", request.method, shown(request.path))
         except (aiohttp.ClientPayloadError, aiohttp.ClientConnectionError, ConnectionError) as error:
             # The answer broke off after its headers went out: cut the client off too, so it sees a
             # broken answer rather than a short one that looks complete.
-            logger.warning("{} {}: upstream answer broke off: {!r}", request.method, request.path, error)
+            logger.warning("{} {}: upstream answer broke off: {!r}", request.method, shown(request.path), error)
             if request.transport is not None:
                 request.transport.close()
         finally:

@@ -17,7 +17,7 @@ import psutil
 import pytest
 import requests
 
-from tests.testing import FAKES_DIR, fakegpu, free_port
+from tests.testing import FAKES_DIR, fakegpu, free_port, scaled
 
 STANDIN_VLLM = FAKES_DIR / "standin_vllm.py"
 STANDIN_MODEL = "standin-model"
@@ -69,8 +69,25 @@ def start_python_fast() -> None:
     sys.dont_write_bytecode = False
 
 
+def stretch_timeout(item: pytest.Item) -> None:
+    """The hang bound of a test (its timeout marker, else pyproject's `timeout`) stretched like the waits
+    (tests/testing.py, WAIT_SCALE): a loaded machine runs every test several times slower. A timeout given
+    on the command line (--timeout) or in PYTEST_TIMEOUT is left as it is."""
+    if item.config.getoption("timeout", None) is not None or os.environ.get("PYTEST_TIMEOUT"):
+        return
+    marker = item.get_closest_marker("timeout")
+    if marker is None:
+        seconds, options = item.config.getini("timeout"), {}
+    else:
+        seconds = marker.args[0] if marker.args else marker.kwargs.get("timeout")
+        options = {key: value for key, value in marker.kwargs.items() if key != "timeout"}
+    if seconds:
+        item.add_marker(pytest.mark.timeout(scaled(float(seconds)), **options), append=False)
+
+
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     for item in items:
+        stretch_timeout(item)
         if module_fixtures(item):  # (pytest-xdist --dist loadgroup) on one worker: the fixture starts once
             item.add_marker(pytest.mark.xdist_group(item.path.name))
         if f"{item.path.name}::{item.name}" in QUICK_CYCLES:
@@ -129,8 +146,8 @@ def is_dead(process: psutil.Process) -> bool:
 
 
 def wait_until_dead(processes: list[psutil.Process], timeout: float = 5.0) -> list[psutil.Process]:
-    """Waits until every process is dead (see is_dead); returns those still alive after `timeout`."""
-    deadline = time.monotonic() + timeout
+    """Waits until every process is dead (see is_dead); returns those still alive after scaled(`timeout`)."""
+    deadline = time.monotonic() + scaled(timeout)
     while (alive := [process for process in processes if not is_dead(process)]) and time.monotonic() < deadline:
         time.sleep(0.01)
     return alive
@@ -176,6 +193,7 @@ class StandinServer:
         return sorted(self.engine_core().children(), key=process_title)
 
     def wait_until(self, ready: Callable[[], bool], what: str, timeout: float) -> None:
+        timeout = scaled(timeout)
         deadline = time.monotonic() + timeout
         while not ready():
             if self.process.poll() is not None:

