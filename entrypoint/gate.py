@@ -120,12 +120,12 @@ def build_app(gate: GateConfig, toggle_config: Config, limiter: ConnectionLimite
 
     async def gate_status(request: web.Request) -> web.Response:
         status = controller.status_json()
-        # Once a request got 502, "running" is checked against vLLM's /health (asked only then: it would show
-        # in the upstream's log and traffic for every status read otherwise).
+        # Once a request found vLLM unreachable (503 or 502), "running" is checked against vLLM's /health (asked
+        # only then: it would show in the upstream's log and traffic for every status read otherwise).
         failed_before = metrics.errors["upstream_unreachable"] > 0
         running = status["state"] == Phase.RUNNING.value
         if not fleet and running and failed_before and not await upstream_answers(gate.upstream):
-            status["state"] = UNREACHABLE  # what was observed: "running" would promise answers that are 502s
+            status["state"] = UNREACHABLE  # what was observed: "running" would promise answers it cannot give
         return web.json_response({**status, **fleet.status_json()} if fleet else status)
 
     async def gate_metrics(request: web.Request) -> web.Response:

@@ -49,6 +49,10 @@ NOT_FORM = (400, "the request body is not multipart/form-data", "BadRequestError
 UNAVAILABLE = (503, "the model is not available right now; try again later", "ServiceUnavailableError")
 HELD = (503, "the model is held suspended by the operator; try again later", "ServiceUnavailableError")
 BAD_GATEWAY = (502, "the model server did not answer", "BadGatewayError")
+# Nothing listens where vLLM should: it is loading, or supervisord is restarting it (it died, say while
+# suspended). A clear 503 with Retry-After tells a client to come back, where a 502 reads as a broken proxy.
+NOT_LISTENING = (503, "the model server is starting or restarting; try again later", "ServiceUnavailableError")
+NOT_LISTENING_RETRY_AFTER_S = 5
 # Without these, aiohttp's client would add its own Accept-Encoding (and with auto_decompress off,
 # a client that never asked for gzip would get gzip), User-Agent and Accept.
 NO_AUTO_HEADERS = ("Accept", "Accept-Encoding", "User-Agent", "Content-Type")
@@ -65,6 +69,14 @@ def shown(value: str) -> str:
     if len(value) <= SHOWN_CHARACTERS:
         return value
     return f"{value[:SHOWN_CHARACTERS]}...[{len(value) - SHOWN_CHARACTERS} more characters]"
+
+
+def nothing_listens(error: BaseException) -> bool:
+    """The upstream's port refused the connection: no process listens there (as opposed to one that answered
+    badly or too late)."""
+    if isinstance(error, aiohttp.ClientConnectorError):
+        error = error.os_error
+    return isinstance(error, ConnectionRefusedError)
 
 
 class ClientGone(Exception):
@@ -265,6 +277,15 @@ class Forwarder:
             )
         except (aiohttp.ClientError, OSError, asyncio.TimeoutError) as error:
             self.metrics.count_error("upstream_unreachable")
+            if nothing_listens(error):
+                logger.warning(
+                    "{} {}: 503, nothing listens at {} (vLLM loading or restarting): {!r}",
+                    request.method,
+                    shown(request.path),
+                    upstream_base,
+                    error,
+                )
+                return json_error(*NOT_LISTENING, headers={"Retry-After": str(NOT_LISTENING_RETRY_AFTER_S)})
             logger.warning(
                 "{} {}: 502, {} did not answer: {!r}", request.method, shown(request.path), upstream_base, error
             )

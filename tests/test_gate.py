@@ -669,17 +669,19 @@ def test_headers_bodies_and_status_pass_through(echo_upstream, gate):
     }
 
 
-def test_unreachable_upstream_is_a_generic_502(gate):
-    """With nothing listening upstream (vLLM still starting, say), requests get a JSON 502 instead of hanging;
-    the body names no host or port (the log does)."""
+def test_unreachable_upstream_is_a_generic_503_with_retry_after(gate):
+    """With nothing listening upstream (vLLM still loading, or restarted by supervisord), requests get a JSON 503
+    with Retry-After instead of hanging or a 502; the body names no host or port (the log does)."""
     port = free_port()
     front = gate(f"http://127.0.0.1:{port}")
     for response in (
         requests.post(front.url + "/v1/chat/completions", json=chat_body("anyone?", 2), timeout=10),
         requests.get(front.url + "/health", timeout=10),
     ):
-        assert response.status_code == 502
-        assert response.json()["error"]["type"] == "BadGatewayError"
+        assert response.status_code == 503
+        assert int(response.headers["Retry-After"]) > 0
+        assert response.json()["error"]["type"] == "ServiceUnavailableError"
+        assert "starting or restarting" in response.json()["error"]["message"]
         assert str(port) not in response.text and "127.0.0.1" not in response.text
     assert front.metric("vllm_gate_errors_total", reason="upstream_unreachable") == 2
     assert front.status()["in_flight"] == 0

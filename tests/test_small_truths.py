@@ -94,7 +94,7 @@ def test_gate_models_listing_nothing_is_refused():
 
 
 def test_gate_status_says_unreachable_when_vllm_does_not_answer(tmp_path, fake_gpu):
-    """The upstream does not answer and requests get 502: /gate/status says "unreachable", not "running"."""
+    """The upstream does not answer and requests get 503: /gate/status says "unreachable", not "running"."""
     upstream = f"http://127.0.0.1:{free_port()}"
     process = start_gate(tmp_path, {**library_env(fake_gpu, tmp_path / "run"), "GATE_UPSTREAM": upstream})
     url = f"http://127.0.0.1:{process.port}"  # type: ignore[attr-defined]
@@ -109,7 +109,7 @@ def test_gate_status_says_unreachable_when_vllm_does_not_answer(tmp_path, fake_g
 
         wait_until(answers, "the gate to answer", 30)
         body = {"model": "m", "prompt": "hi", "max_tokens": 1}
-        assert requests.post(url + "/v1/completions", json=body, timeout=30).status_code == 502
+        assert requests.post(url + "/v1/completions", json=body, timeout=30).status_code == 503
         assert requests.get(url + "/gate/status", timeout=10).json()["state"] == "unreachable"
     finally:
         process.terminate()

@@ -300,9 +300,12 @@ def test_a_restore_that_does_not_fit_beside_the_resident_server_waits_for_its_sl
     """When beta's restore does not fit beside resident alpha (a large restore margin here), it starts once alpha's
     sleep has freed its weights and KV cache, still before alpha's checkpoint ends."""
     fleet = swapped(nvml=True, CUDA_TOGGLE_RESTORE_MARGIN_MIB="40000")  # 32.6 GB free beside alpha, 80 GB after
-    # The restore begins once the gate has seen alpha's sleep free the memory: under 8 busy loops on 2 cores
-    # it began 0.34 s after a checkpoint slowed by 0.6 s had ended; slowed by 3 s, it leaves that room.
-    fakegpu.add_fault(fleet.servers["alpha"].engine_core().pid, "checkpoint", "slow:3", root=fleet.fake_gpu)
+    # alpha's checkpoint is held until beta's restore has begun (at most 30 s): a delay alone was outrun under
+    # load (the restore began 0.34 s after a checkpoint slowed by 0.6 s had ended). Were the restore to wait for
+    # the checkpoint instead, the checkpoint would end first, after the 30 s, and the ordering below fail.
+    fakegpu.add_fault(
+        fleet.servers["alpha"].engine_core().pid, "checkpoint", "until-begun:restore:30", root=fleet.fake_gpu
+    )
     assert fleet.text("beta", "late") != "" and fleet.holders_on_gpu() == ["beta"]
     (restore_began,), (checkpointed,) = started_at(fleet, "restore", "beta"), finished_at(fleet, "checkpoint", "alpha")
     assert restore_began < checkpointed  # they overlapped (an ordering: a loaded machine stretches durations)
