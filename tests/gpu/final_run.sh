@@ -1,12 +1,13 @@
 #!/usr/bin/env bash
 # One device-machine call of docs/gpu-results.md section 16: install the offline vLLM 0.20.2 bundle (its
-# pieces in .gpu/bundle/, the first one already copied to /tmp/pieces by an earlier call), then the `idle` step
+# pieces in BUNDLE_DIR, a folder the call carries; the first piece already copied to /tmp/pieces by an earlier call), then the `idle` step
 # (the light sleep, the deep suspend, 4 clients, the operator's hold) on the 8B shape at TP=1, then the swap
 # suite (two servers, early wake) in a PID namespace of its own, as `docker run` gives. Files go to $OUT.
 set -uo pipefail
 T0=$(date +%s)
 el() { echo "[$(( $(date +%s) - T0 )) s] $*"; }
-cp .gpu/bundle/bundle.tar.xz.part-01 .gpu/bundle/install.sh .gpu/bundle/SHA256SUMS /tmp/pieces/
+: "${BUNDLE_DIR:?the folder holding bundle.tar.xz.part-01, install.sh and SHA256SUMS}"
+cp "$BUNDLE_DIR"/bundle.tar.xz.part-01 "$BUNDLE_DIR"/install.sh "$BUNDLE_DIR"/SHA256SUMS /tmp/pieces/
 (cd /tmp/pieces && bash install.sh) >"$OUT/install.log" 2>&1 || { tail -20 "$OUT/install.log"; exit 1; }
 el "installed"
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$OUT/card.txt"
