@@ -40,12 +40,17 @@ class ToolLock:
             )
         began = time.monotonic()
         announced = False
+        same = False
         while True:
             try:
                 fcntl.flock(self.handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
                 break
             except BlockingIOError:
-                same = self.holder_purpose() == self.purpose
+                # An empty file is a holder between its flock and its write, or between its truncate and its
+                # unlock: it says nothing new, so the last purpose read stands.
+                purpose = self.holder_purpose()
+                if purpose is not None:
+                    same = purpose == self.purpose
                 if same and not announced and self.same_purpose_wait_s > self.wait_s:
                     logger.info("another caller is reaching the same state ({}): waiting for it", self.holder())
                     announced = True

@@ -303,12 +303,15 @@ def test_a_restore_that_does_not_fit_beside_the_resident_server_waits_for_its_sl
     # alpha's checkpoint is held until beta's restore has begun (at most 30 s): a delay alone was outrun under
     # load (the restore began 0.34 s after a checkpoint slowed by 0.6 s had ended). Were the restore to wait for
     # the checkpoint instead, the checkpoint would end first, after the 30 s, and the ordering below fail.
-    fakegpu.add_fault(
-        fleet.servers["alpha"].engine_core().pid, "checkpoint", "until-begun:restore:30", root=fleet.fake_gpu
-    )
+    held = fleet.servers["alpha"].engine_core().pid
+    fakegpu.add_fault(held, "checkpoint", "until-begun:restore:30", root=fleet.fake_gpu)
     assert fleet.text("beta", "late") != "" and fleet.holders_on_gpu() == ["beta"]
-    (restore_began,), (checkpointed,) = started_at(fleet, "restore", "beta"), finished_at(fleet, "checkpoint", "alpha")
-    assert restore_began < checkpointed  # they overlapped (an ordering: a loaded machine stretches durations)
+    betas = set(fleet.cuda_pids("beta"))
+    restores_began = [stamp for stamp, op, pid in fakegpu.read_starts(fleet.fake_gpu)
+                      if op == "restore" and pid in betas]  # fmt: skip
+    checkpointed = [stamp for stamp, op, pid, result in fakegpu.read_calls(fleet.fake_gpu)
+                    if (op, pid, result) == ("checkpoint", held, "ok")]  # fmt: skip
+    assert min(restores_began) < checkpointed[-1]  # they overlapped (an ordering: load stretches durations)
     log = fleet.gate.log()
     assert "model alpha: memory released, checkpointing it while beta restores" in log
     assert "restoring it while alpha is suspended" not in log

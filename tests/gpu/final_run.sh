@@ -1,9 +1,11 @@
 #!/usr/bin/env bash
 # One device-machine call of docs/gpu-results.md section 16: install the offline vLLM 0.20.2 bundle (its
-# pieces in BUNDLE_DIR, a folder the call carries; the first piece already copied to /tmp/pieces by an earlier call), then the `idle` step
-# (the light sleep, the deep suspend, 4 clients, the operator's hold) on the 8B shape at TP=1, then the swap
-# suite (two servers, early wake) in a PID namespace of its own, as `docker run` gives. Files go to $OUT.
-set -uo pipefail
+# pieces in BUNDLE_DIR, a folder the call carries; the first piece copied to /tmp/pieces by an earlier call),
+# then the `idle` step (the light sleep, the deep suspend, 4 clients, the operator's hold) on the 8B shape at
+# TP=1, then the swap suite (two servers, early wake) in a PID namespace of its own, as `docker run` gives.
+# Files go to $OUT.
+set -euo pipefail
+# Each part goes on when the one before failed (`|| true`): its log in $OUT says what happened.
 T0=$(date +%s)
 el() { echo "[$(( $(date +%s) - T0 )) s] $*"; }
 : "${BUNDLE_DIR:?the folder holding bundle.tar.xz.part-01, install.sh and SHA256SUMS}"
@@ -13,24 +15,27 @@ el "installed"
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$OUT/card.txt"
 export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1 SUITE_SITE=/tmp/site
 export SUITE_MODEL=8b-shaped SUITE_TP=1 SUITE_GB=64 SUITE_WARMUP=0 SUITE_WORK=/tmp/gs SUITE_QUANTIZATION=
-( SUITE_STEPS="machine start" timeout 240 bash tests/gpu/run_all.sh
+( SUITE_STEPS="machine start" timeout 240 bash tests/gpu/run_all.sh || true
   el "started"
   CUDA_TOGGLE_BACKEND=driver CUDA_TOGGLE_RUN_DIR=/tmp/gs/run CUDA_TOGGLE_HOST_RAM_MIB=245760 \
-    CUDA_TOGGLE_SUPERVISOR_URL=unix:///tmp/gs/sv/supervisord.sock timeout 120 python3 -m entrypoint.cuda_toggle_all warm-up --json
+    CUDA_TOGGLE_SUPERVISOR_URL=unix:///tmp/gs/sv/supervisord.sock timeout 120 python3 -m entrypoint.cuda_toggle_all warm-up --json || true
   el "warmed up"
-  SUITE_STEPS="idle stop report" timeout 240 bash tests/gpu/run_all.sh
+  SUITE_STEPS="idle stop report" timeout 240 bash tests/gpu/run_all.sh || true
   el "idle done"
-) 2>&1 | grep -v DEBUG > "$OUT/idle.log"
-cp /tmp/gs/results.json "$OUT/idle-results.json" 2>/dev/null
-grep -E "^\[|ok|FAIL|fail|first token|hold|summary" "$OUT/idle.log" | tail -40
-pkill -f supervisord; sleep 3; pkill -9 -f vllm; sleep 2
+) 2>&1 | grep -v DEBUG > "$OUT/idle.log" || true
+cp /tmp/gs/results.json "$OUT/idle-results.json" 2>/dev/null || true
+grep -E "^\[|ok|FAIL|fail|first token|hold|summary" "$OUT/idle.log" | tail -40 || true
+pkill -f supervisord || true
+sleep 3
+pkill -9 -f vllm || true
+sleep 2
 nvidia-smi --query-gpu=memory.used --format=csv,noheader
 left=$(( 575 - ($(date +%s) - T0) ))
 el "swap suite with ${left} s left"
 if (( left > 200 )); then
   SUITE_WORK=/tmp/sw timeout "$left" unshare -p -f --mount-proc python3 tests/gpu/swap_suite.py --swaps 12 2>&1 \
-    | grep -v DEBUG > "$OUT/swap.log"
-  cp /tmp/sw/results.json "$OUT/swap-results.json" 2>/dev/null
+    | grep -v DEBUG > "$OUT/swap.log" || true
+  cp /tmp/sw/results.json "$OUT/swap-results.json" 2>/dev/null || true
   tail -25 "$OUT/swap.log"
 fi
 el "end"
