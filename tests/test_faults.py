@@ -59,6 +59,7 @@ class Rig:
     env: object
     server: object
     quiesce: str
+    orphan: int | None = None  # the worker whose call leave_an_orphan keeps in flight
 
     @property
     def engine(self) -> int:
@@ -111,6 +112,12 @@ class Rig:
                 path.unlink()
         (self.env.run_dir / "phase").unlink(missing_ok=True)
 
+    def release_orphan(self) -> None:
+        """Let the call that leave_an_orphan keeps in flight land (nothing when there is none)."""
+        if self.orphan is not None:
+            (fakegpu.pid_dir(self.orphan, self.env.state_dir) / "released").write_text("1\n")
+            self.orphan = None
+
     def fault(self, pid: int, op: str, *faults: str) -> None:
         fakegpu.add_fault(pid, op, *faults, root=self.env.state_dir)
 
@@ -159,10 +166,14 @@ def slow_phases(rig: Rig, direction: str) -> None:
 
 
 def leave_an_orphan(rig: Rig, target: str, backend: str = "cli") -> None:
-    """A run of `target` killed during a slow call: the call lands later (the next run must wait)."""
+    """A run of `target` killed during a call that stays in flight until rig.release_orphan() (the next run
+    must wait for it in `settle`, however long that run takes to start on a loaded machine)."""
     op = "checkpoint" if target == "checkpointed" else "restore"
     worker = rig.workers[1]
-    rig.fault(worker, op, "slow:2")
+    release = fakegpu.pid_dir(worker, rig.env.state_dir) / "released"
+    release.unlink(missing_ok=True)
+    rig.fault(worker, op, "until-released:60")
+    rig.orphan = worker
     tool = rig.start(target, {"CUDA_TOGGLE_BACKEND": backend})
     deadline = time.monotonic() + 30
     while worker not in rig.started_calls(op):
@@ -198,6 +209,7 @@ def kill_in_phase(
     hit = (rig.phase_of(tool) or "startup") if with_tool_alive else "finished"
     if with_tool_alive:
         tool.send_signal(signum)
+    rig.release_orphan()  # the call an earlier kill left in flight now lands, after this run was hit
     return hit, tool
 
 

@@ -44,13 +44,15 @@ def pause_for_ticks(front, ticks: int = 5) -> None:
     time.sleep(ticks * 0.1)
 
 
-def test_hold_keeps_the_server_suspended_with_requests_in_flight_until_release(server, gate, fake_gpu, run_dir):
+def test_hold_keeps_the_server_suspended_with_requests_in_flight_until_release(server, gate, fake_gpu, tmp_path):
     """hold --inflight keep with streams in flight: the gate resumes nothing, new requests get 503 with
     Retry-After, the hold shows in both status views and the metrics; release resumes and the streams end whole."""
-    upstream = server(step_s=0.04)
+    pace = tmp_path / "step-seconds"  # the streams crawl (a step a second) until the release, however slow the machine
+    upstream = server(env={"STANDIN_STEP_S_FILE": str(pace)})
     prompts = [f"hold {index}" for index in range(2)]
     references = {prompt: stream_deltas(upstream.url, prompt, 120) for prompt in prompts}
     front = gate(upstream, GATE_HOLD_RETRY_AFTER_S="7")
+    pace.write_text("1.0")
     with ThreadPoolExecutor(max_workers=len(prompts)) as pool:
         streams = {prompt: pool.submit(stream_deltas, front.url, prompt, 120) for prompt in prompts}
         wait_until(lambda: front.status()["in_flight"] == len(prompts), "the streams to start", 10)
@@ -73,6 +75,7 @@ def test_hold_keeps_the_server_suspended_with_requests_in_flight_until_release(s
         assert [fakegpu.read_state(w.pid) for w in upstream.workers()] == ["checkpointed"] * 2
 
         assert not any(streams[prompt].done() for prompt in kept)  # frozen until the release
+        pace.unlink()
         released = toggle_all("release", "--pid", str(upstream.pid))
         assert released["released"] and released["resume"]["ok"]
         results = {prompt: stream.result(timeout=30) for prompt, stream in streams.items()}

@@ -8,6 +8,7 @@ import os
 import resource
 import signal
 import time
+from pathlib import Path
 
 import fakegpu
 from standin.common import (
@@ -37,6 +38,7 @@ class Worker:
         self.who = who
         self.memory_utilization = memory_utilization
         self.step_seconds = env_float("STANDIN_STEP_S", 0.005)
+        self.step_seconds_file = os.environ.get("STANDIN_STEP_S_FILE")  # a test may change the pace mid-run
         self.sleep_pauses_scheduler = sleep_pauses_scheduler(vllm_version())
         self.loaded_mib = 0
         self.asleep = False
@@ -77,9 +79,18 @@ class Worker:
     def step(self, items: list[dict]) -> list[int]:
         if self.asleep and not self.sleep_pauses_scheduler:
             raise StepWhileAsleep("CUDA error: an illegal memory access was encountered (a step ran while asleep)")
-        time.sleep(self.step_seconds)
+        time.sleep(self.current_step_seconds())
         salt = self.garbage_reason()
         return [step_piece(item["key"], item["index"], self.rank, salt) for item in items]
+
+    def current_step_seconds(self) -> float:
+        """STANDIN_STEP_S, or the number in STANDIN_STEP_S_FILE while that file exists."""
+        if self.step_seconds_file:
+            try:
+                return float(Path(self.step_seconds_file).read_text())
+            except (OSError, ValueError):
+                pass
+        return self.step_seconds
 
     def garbage_reason(self) -> str:
         if self.asleep:
