@@ -69,6 +69,18 @@ class Held(ResumeFailed):
 
 
 @dataclass(frozen=True)
+class Admission:
+    """A request let through: the seconds it waited, and the wake-up from the light sleep it was sent beside.
+
+    vLLM that sleeps with mode=keep queues a request and runs it once awake, so a request for a server in
+    light sleep goes upstream at once: its parsing and scheduling overlap the wake-up instead of following
+    it. Its answer is passed on only once `wake` ended well (gate_proxy.py)."""
+
+    waited_s: float
+    wake: asyncio.Task[TransitionOutcome] | None = None
+
+
+@dataclass(frozen=True)
 class TransitionOutcome:
     transition: str  # suspend | resume | sleep | wake (the light sleep's)
     trigger: str  # why the gate started it: idle, request, in-flight
@@ -154,6 +166,7 @@ class PowerController:
         self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="gate-toggle")
         self.transition: asyncio.Task[TransitionOutcome] | None = None
         self.transition_phase: Phase | None = None
+        self.transition_light = False  # the transition in flight is the light sleep or its wake-up
         self.in_flight = 0
         self.waiting = 0
         self.idle_since = time.monotonic()
@@ -251,15 +264,16 @@ class PowerController:
     # -- requests --------------------------------------------------------------------------------
 
     @contextlib.asynccontextmanager
-    async def request_slot(self, label: str) -> AsyncIterator[float]:
-        """Hold a request until the server runs, then count it in flight while it is forwarded.
+    async def request_slot(self, label: str) -> AsyncIterator[Admission]:
+        """Hold a request until the server runs (or wakes from its light sleep), then count it in flight
+        while it is forwarded.
 
-        Yields the seconds it waited; raises ResumeFailed when the resume it waited for failed.
+        Yields its Admission; raises ResumeFailed when the resume it waited for failed.
         """
-        waited_s = await self.admit(label)
+        admission = await self.admit(label)
         self.in_flight += 1
         try:
-            yield waited_s
+            yield admission
         finally:
             self.in_flight -= 1
             if self.in_flight == 0:
@@ -286,10 +300,14 @@ class PowerController:
             self.waiting -= 1
         return time.monotonic() - started
 
-    async def admit(self, label: str) -> float:
+    async def admit(self, label: str) -> Admission:
         held_s = await self.wait_while_held(label)
         if self.refresh() is Phase.RUNNING:
-            return held_s
+            return Admission(held_s)
+        wake = self.light_wake_to_go_beside()
+        if wake is not None:
+            logger.info("{}: sent on while vLLM wakes from its light sleep (it queues the request)", label)
+            return Admission(held_s, wake)
         started = time.monotonic()
         self.waiting += 1
         ending = "and went away"  # unless the loop below ends otherwise: the client disconnected
@@ -317,7 +335,17 @@ class PowerController:
             waited_s = time.monotonic() - started
             self.metrics.record_wait(waited_s)
             logger.info("{} waited {:.2f} s {}", label, waited_s, ending)
-        return waited_s
+        return Admission(held_s + waited_s)
+
+    def light_wake_to_go_beside(self) -> asyncio.Task[TransitionOutcome] | None:
+        """The wake-up from the light sleep that a request may be sent beside: the one in flight, or one
+        started now for a server asleep with nothing else under way. None otherwise (suspended, suspending,
+        resuming from a checkpoint: the request must wait, as nothing may reach a checkpointed process)."""
+        if self.transition is not None:
+            return self.transition if self.transition_light and self.transition_phase is Phase.RESUMING else None
+        if self.observe() is not Phase.ASLEEP or self.held() is not None:
+            return None
+        return self.start(Phase.RESUMING, "request")
 
     # -- transitions -----------------------------------------------------------------------------
 
@@ -333,7 +361,7 @@ class PowerController:
             raise RuntimeError("a transition of the gate is already in flight")
         if phase is Phase.RESUMING and self.observe() is Phase.ASLEEP:
             light = True
-        self.transition_phase = phase
+        self.transition_phase, self.transition_light = phase, light
         self.set_phase(phase)
         self.transition = asyncio.get_running_loop().create_task(self.run_transition(phase, trigger, hooks, light))
         return self.transition

@@ -38,7 +38,7 @@ from .config import Config
 from .discovery import supervisor_program_pid, supervisor_proxy
 from .errors import ExitCode, ToolError
 from .gate_config import GateConfig, ModelEntry
-from .gate_control import Held, Phase, PowerController, ResumeFailed
+from .gate_control import Admission, Held, Phase, PowerController, ResumeFailed
 from .gate_metrics import PHASES, GateMetrics
 from .gpus import GpuReading, read_gpus
 from .observe import host_available_mib
@@ -345,10 +345,11 @@ class Fleet:
         )
 
     @contextlib.asynccontextmanager
-    async def request_slot(self, server: ModelServer, label: str) -> AsyncIterator[float]:
+    async def request_slot(self, server: ModelServer, label: str) -> AsyncIterator[Admission]:
         """Hold a request until its model's server is resident and runs; count it in flight meanwhile.
 
-        Yields the seconds it waited; raises ResumeFailed when the swap it waited for failed.
+        Yields its Admission (a swap wakes its target before any request goes); raises ResumeFailed when the
+        swap it waited for failed.
         """
         controller = server.controller
         waited_s = await controller.wait_while_held(label)  # raises Held when the hold outlasts GATE_HOLD_WAIT_S
@@ -358,7 +359,7 @@ class Fleet:
             waited_s += await self.wait_for_swap(server, label)  # counts it in flight when it may go
         server.stats.last_used = time.monotonic()
         try:
-            yield waited_s
+            yield Admission(waited_s)
         finally:
             controller.in_flight -= 1
             server.stats.last_used = time.monotonic()

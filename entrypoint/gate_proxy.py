@@ -20,7 +20,7 @@ from multidict import CIMultiDict, CIMultiDictProxy
 from yarl import URL
 
 from .gate_config import GateConfig
-from .gate_control import Held, PowerController, ResumeFailed
+from .gate_control import Admission, Held, PowerController, ResumeFailed, TransitionOutcome
 from .gate_limits import BodyBudget, BodyRefused, ClientLeft
 from .gate_metrics import GateMetrics
 from .gate_models import Fleet, requested_model
@@ -61,7 +61,7 @@ MODELS_PATH = "/v1/models"
 # 10 MB name echoed whole would cost the gate more than the client that sent it.
 SHOWN_CHARACTERS = 100
 BODY_REFUSAL_TYPES = {408: "RequestTimeoutError", 413: "BadRequestError", 503: "ServiceUnavailableError"}
-RequestSlot = Callable[[str], contextlib.AbstractAsyncContextManager[float]]
+RequestSlot = Callable[[str], contextlib.AbstractAsyncContextManager[Admission]]
 
 
 def shown(value: str) -> str:
@@ -95,6 +95,15 @@ def json_error(status: int, message: str, error_type: str, headers: dict[str, st
     """An error in the OpenAI shape that vLLM uses, so clients show the message."""
     body = {"error": {"message": message, "type": error_type, "param": None, "code": status}}
     return web.json_response(body, status=status, headers=headers)
+
+
+async def cut_off(sending: asyncio.Future[aiohttp.ClientResponse]) -> None:
+    """Cancel an upstream request, and close its connection when the answer's head had come already: the
+    closed connection is what tells vLLM to abort the request."""
+    sending.cancel()
+    with contextlib.suppress(BaseException):
+        response = await sending
+        response.close()
 
 
 async def answer_and_close(request: web.Request, response: web.Response) -> None:
@@ -247,8 +256,8 @@ class Forwarder:
     ) -> web.StreamResponse:
         """Forward once the server runs: wake it first when it is suspended (swap it in, with GATE_MODELS)."""
         try:
-            async with slot(label):
-                return await self.forward(request, body, upstream)
+            async with slot(label) as admission:
+                return await self.forward(request, body, upstream, beside=admission.wake)
         except Held as held:
             self.metrics.count_error("held")
             return json_error(*HELD, headers={"Retry-After": str(int(held.retry_after_s))})
@@ -258,6 +267,22 @@ class Forwarder:
             return json_error(*UNAVAILABLE)
 
     @staticmethod
+    async def unless_the_wake_failed(
+        wake: asyncio.Task[TransitionOutcome], sending: asyncio.Future[aiohttp.ClientResponse]
+    ) -> None:
+        """Wait for the wake-up a request was sent beside; when it failed (or the client left meanwhile), take
+        the request back from vLLM, which still queues it: a request left there would run at some later
+        wake-up for nobody, or hang its client."""
+        try:
+            outcome = await asyncio.shield(wake)  # a client that goes away must not cancel the wake-up
+        except BaseException:
+            await cut_off(sending)
+            raise
+        if not outcome.ok:
+            await cut_off(sending)
+            raise ResumeFailed(outcome.message)
+
+    @staticmethod
     def upstream_url(request: web.Request, upstream: URL) -> URL:
         # The raw (still %-encoded) path: vLLM decodes it exactly as the gate did when it classified it.
         target = request.rel_url.raw_path
@@ -265,16 +290,30 @@ class Forwarder:
             target += "?" + request.rel_url.raw_query_string
         return URL(str(upstream) + target, encoded=True)
 
-    async def forward(self, request: web.Request, body: bytes, upstream_base: URL) -> web.StreamResponse:
+    async def forward(
+        self,
+        request: web.Request,
+        body: bytes,
+        upstream_base: URL,
+        beside: asyncio.Task[TransitionOutcome] | None = None,
+    ) -> web.StreamResponse:
+        """Send the request upstream and pass the answer on. With `beside` (the wake-up from the light sleep it
+        was sent beside), nothing is passed on before that wake-up ended well; when it failed, the upstream
+        request is cut off (vLLM then aborts it) and ResumeFailed is raised."""
         assert self.session is not None, "Forwarder.open() was not awaited"
-        try:
-            upstream = await self.session.request(
+        sending = asyncio.ensure_future(
+            self.session.request(
                 request.method,
                 self.upstream_url(request, upstream_base),
                 headers=forwarded_request_headers(request),
                 data=body if body else None,
                 allow_redirects=False,
             )
+        )
+        if beside is not None:
+            await self.unless_the_wake_failed(beside, sending)
+        try:
+            upstream = await sending
         except (aiohttp.ClientError, OSError, asyncio.TimeoutError) as error:
             self.metrics.count_error("upstream_unreachable")
             if nothing_listens(error):

@@ -507,20 +507,26 @@ def test_client_disconnect_aborts_the_upstream_request(server, gate):
     assert_server_healthy(upstream)
 
 
-def test_tool_suspend_while_requests_flow_is_seen_and_undone_by_the_gate(server, gate, fake_gpu):
+def test_tool_suspend_while_requests_flow_is_seen_and_undone_by_the_gate(server, gate, fake_gpu, tmp_path):
     """cuda-toggle-all suspends under streaming clients: the gate waits for it, then resumes for them."""
-    upstream = server(step_s=0.03)
+    pace = (
+        tmp_path / "step-seconds"
+    )  # the streams crawl (a step a second) until the tool is done, however slow the machine
+    upstream = server(env={"STANDIN_STEP_S_FILE": str(pace)})
     prompts = [f"tool test {index}" for index in range(3)]
-    with ThreadPoolExecutor(max_workers=len(prompts)) as pool:  # 60 tokens: about 1.8 s per stream
+    with ThreadPoolExecutor(max_workers=len(prompts)) as pool:
         references = pool.map(lambda prompt: stream_deltas(upstream.url, prompt, 60), prompts)
         reference = dict(zip(prompts, references, strict=True))
     front = gate(upstream)
+    pace.write_text("1.0")
     with ThreadPoolExecutor(max_workers=len(prompts)) as pool:
         streams = [pool.submit(stream_deltas, front.url, prompt, 60) for prompt in prompts]
         wait_until(lambda: front.status()["in_flight"] == len(prompts), "the streams to start", 10)
         tool = subprocess.run([*TOGGLE_ALL_CLI, "checkpointed", "--pid", str(upstream.pid)],
                               capture_output=True, text=True, timeout=60, cwd=REPO)  # fmt: skip
         assert tool.returncode == 0, tool.stderr
+        assert not any(stream.done() for stream in streams)
+        pace.unlink()
         results = {prompt: future.result(timeout=30) for prompt, future in zip(prompts, streams, strict=True)}
     assert results == reference
     # The gate saw the tool's suspend (its lock, then its record) with streams in flight, and resumed.

@@ -18,6 +18,7 @@ from tests.test_gate import (
     assert_server_healthy,
     assert_transitions_never_overlapped,
     chat_answer,
+    parse_metrics,
     stream_deltas,
 )
 from tests.testing import REPO, TOGGLE_ALL_CLI, wait_until
@@ -140,7 +141,12 @@ def test_two_idle_stages_light_sleep_then_suspend_and_requests_wake_from_each(se
     then suspended (0 MiB); a request wakes from the light sleep with a wake-up only, and from the suspend."""
     upstream = server(*SLEEP_MODE, env=DEV_MODE)
     reference = answer_text(chat_answer(upstream.url, "stages", 8))
-    front = gate(upstream, GATE_IDLE_SLEEP_S="0.3", GATE_IDLE_SUSPEND_S="6")
+    # The asleep stage must outlast the checks below (a `cuda-toggle-all status` among them): its length is
+    # derived from how long one status takes on this machine now.
+    began = time.monotonic()
+    toggle_all("status", "--pid", str(upstream.pid))
+    idle_suspend_s = max(6.0, 4 * (time.monotonic() - began) + 3)
+    front = gate(upstream, GATE_IDLE_SLEEP_S="0.3", GATE_IDLE_SUSPEND_S=f"{idle_suspend_s:.1f}")
     front.wait_for_state("asleep")
 
     # A request wakes it from the light sleep: a wake-up, no resume.
@@ -157,7 +163,9 @@ def test_two_idle_stages_light_sleep_then_suspend_and_requests_wake_from_each(se
     residual = fakegpu.used_mib(fake_gpu)
     assert toggle_all("status", "--pid", str(upstream.pid))["asleep_since"] > 0
     seen: list[str] = []
-    wait_until(lambda: seen.append(front.status()["state"]) or seen[-1] == "suspended", "the deep suspend", 20)
+    wait_until(
+        lambda: seen.append(front.status()["state"]) or seen[-1] == "suspended", "the deep suspend", idle_suspend_s + 20
+    )
     assert seen[0] == "asleep"
     assert front.metric("vllm_gate_transitions_total", transition="sleep", outcome="ok") == 2
     assert [fakegpu.read_state(w.pid) for w in upstream.workers()] == ["checkpointed"] * 2
@@ -168,6 +176,58 @@ def test_two_idle_stages_light_sleep_then_suspend_and_requests_wake_from_each(se
 
     assert answer_text(chat_answer(front.url, "stages", 8)) == reference
     assert front.metric("vllm_gate_transitions_total", transition="resume", outcome="ok") == 1
+    assert_server_healthy(upstream)
+
+
+def upstream_counter(upstream, name: str) -> float:
+    return parse_metrics(upstream.get("/metrics").text)[name]
+
+
+def test_a_request_goes_to_vllm_while_it_wakes_from_the_light_sleep(server, gate, tmp_path):
+    """From the light sleep the request is sent on at once (vLLM queues it while asleep), beside the wake-up,
+    and its answer is passed on only after the wake-up ended: identical to the one before the sleep."""
+    hold = tmp_path / "wake-hold"
+    upstream = server(*SLEEP_MODE, env={**DEV_MODE, "STANDIN_WAKE_HOLD_FILE": str(hold)})
+    reference = answer_text(chat_answer(upstream.url, "beside", 8))
+    front = gate(upstream, GATE_IDLE_SLEEP_S="0.3")
+    front.wait_for_state("asleep")
+    handed_over = upstream_counter(upstream, "standin:requests_total")
+    hold.write_text("hold")  # the wake-up cannot end until the file goes
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        answer = pool.submit(chat_answer, front.url, "beside", 8)
+        wait_until(
+            lambda: upstream_counter(upstream, "standin:requests_total") == handed_over + 1, "the request upstream", 20
+        )
+        assert front.status()["state"] == "resuming" and not answer.done()  # there while vLLM still wakes
+        pause_for_ticks(front)
+        assert not answer.done(), "an answer went out before the wake-up ended"
+        hold.unlink()
+        assert answer_text(answer.result(timeout=30)) == reference
+    assert front.metric("vllm_gate_transitions_total", transition="wake", outcome="ok") == 1
+    assert "sent on while vLLM wakes from its light sleep" in front.log()
+    assert_server_healthy(upstream)
+
+
+def test_a_failed_wake_up_takes_back_the_request_sent_beside_it(server, gate, tmp_path):
+    """The wake-up fails: the client gets 503, and the request sent beside it is aborted in vLLM (not left
+    queued to run at some later wake-up); the next request wakes the server and is answered."""
+    hold = tmp_path / "wake-hold"
+    upstream = server(*SLEEP_MODE, env={**DEV_MODE, "STANDIN_WAKE_HOLD_FILE": str(hold)})
+    reference = answer_text(chat_answer(upstream.url, "failed wake", 8))
+    front = gate(upstream, GATE_IDLE_SLEEP_S="0.3")
+    front.wait_for_state("asleep")
+    aborted = upstream_counter(upstream, "standin:aborted_requests_total")
+    hold.write_text("fail")
+    refused = chat_answer(front.url, "failed wake", 8)
+    assert refused.status_code == 503, refused.text
+    assert front.metric("vllm_gate_transitions_total", transition="wake", outcome="failed") == 1
+    wait_until(
+        lambda: upstream_counter(upstream, "standin:aborted_requests_total") == aborted + 1, "the upstream abort", 10
+    )
+    metrics = parse_metrics(upstream.get("/metrics").text)
+    assert metrics['vllm:num_requests_waiting{model_name="standin-model"}'] == 0
+    hold.unlink()
+    assert answer_text(chat_answer(front.url, "failed wake", 8)) == reference
     assert_server_healthy(upstream)
 
 

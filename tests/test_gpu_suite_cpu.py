@@ -74,10 +74,22 @@ def test_gpu_suite_runs_its_steps_on_the_cpu_stand_in(tmp_path):
 @pytest.mark.timeout(200)
 def test_swap_suite_swaps_two_stand_ins_under_supervisord(tmp_path):
     """tests/gpu/swap_suite.py on the CPU: the gate starts both servers in turn, 3 alternating requests each swap
-    and answer as before, each swap's steps come from /gate/status, and the whole tree is gone after."""
+    and answer as before, each swap's steps come from /gate/status; then 2 clients on random models answer whole,
+    never with both resident; the whole tree is gone after."""
     env = {**os.environ, "SUITE_WORK": str(tmp_path / "suite")}
     done = subprocess.run(
-        [sys.executable, "tests/gpu/swap_suite.py", "--target", "cpu", "--swaps", "2"],
+        [
+            sys.executable,
+            "tests/gpu/swap_suite.py",
+            "--target",
+            "cpu",
+            "--swaps",
+            "2",
+            "--clients",
+            "2",
+            "--clients-s",
+            "4",
+        ],
         cwd=REPO,
         env=env,
         capture_output=True,
@@ -95,4 +107,7 @@ def test_swap_suite_swaps_two_stand_ins_under_supervisord(tmp_path):
         other = "tiny" if row["model"] != "tiny" else "qwen3-8b-shaped"
         assert "wait_for_room" in row["steps"][f"resume {row['model']}"]  # overlapped (the fake NVML)
         assert "checkpoint" in row["steps"][f"suspend {other}"]
+    load = step["load"]
+    assert load["requests"] >= 2 and load["verdicts"] == {"ok": load["requests"]}, load
+    assert load["same_text"] == load["requests"] and load["both_running_samples"] == 0 and load["samples"] > 0
     assert step["after_stop_gpu_mib"] == step["idle_gpu_mib"]

@@ -18,9 +18,11 @@ from __future__ import annotations
 import argparse
 import contextlib
 import os
+import random
 import statistics
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -147,6 +149,67 @@ def swap_rows(args: argparse.Namespace, gate_url: str) -> tuple[list[dict], dict
     return rows, references
 
 
+def client_load(args: argparse.Namespace, gate_url: str, references: dict[str, Answer]) -> dict:
+    """args.clients clients, each sending requests for a model drawn at random for args.clients_s seconds (a
+    swap whenever the model differs from the resident one), while a sampler reads the GPU memory and the models'
+    states: every answer whole, its text its model's; never both models resident."""
+    rng = random.Random(7)
+    draws = [[rng.choice(sorted(references)) for _ in range(10_000)] for _ in range(args.clients)]
+    answers: list[tuple[str, Answer]] = []
+    samples: list[tuple[int, list[str]]] = []
+    lock = threading.Lock()
+    deadline = time.monotonic() + args.clients_s
+    stop_sampling = threading.Event()
+
+    def client(number: int) -> None:
+        for model in draws[number]:
+            if time.monotonic() >= deadline:
+                return
+            answer = ask(gate_url, chat_request(model, PROMPT, args.tokens, stream=True, logprobs=True), timeout=600)
+            with lock:
+                answers.append((model, answer))
+
+    def sampler() -> None:
+        while not stop_sampling.is_set():
+            with contextlib.suppress(requests.RequestException, ValueError, KeyError):
+                models = requests.get(f"{gate_url}/gate/status", timeout=10).json()["models"]
+                running = [name for name, entry in models.items() if entry["state"] == "running"]
+                samples.append((sum(gpu_used_mib()), running))
+            stop_sampling.wait(0.2)
+
+    watcher = threading.Thread(target=sampler)
+    watcher.start()
+    threads = [threading.Thread(target=client, args=(n,)) for n in range(args.clients)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(900)
+    stop_sampling.set()
+    watcher.join()
+    status = requests.get(f"{gate_url}/gate/status", timeout=10).json()
+    first_tokens = [answer.first_token_s for _, answer in answers if answer.first_token_s is not None]
+    verdicts: dict[str, int] = {}
+    for _, answer in answers:
+        verdicts[answer.verdict(args.tokens)] = verdicts.get(answer.verdict(args.tokens), 0) + 1
+    return {
+        "clients": args.clients,
+        "seconds": args.clients_s,
+        "requests": len(answers),
+        "verdicts": verdicts,
+        "same_text": sum(answer.text == references[model].text for model, answer in answers),
+        "same_logprobs": sum(same_answer(answer, references[model]) for model, answer in answers),
+        "first_token_s": stats(first_tokens),
+        "swaps": {name: entry.get("swaps") for name, entry in status["models"].items()},
+        "samples": len(samples),
+        "both_running_samples": sum(len(running) > 1 for _, running in samples),
+        "max_gpu_used_mib": max((used for used, _ in samples), default=None),
+        "gate": {
+            name: {key: entry.get(key) for key in ("state", "last_swap_path", "proof")}
+            for name, entry in status["models"].items()
+        },
+    }
+
+
 def summary(rows: list[dict]) -> dict:
     swaps = rows[1:]  # the first request swaps too, but from the start-up's state: reported with the rest
     first_tokens = [row["first_token_s"] for row in rows if row["first_token_s"] is not None]
@@ -207,6 +270,8 @@ def main() -> None:
     parser.add_argument("--share", type=float, default=0.55, help="each server's --gpu-memory-utilization")
     parser.add_argument("--tokens", type=int, default=16, help="tokens per answer")
     parser.add_argument("--timeout", type=float, default=900, help="seconds for one server to load")
+    parser.add_argument("--clients", type=int, default=0, help="then this many clients on random models (0: none)")
+    parser.add_argument("--clients-s", type=float, default=40, help="seconds the clients send requests")
     parser.add_argument("--tiny-dir", default=os.environ.get("SUITE_TINY_DIR", "/tmp/tiny-qwen3"))
     parser.add_argument("--shaped-dir", default=os.environ.get("SUITE_SHAPED_DIR", "/tmp/qwen3-8b-awq-shape"))
     args = parser.parse_args()
@@ -226,16 +291,22 @@ def main() -> None:
         result["start_s"] = round(wait_started(gate_url, supervisord, 2 * args.timeout), 1)
         result["after_start_gpu_mib"] = gpu_used_mib()
         log(f"both servers started in turn in {result['start_s']} s; GPU {result['after_start_gpu_mib']} MiB")
-        rows, _ = swap_rows(args, gate_url)
+        rows, references = swap_rows(args, gate_url)
         result["rows"] = rows
         result["summary"] = summary(rows)
+        log(f"swap summary: {result['summary']}")
+        if args.clients:
+            result["load"] = client_load(args, gate_url, references)
+            log(f"{args.clients} clients on random models: {result['load']}")
         result["gate_status"] = requests.get(f"{gate_url}/gate/status", timeout=10).json()
     finally:
         result["after_stop_gpu_mib"] = stop(supervisord)
         save_step("swap", result)
-    log(f"swap summary: {result['summary']}")
+    load = result.get("load") or {}
     if result["summary"]["failed"] or result["summary"]["different_answers"]:
         raise SystemExit("swap scenario failed")
+    if load and (load["verdicts"].get("ok", 0) != load["requests"] or load["both_running_samples"]):
+        raise SystemExit("swap scenario under load failed")
 
 
 if __name__ == "__main__":

@@ -15,6 +15,7 @@ import subprocess
 import time
 import uuid
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import fakegpu
 import setproctitle
@@ -547,6 +548,12 @@ class ApiServer:
         problem = self.not_serving()
         if problem is not None:
             return problem
+        # A test may hold the wake-up back (weights being copied back) or make it fail, with a file.
+        hold = Path(os.environ.get("STANDIN_WAKE_HOLD_FILE") or "/nonexistent")
+        while hold.exists():
+            if hold.read_text().strip() == "fail":
+                return error_response(500, "wake_up failed (STANDIN_WAKE_HOLD_FILE)", "RuntimeError")
+            await asyncio.sleep(0.02)
         await self.engine_rpc("wake_up")
         return web.Response(status=200)
 
