@@ -75,7 +75,7 @@ class CliBackend:
             raise BackendError("get-state", pid, f"unexpected answer {output.strip()!r}")
         return state
 
-    # The caller (transition.run_parallel) bounds how long it waits for these; the call itself runs on.
+    # The caller (cuda/parallel.py) bounds how long it waits for these; the call itself runs on.
     def lock(self, pid: int, timeout_ms: int) -> None:
         self._run("lock", pid, ["--action", "lock", "--timeout", str(timeout_ms)], None)
 

@@ -23,6 +23,7 @@ from loguru import logger
 from ..base.config import Config
 from ..base.errors import ExitCode, ToolError
 from ..base.processes import describe, same_process
+from .parallel import run_parallel
 
 JOURNAL_DIR = "ops"
 FIELDS = {
@@ -171,8 +172,6 @@ def _read_when_landed(config: Config, backend, pid: int, deadline: float) -> str
     H200, caller killed or not): so it may take up to the deadline, and one that does not answer by then
     means the operation is still in flight, not that the PID is unreadable.
     """
-    from ..suspend.executor import run_parallel  # the executor's bounded parallel call
-
     error = "no answer"
     for attempt in range(READ_TRIES):
         remaining = deadline - time.monotonic()

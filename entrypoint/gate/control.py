@@ -32,11 +32,11 @@ from ..base.config import Config
 from ..base.errors import ExitCode, ToolError
 from ..suspend.api import RESUME, SUSPEND, move_to
 from ..suspend.executor import OverlapHooks
+from ..suspend.hold import Hold
 from ..suspend.light_sleep import clear_asleep, is_asleep, light_sleep, light_wake
 from ..suspend.records import SuspendRecord
 from ..suspend.status import status
 from .config import GateConfig
-from .hold import Hold
 from .metrics import GateMetrics
 
 # A request that keeps finding the server suspended again (someone suspending in a loop) gives up.
@@ -61,7 +61,7 @@ class ResumeFailed(Exception):
 
 
 class Held(ResumeFailed):
-    """The operator holds the server suspended (gate/hold.py): the request gets 503 with Retry-After."""
+    """The operator holds the server suspended (suspend/hold.py): the request gets 503 with Retry-After."""
 
     def __init__(self, message: str, retry_after_s: float):
         super().__init__(message)

@@ -20,7 +20,8 @@ from ..base.config import Config
 from ..base.errors import ExitCode, ToolError
 from ..base.processes import describe, inherited_environ, same_process
 from ..base.results import PidResult, ToggleResult
-from ..cuda.backend import Backend, BackendError, select_backend
+from ..cuda.backend import Backend, BackendError
+from ..cuda.choose import select_backend
 from ..cuda.gpus import GpuReading, read_gpus
 from ..cuda.owned_calls import settle_orphans
 from ..server.vllm_control import VllmControl, VllmControlError

@@ -28,7 +28,8 @@ from ..base.config import Config
 from ..base.errors import ExitCode, ToolError
 from ..base.processes import ProcessInfo, describe, same_process
 from ..base.results import ToggleResult
-from ..cuda.backend import Backend, BackendError
+from ..cuda.backend import Backend
+from ..cuda.parallel import run_parallel
 from .records import FrozenProcess
 
 
@@ -64,18 +65,6 @@ class OverlapHooks:
     stay_asleep_on_rollback: bool = False
 
 
-@dataclass
-class Outcome:
-    ok: bool
-    seconds: float
-    error: BackendError | None = None
-    thread: threading.Thread | None = None  # set while the call has not returned (in flight)
-
-    @property
-    def in_flight(self) -> bool:
-        return self.thread is not None and self.thread.is_alive()
-
-
 # The phases of a suspend and of a resume, in order (the executor and suspend/api.py mark each with
 # mark_phase, so a crash can be placed): settle = wait for calls a killed run left in flight, observe =
 # read the tree and every state and run the safety checks, quiesce = keep work from the workers (sleep,
@@ -103,62 +92,6 @@ def read_phase(run_dir: str) -> str | None:
         return json.loads((Path(run_dir) / PHASE_FILE).read_text())["phase"]
     except (OSError, ValueError, KeyError, TypeError):
         return None
-
-
-def run_parallel(
-    op: str,
-    pids: list[int],
-    call: Callable[[int], None],
-    timeout_s: float,
-    progress: Callable[[], str] | None = None,
-    progress_s: float = 5.0,
-) -> dict[int, Outcome]:
-    """Run `call(pid)` for every PID at once, one thread each; a call past `timeout_s` counts as failed.
-
-    Threads are daemons: a driver call that never returns cannot be cancelled, but must not keep the
-    tool from reporting and exiting.
-    """
-    outcomes: dict[int, Outcome] = {}
-    guard = threading.Lock()
-    started = time.monotonic()
-
-    def work(pid: int) -> None:
-        begin = time.monotonic()
-        try:
-            call(pid)
-            outcome = Outcome(True, time.monotonic() - begin)
-        except BackendError as error:
-            outcome = Outcome(False, time.monotonic() - begin, error)
-        except Exception as error:  # a bug or an OS error in one thread must not hide the others' results
-            outcome = Outcome(False, time.monotonic() - begin, BackendError(op, pid, repr(error)))
-        with guard:
-            outcomes[pid] = outcome
-
-    threads = [threading.Thread(target=work, args=(pid,), name=f"{op}-{pid}", daemon=True) for pid in pids]
-    for thread in threads:
-        thread.start()
-    deadline = started + timeout_s
-    next_progress = started + progress_s
-    while any(thread.is_alive() for thread in threads) and time.monotonic() < deadline:
-        for thread in threads:
-            thread.join(timeout=min(0.05, max(0.0, deadline - time.monotonic())))
-        now = time.monotonic()
-        if progress is not None and now >= next_progress:
-            with guard:
-                done = len(outcomes)
-            logger.info("{}: {}/{} PIDs done after {:.0f} s; {}", op, done, len(pids), now - started, progress())
-            next_progress = now + progress_s
-    with guard:
-        final = dict(outcomes)
-    for thread, pid in zip(threads, pids, strict=True):
-        if pid not in final:
-            final[pid] = Outcome(
-                False,
-                timeout_s,
-                BackendError(op, pid, f"did not return in {timeout_s:g} s", timed_out=True),
-                thread,
-            )
-    return final
 
 
 STATE_READ_TRIES = 3

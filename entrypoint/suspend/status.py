@@ -9,10 +9,10 @@ from pathlib import Path
 from ..base.config import Config
 from ..base.errors import ExitCode, ToolError
 from ..base.results import ToggleResult
-from ..cuda.backend import select_backend
-from ..gate.hold import Hold
+from ..cuda.choose import select_backend
 from ..server.vllm_control import VllmControl, VllmControlError
 from .api import RESUME
+from .hold import Hold
 from .light_sleep import asleep_since
 from .observe import observe, record_of
 from .plan import model_holders
@@ -35,7 +35,7 @@ class StatusResult:
     server: dict = field(default_factory=dict)  # what the server's endpoints answered
     vllm: dict = field(default_factory=dict)  # is_paused, is_sleeping
     suspend_record: dict | None = None
-    hold: dict | None = None  # the operator's hold (gate/hold.py), None when not held
+    hold: dict | None = None  # the operator's hold (suspend/hold.py), None when not held
     asleep_since: float | None = None  # the gate's light sleep (suspend/light_sleep.py), None when not asleep
 
     def to_json(self) -> dict:

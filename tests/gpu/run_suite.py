@@ -58,7 +58,7 @@ sys.path.insert(0, str(REPO))
 
 from entrypoint.base.config import load_config  # noqa: E402
 from entrypoint.base.errors import ToolError  # noqa: E402
-from entrypoint.cuda.backend import select_backend  # noqa: E402
+from entrypoint.cuda.choose import select_backend  # noqa: E402
 from entrypoint.cuda.driver_backend import DriverBackend  # noqa: E402
 from entrypoint.cuda.gpus import read_gpus  # noqa: E402
 from entrypoint.cycle.openai_client import OpenAIClient  # noqa: E402
