@@ -13,12 +13,13 @@ Resume:  restore all -> unlock all -> verify states -> unquiesce -> prove memory
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass, field
 
 from loguru import logger
 
 from ..base.config import Config
 from ..base.errors import ExitCode, ToolError
-from ..base.processes import describe, inherited_environ, same_process
+from ..base.processes import ProcessInfo, describe, inherited_environ, same_process
 from ..base.results import PidResult, ToggleResult
 from ..cuda.backend import Backend, BackendError
 from ..cuda.choose import select_backend
@@ -109,14 +110,13 @@ def move_to(
         gone = SuspendRecord.remove_stale(config.run_dir)
         settled += [f"removed the suspend record of server {r.describe_instance()}: that server is gone" for r in gone]
         obs = _observe_after_removal(config, backend, pid, force, gone)
+        run = _Run(config, backend, obs, force, started, guard, hooks)
         try:
             if target == SUSPEND:
                 requested_quiesce = quiesce or (config.quiesce if freeze_dispatcher else "none")
-                result = _suspend(
-                    config, backend, obs, force, started, mode or config.mode, requested_quiesce, guard, hooks
-                )
+                result = _suspend(run, mode or config.mode, requested_quiesce)
             else:
-                result = _resume(config, backend, obs, force, started, guard, hooks)
+                result = _resume(run)
         except ToolError as failure:
             if isinstance(failure.result, ToggleResult):
                 failure.result.notes[:0] = settled
@@ -146,31 +146,66 @@ def _observe_after_removal(
         ) from None
 
 
-def _interrupted_before_any_change(guard: SignalGuard, result: ToggleResult, started: float, states: dict) -> None:
-    if guard.received:
-        result.interrupted = guard.received
-        raise _fail(
-            result,
-            f"interrupted by {guard.received} before anything changed: nothing was done",
-            ExitCode.INTERRUPTED,
-            started,
-            states,
+@dataclass
+class _Run:
+    """One suspend or resume under way: what its steps read, and the result and CUDA states they fill in (the
+    executor updates `states` in place, so every step and every failure reports the same dict)."""
+
+    config: Config
+    backend: Backend
+    obs: Observation
+    force: bool
+    started: float
+    guard: SignalGuard
+    hooks: OverlapHooks
+    result: ToggleResult = field(init=False)
+    states: dict[int, str | None] = field(init=False, default_factory=dict)
+
+    def fail(self, message: str, code: ExitCode) -> ToolError:
+        return _fail(self.result, message, code, self.started, self.states)
+
+    def succeed(self) -> ToggleResult:
+        _finish(self.result, self.states, self.started)
+        self.result.ok = True
+        return self.result
+
+    def go_on_despite(self, refusals: list[str]) -> None:
+        """--force: the refusals are overridden, loudly; without it they end the run before anything changed."""
+        for reason in refusals:
+            logger.warning("--force: going on despite: {}", reason)
+
+
+def _interrupted_before_any_change(run: _Run) -> None:
+    if run.guard.received:
+        run.result.interrupted = run.guard.received
+        raise run.fail(
+            f"interrupted by {run.guard.received} before anything changed: nothing was done", ExitCode.INTERRUPTED
         )
 
 
 # suspend ----------------------------------------------------------------------------------------------------
-def _suspend(
-    config: Config,
-    backend: Backend,
-    obs: Observation,
-    force: bool,
-    started: float,
-    mode: str,
-    quiesce: str,
-    guard: SignalGuard,
-    hooks: OverlapHooks,
-) -> ToggleResult:
-    record = record_of(config, obs)
+def _suspend(run: _Run, mode: str, quiesce: str) -> ToggleResult:
+    """The steps of a suspend, after observe (move_to): each ends the run with its own failure."""
+    earlier = record_of(run.config, run.obs)
+    plan = _plan_suspend(run, earlier, mode, quiesce)
+    _refuse_suspend(run, plan)
+    control = VllmControl(run.obs.capabilities.url, run.config.sleep_timeout_s)
+    _warn_unreachable(run.config, run.obs, plan.quiesce, run.result)
+    if all(state == "checkpointed" for state in run.states.values()):
+        return _already_checkpointed(run, earlier, control)
+    _interrupted_before_any_change(run)
+    record = _record_before_any_change(run, plan, earlier, control)
+    _quiesce(run, plan, record, control)
+    _measure_what_moves(run, plan, record)
+    after = _lock_checkpoint_and_prove(run, plan, record, control)
+    _record_complete(run, record, after)
+    return run.succeed()
+
+
+def _plan_suspend(run: _Run, earlier: SuspendRecord | None, mode: str, quiesce: str) -> SuspendPlan:
+    """plan.py's verdict on the observation, and the result it starts: the PIDs to checkpoint, the dispatcher
+    to freeze, the refusals."""
+    config, obs = run.config, run.obs
     plan = plan_suspend(
         obs,
         quiesce=quiesce,
@@ -179,165 +214,181 @@ def _suspend(
         read_environ=inherited_environ,
         host_available_mib=host_available_mib(config),
         ram_margin_mib=config.ram_margin_mib,
-        record_mode=record.mode if record else None,
+        record_mode=earlier.mode if earlier else None,
         proc_status=safety.own_proc_status(),
     )
-    result = _new_result(SUSPEND, obs, backend, plan.checkpoint, plan.holders)
-    result.forced, result.quiesce, result.mode = force, plan.quiesce, plan.mode
+    result = run.result = _new_result(SUSPEND, obs, run.backend, plan.checkpoint, plan.holders)
+    result.forced, result.quiesce, result.mode = run.force, plan.quiesce, plan.mode
     result.dispatchers = [
         {"pid": p.pid, "name": p.title, "frozen_before": p.stopped, "frozen_after": True} for p in plan.freeze
     ]
-    states = {pid: obs.states[pid] for pid in plan.checkpoint}
+    run.states = {pid: obs.states[pid] for pid in plan.checkpoint}
+    return plan
+
+
+def _refuse_suspend(run: _Run, plan: SuspendPlan) -> None:
+    """Nothing to checkpoint, a blocker, or a refusal without --force: the server is left as it was."""
     if not plan.checkpoint:
-        raise _fail(
-            result,
-            f"no CUDA processes in the tree of PID {obs.root_pid} ({obs.root_how}): is the model "
+        raise run.fail(
+            f"no CUDA processes in the tree of PID {run.obs.root_pid} ({run.obs.root_how}): is the model "
             "loaded yet? (cuda-toggle-all status shows every process)",
             ExitCode.NO_CUDA_PROCESSES,
-            started,
-            states,
         )
-    result.refusals = plan.refusals + plan.blockers
+    run.result.refusals = plan.refusals + plan.blockers
     if plan.blockers:
-        raise _fail(result, "refused, nothing changed: " + " | ".join(plan.blockers), ExitCode.REFUSED, started, states)
-    if plan.refusals and not force:
-        raise _fail(result, "refused, nothing changed: " + " | ".join(plan.refusals), ExitCode.REFUSED, started, states)
-    for reason in plan.refusals:
-        logger.warning("--force: going on despite: {}", reason)
-    control = VllmControl(obs.capabilities.url, config.sleep_timeout_s)
-    _warn_unreachable(config, obs, plan.quiesce, result)
-    if all(state == "checkpointed" for state in states.values()):
-        result.notes.append("already checkpointed: nothing to do")
-        if record is not None:
-            result.quiesce, result.mode = record.quiesce, record.mode
-        frozen = any(process.matches(config.dispatcher) for process in obs.stopped)
-        result.evidence = {"vllm": vllm_flags(control, engine_frozen=frozen), "gpus": {"already": True}}
-        _finish(result, states, started)
-        result.ok = True
-        return result
+        raise run.fail("refused, nothing changed: " + " | ".join(plan.blockers), ExitCode.REFUSED)
+    if plan.refusals and not run.force:
+        raise run.fail("refused, nothing changed: " + " | ".join(plan.refusals), ExitCode.REFUSED)
+    run.go_on_despite(plan.refusals)
 
-    _interrupted_before_any_change(guard, result, started, states)
+
+def _already_checkpointed(run: _Run, earlier: SuspendRecord | None, control: VllmControl) -> ToggleResult:
+    """Every CUDA process reads checkpointed: nothing to do, and the result says how it was suspended."""
+    result = run.result
+    result.notes.append("already checkpointed: nothing to do")
+    if earlier is not None:
+        result.quiesce, result.mode = earlier.quiesce, earlier.mode
+    frozen = any(process.matches(run.config.dispatcher) for process in run.obs.stopped)
+    result.evidence = {"vllm": vllm_flags(control, engine_frozen=frozen), "gpus": {"already": True}}
+    return run.succeed()
+
+
+def _record_before_any_change(
+    run: _Run, plan: SuspendPlan, earlier: SuspendRecord | None, control: VllmControl
+) -> SuspendRecord:
+    """The suspend record, saved before anything changes: a crash from here on leaves what `running` needs."""
+    obs = run.obs
     root = obs.process(obs.root_pid)
-    earlier = record
-    record = SuspendRecord(obs.root_pid, root.create_time, backend.name, time.time())
+    record = SuspendRecord(obs.root_pid, root.create_time, run.backend.name, time.time())
     if earlier is not None:  # a suspend that half-ran: keep what it measured (never overwrite with less)
         record.gpus = earlier.gpus
     record.frozen = [FrozenProcess(p.pid, p.create_time, p.title) for p in plan.freeze]
     record.cuda = [ProcessRecord(pid, obs.process(pid).create_time, obs.title(pid)) for pid in plan.checkpoint]
     record.mode, record.quiesce, record.server_url = plan.mode, plan.quiesce, control.url
-    record.save(config.run_dir)  # before anything changes: a crash from here on leaves what `running` needs
+    record.save(run.config.run_dir)
+    return record
 
+
+def _quiesce(run: _Run, plan: SuspendPlan, record: SuspendRecord, control: VllmControl) -> None:
+    """Hold the requests (vLLM's pause or sleep, or the SIGSTOP of the dispatcher); one that fails lets the server
+    go again and removes the record."""
     try:
-        mark_phase(config.run_dir, "quiesce")
-        quiesce_server(plan, control, result)
+        mark_phase(run.config.run_dir, "quiesce")
+        quiesce_server(plan, control, run.result)
         if record.mode != plan.mode:  # the sleep failed and vLLM was paused instead: `running` must resume it
             record.mode = plan.mode
-            record.save(config.run_dir)
+            record.save(run.config.run_dir)
     except (VllmControlError, ToolError) as error:
-        problems = unquiesce_server(control, record, plan.freeze, result)
-        record.clear(config.run_dir)
+        problems = unquiesce_server(control, record, plan.freeze, run.result)
+        record.clear(run.config.run_dir)
         message = getattr(error, "message", str(error))
-        raise _fail(
-            result,
+        raise run.fail(
             f"suspend failed before any checkpoint: {message}"
             + (f"; and letting the server go failed: {problems}" if problems else "; the server runs as before"),
             ExitCode.INCONSISTENT if problems else ExitCode.TRANSITION_FAILED,
-            started,
-            states,
         )
-    if proves_per_process_alone(obs.gpus, plan.checkpoint):
-        # What the checkpoint will move, so that a swap can tell what this server's restore adds (OverlapHooks).
-        quiesced = read_gpus(config)
-        record.checkpoint_mib = sum(quiesced.pids_mib.get(pid, 0) for pid in plan.checkpoint)
-        record.save(config.run_dir)
-        if hooks.memory_released and plan.mode == "hybrid":
-            hooks.memory_released()  # the weights and KV cache are in host RAM: another server may restore now
-    transition = Transition(config, backend, result, states, guard, gpu_progress(config))
+
+
+def _measure_what_moves(run: _Run, plan: SuspendPlan, record: SuspendRecord) -> None:
+    """What the checkpoint will move, so that a swap can tell what this server's restore adds (OverlapHooks)."""
+    if not proves_per_process_alone(run.obs.gpus, plan.checkpoint):
+        return
+    quiesced = read_gpus(run.config)
+    record.checkpoint_mib = sum(quiesced.pids_mib.get(pid, 0) for pid in plan.checkpoint)
+    record.save(run.config.run_dir)
+    if run.hooks.memory_released and plan.mode == "hybrid":
+        run.hooks.memory_released()  # the weights and KV cache are in host RAM: another server may restore now
+
+
+def _lock_checkpoint_and_prove(run: _Run, plan: SuspendPlan, record: SuspendRecord, control: VllmControl) -> GpuReading:
+    """Lock and checkpoint every PID (the executor), then prove the memory released; what failed is undone."""
+    transition = Transition(run.config, run.backend, run.result, run.states, run.guard, gpu_progress(run.config))
     try:
-        if guard.received:
-            raise RolledBack(f"interrupted by {guard.received} while quiescing")
+        if run.guard.received:
+            raise RolledBack(f"interrupted by {run.guard.received} while quiescing")
         transition.suspend()
-        after = read_gpus(config)
-        proof = released_proof(obs.gpus, after, plan.checkpoint, config.residual_mib, hooks.neighbour_restore_mib)
-        result.gpus_after = after.to_json()
-        result.evidence = {"gpus": proof.to_json(), "vllm": vllm_flags(control, plan.quiesce == "sigstop")}
-        if not proof.ok and obs.gpus.gpus:
-            logger.error("the checkpoint did not free the server's GPU memory: {}", proof.failure())
-            transition.rollback_to_running()
-            if _stays_asleep(hooks, plan):
-                # After an early wake the target holds the memory the wake-up would take back: stay asleep.
-                record.clear(config.run_dir)
-                mark_asleep(config.run_dir)
-                raise _fail(
-                    result,
-                    f"every process read checkpointed, but {proof.failure()}: the checkpoint was undone and vLLM "
-                    "stays asleep (light sleep) until there is room for it",
-                    ExitCode.MEMORY_KEPT,
-                    started,
-                    states,
-                )
-            problems = unquiesce_server(control, record, plan.freeze, result)
-            record.clear(config.run_dir)
-            raise _fail(
-                result,
-                f"every process read checkpointed, but {proof.failure()}: the suspend was undone and the "
-                "server runs again"
-                + (f" (letting it go failed: {problems})" if problems else "")
-                + ". See `cuda-toggle-all status`; on a GPU shared with processes the tool cannot see, raise "
-                "CUDA_TOGGLE_RESIDUAL_MIB",
-                ExitCode.MEMORY_KEPT if not problems else ExitCode.INCONSISTENT,
-                started,
-                states,
-            )
+        after = _prove_released(run, plan, record, control, transition)
     except RolledBack as failure:
-        result.interrupted = guard.received
-        if _stays_asleep(hooks, plan):
-            record.clear(config.run_dir)
-            mark_asleep(config.run_dir)  # the gate wakes it on its next request, when there is room
-            raise _fail(
-                result,
-                f"suspend failed: {failure}; every process is running again and vLLM stays asleep (light sleep)",
-                ExitCode.TRANSITION_FAILED,
-                started,
-                states,
-            )
-        problems = unquiesce_server(control, record, plan.freeze, result)
-        record.clear(config.run_dir)
-        dead = _dead_while_suspended(record)
-        if dead:  # killed during the lock, say: the rollback cannot bring it back
-            raise _fail(
-                result,
-                f"suspend failed: {failure}; and {', '.join(dead)} died meanwhile: this server instance cannot "
-                "serve again. The requests were let go so that vLLM sees it and exits; supervisord restarts the "
-                "program (if it does not, restart it: supervisorctl restart vllm); the gate serves the new instance "
-                "once it answers",
-                ExitCode.INCONSISTENT,
-                started,
-                states,
-            )
-        hint = problems or "every process is running again and the server takes requests"
-        raise _fail(
-            result,
-            f"suspend failed: {failure}; {hint}",
-            ExitCode.INCONSISTENT if problems else ExitCode.TRANSITION_FAILED,
-            started,
-            states,
-        )
+        run.result.interrupted = run.guard.received
+        raise _rolled_back(run, plan, record, control, failure)
     except Inconsistent as failure:
         # Some process is not running: the requests stay held (paused or frozen) and the record stays, so
         # that `cuda-toggle-all running` can finish the job; nothing may reach a checkpointed process.
-        result.interrupted = guard.received
-        raise _fail(
-            result,
+        run.result.interrupted = run.guard.received
+        raise run.fail(
             f"suspend failed and could not be undone: {failure}; the requests stay held. Run "
             "`cuda-toggle-all running`; if that fails too, restart the server (supervisorctl restart vllm)",
             ExitCode.INCONSISTENT,
-            started,
-            states,
         )
-    result.interrupted = guard.received
+    run.result.interrupted = run.guard.received
+    return after
 
-    before_by_uuid = obs.gpus.by_uuid()
+
+def _prove_released(
+    run: _Run, plan: SuspendPlan, record: SuspendRecord, control: VllmControl, transition: Transition
+) -> GpuReading:
+    """Every process reads checkpointed: the GPU memory must have gone too, else the checkpoint is undone."""
+    result, obs = run.result, run.obs
+    after = read_gpus(run.config)
+    proof = released_proof(obs.gpus, after, plan.checkpoint, run.config.residual_mib, run.hooks.neighbour_restore_mib)
+    result.gpus_after = after.to_json()
+    result.evidence = {"gpus": proof.to_json(), "vllm": vllm_flags(control, plan.quiesce == "sigstop")}
+    if proof.ok or not obs.gpus.gpus:
+        return after
+    logger.error("the checkpoint did not free the server's GPU memory: {}", proof.failure())
+    transition.rollback_to_running()
+    if _stays_asleep(run.hooks, plan):
+        # After an early wake the target holds the memory the wake-up would take back: stay asleep.
+        record.clear(run.config.run_dir)
+        mark_asleep(run.config.run_dir)
+        raise run.fail(
+            f"every process read checkpointed, but {proof.failure()}: the checkpoint was undone and vLLM "
+            "stays asleep (light sleep) until there is room for it",
+            ExitCode.MEMORY_KEPT,
+        )
+    problems = unquiesce_server(control, record, plan.freeze, result)
+    record.clear(run.config.run_dir)
+    raise run.fail(
+        f"every process read checkpointed, but {proof.failure()}: the suspend was undone and the "
+        "server runs again"
+        + (f" (letting it go failed: {problems})" if problems else "")
+        + ". See `cuda-toggle-all status`; on a GPU shared with processes the tool cannot see, raise "
+        "CUDA_TOGGLE_RESIDUAL_MIB",
+        ExitCode.MEMORY_KEPT if not problems else ExitCode.INCONSISTENT,
+    )
+
+
+def _rolled_back(
+    run: _Run, plan: SuspendPlan, record: SuspendRecord, control: VllmControl, failure: RolledBack
+) -> ToolError:
+    """The executor undid the checkpoint: let the requests go (or stay asleep for a swap), and say why."""
+    if _stays_asleep(run.hooks, plan):
+        record.clear(run.config.run_dir)
+        mark_asleep(run.config.run_dir)  # the gate wakes it on its next request, when there is room
+        return run.fail(
+            f"suspend failed: {failure}; every process is running again and vLLM stays asleep (light sleep)",
+            ExitCode.TRANSITION_FAILED,
+        )
+    problems = unquiesce_server(control, record, plan.freeze, run.result)
+    record.clear(run.config.run_dir)
+    dead = _dead_while_suspended(record)
+    if dead:  # killed during the lock, say: the rollback cannot bring it back
+        return run.fail(
+            f"suspend failed: {failure}; and {', '.join(dead)} died meanwhile: this server instance cannot "
+            "serve again. The requests were let go so that vLLM sees it and exits; supervisord restarts the "
+            "program (if it does not, restart it: supervisorctl restart vllm); the gate serves the new instance "
+            "once it answers",
+            ExitCode.INCONSISTENT,
+        )
+    hint = problems or "every process is running again and the server takes requests"
+    return run.fail(
+        f"suspend failed: {failure}; {hint}", ExitCode.INCONSISTENT if problems else ExitCode.TRANSITION_FAILED
+    )
+
+
+def _record_complete(run: _Run, record: SuspendRecord, after: GpuReading) -> None:
+    """The record of a proven suspend: what each GPU released, for the resume's proof and its refusals."""
+    before_by_uuid = run.obs.gpus.by_uuid()
     record.merge_gpus(
         [
             GpuRecord(g.uuid, g.index, before_by_uuid[g.uuid].used_mib if g.uuid in before_by_uuid else 0, g.used_mib)
@@ -345,10 +396,7 @@ def _suspend(
         ]
     )
     record.complete = True
-    record.save(config.run_dir)
-    _finish(result, states, started)
-    result.ok = True
-    return result
+    record.save(run.config.run_dir)
 
 
 def _stays_asleep(hooks: OverlapHooks, plan: SuspendPlan) -> bool:
@@ -403,23 +451,41 @@ def _resume_control(
     return now
 
 
-def _resume(
-    config: Config,
-    backend: Backend,
-    obs: Observation,
-    force: bool,
-    started: float,
-    guard: SignalGuard,
-    hooks: OverlapHooks,
-) -> ToggleResult:
-    record = record_of(config, obs)
+@dataclass(frozen=True)
+class _ResumeScope:
+    """What a resume moves: the CUDA processes, the ones holding the model, the dispatchers to continue."""
+
+    moving: list[int]
+    holders: list[int]
+    dispatchers: list[ProcessInfo]
+
+
+def _resume(run: _Run) -> ToggleResult:
+    """The steps of a resume, after observe (move_to): each ends the run with its own failure."""
+    record = record_of(run.config, run.obs)
+    scope = _scope_resume(run, record)
+    control = _resume_control(run.config, record, run.obs, run.result)
+    _refuse_unresumable(run, record, scope)
+    _refuse_restore(run, record)
+    _interrupted_before_any_change(run)
+    _restore_and_unlock(run)
+    _unquiesce(run, record, scope, control)
+    _prove_serving(run, record, scope, control)
+    if record is not None:
+        record.clear(run.config.run_dir)
+    return run.succeed()
+
+
+def _scope_resume(run: _Run, record: SuspendRecord | None) -> _ResumeScope:
+    """Every CUDA process of the tree, and the frozen dispatchers; the result starts with them."""
+    obs, config = run.obs, run.config
     holders = model_holders(obs)
     dispatchers = dispatcher_candidates(obs, config.dispatcher, holders) or [
         p for p in obs.stopped if p.matches(config.dispatcher)
     ]
     moving = sorted(obs.states)
-    result = _new_result(RESUME, obs, backend, moving, holders)
-    result.forced = force
+    result = run.result = _new_result(RESUME, obs, run.backend, moving, holders)
+    result.forced = run.force
     if record is not None:
         result.quiesce, result.mode = record.quiesce, record.mode
     result.dispatchers = [
@@ -427,116 +493,111 @@ def _resume(
         for p in dispatchers
         if p.stopped
     ]
-    states = dict(obs.states)
-    control = _resume_control(config, record, obs, result)
+    run.states = dict(obs.states)
+    return _ResumeScope(moving, holders, dispatchers)
+
+
+def _refuse_unresumable(run: _Run, record: SuspendRecord | None, scope: _ResumeScope) -> None:
+    """A state that cannot be read, a member that died, nothing to resume, a process in state `failed`."""
+    obs = run.obs
     if obs.unreadable:
-        raise _fail(
-            result,
+        raise run.fail(
             "cannot read the CUDA state of "
             + "; ".join(f"PID {p}: {e}" for p, e in obs.unreadable.items())
             + ": the server stays suspended (requests held); fix the access (SYS_PTRACE, root) and resume again",
             ExitCode.REFUSED,
-            started,
-            states,
         )
     dead = _dead_while_suspended(record)
     if dead:
         # Nothing may stay stopped: a frozen dispatcher would hold requests for good instead of letting vLLM
         # see its dead member and exit (supervisord then restarts it). The record stays while the instance
         # lives, so that the gate keeps answering 503 rather than sending requests to it; it goes with it.
-        continued = thaw_all(record, dispatchers)
-        result.notes += [f"continued the frozen dispatcher PID {pid}" for pid in continued]
+        continued = thaw_all(record, scope.dispatchers)
+        run.result.notes += [f"continued the frozen dispatcher PID {pid}" for pid in continued]
         let_go = f"; continued the frozen dispatcher PID {continued} so that vLLM sees it and exits"
         let_go = let_go if continued else ""
-        raise _fail(
-            result,
+        raise run.fail(
             f"{', '.join(dead)} died while the server was suspended: this server instance cannot serve again"
             f"{let_go}. supervisord restarts the program once vLLM exits (if it does not exit, restart it: "
             "supervisorctl restart vllm); the gate serves the new instance once it answers",
             ExitCode.INCONSISTENT,
-            started,
-            states,
         )
-    if not moving and not result.dispatchers:
-        raise _fail(
-            result,
-            f"no CUDA processes in the tree of PID {obs.root_pid} ({obs.root_how})",
-            ExitCode.NO_CUDA_PROCESSES,
-            started,
-            states,
+    if not scope.moving and not run.result.dispatchers:
+        raise run.fail(
+            f"no CUDA processes in the tree of PID {obs.root_pid} ({obs.root_how})", ExitCode.NO_CUDA_PROCESSES
         )
-    stuck = [pid for pid, state in states.items() if state == "failed"]
+    stuck = [pid for pid, state in run.states.items() if state == "failed"]
     if stuck:
-        raise _fail(
-            result,
+        raise run.fail(
             f"PID {stuck} is in CUDA state `failed` and cannot be restored: restart the server "
             "(supervisorctl restart vllm)",
             ExitCode.INCONSISTENT,
-            started,
-            states,
         )
-    if any(state == "checkpointed" for state in states.values()):
-        refusals = safety.restore_refusals(
-            record, obs.gpus, config.restore_margin_mib, restore_only=hooks.room_made is not None
-        )
-        result.refusals = refusals
-        if refusals and not force:
-            raise _fail(
-                result,
-                "refused, nothing changed (the server stays suspended): " + " | ".join(refusals),
-                ExitCode.REFUSED,
-                started,
-                states,
-            )
-        for reason in refusals:
-            logger.warning("--force: going on despite: {}", reason)
 
-    _interrupted_before_any_change(guard, result, started, states)
-    if all(state == "running" for state in states.values()):
-        result.notes.append("every CUDA process was running already")
+
+def _refuse_restore(run: _Run, record: SuspendRecord | None) -> None:
+    """safety.py's refusals of a restore (room on the GPUs, the same GPUs), unless --force."""
+    if not any(state == "checkpointed" for state in run.states.values()):
+        return
+    refusals = safety.restore_refusals(
+        record, run.obs.gpus, run.config.restore_margin_mib, restore_only=run.hooks.room_made is not None
+    )
+    run.result.refusals = refusals
+    if refusals and not run.force:
+        raise run.fail(
+            "refused, nothing changed (the server stays suspended): " + " | ".join(refusals), ExitCode.REFUSED
+        )
+    run.go_on_despite(refusals)
+
+
+def _restore_and_unlock(run: _Run) -> None:
+    """Restore and unlock every PID (the executor); where all run already, only the swap's room is awaited."""
+    hooks = run.hooks
+    if all(state == "running" for state in run.states.values()):
+        run.result.notes.append("every CUDA process was running already")
         if hooks.room_made and not hooks.room_made():
-            raise _fail(
-                result,
+            raise run.fail(
                 "the resume was withdrawn before vLLM woke up: the GPU memory it needs was not made free",
                 ExitCode.TRANSITION_FAILED,
-                started,
-                states,
             )
-    else:
-        transition = Transition(config, backend, result, states, guard, gpu_progress(config))
-        try:
-            transition.resume(hooks.room_made)
-        except RolledBack as failure:
-            raise _fail(result, f"resume failed: {failure}", ExitCode.TRANSITION_FAILED, started, states)
-        except Inconsistent as failure:
-            raise _fail(
-                result,
-                f"resume failed: {failure}; the requests stay held. Restart the server (supervisorctl restart vllm)",
-                ExitCode.INCONSISTENT,
-                started,
-                states,
-            )
+        return
+    transition = Transition(run.config, run.backend, run.result, run.states, run.guard, gpu_progress(run.config))
+    try:
+        transition.resume(hooks.room_made)
+    except RolledBack as failure:
+        raise run.fail(f"resume failed: {failure}", ExitCode.TRANSITION_FAILED)
+    except Inconsistent as failure:
+        raise run.fail(
+            f"resume failed: {failure}; the requests stay held. Restart the server (supervisorctl restart vllm)",
+            ExitCode.INCONSISTENT,
+        )
+
+
+def _unquiesce(run: _Run, record: SuspendRecord | None, scope: _ResumeScope, control: VllmControl) -> None:
+    """Let the requests go: vLLM's resume or wake-up, the dispatcher continued."""
+    result = run.result
     began = time.monotonic()
-    mark_phase(config.run_dir, "unquiesce")
-    problems = unquiesce_server(control, record, dispatchers, result)
+    mark_phase(run.config.run_dir, "unquiesce")
+    problems = unquiesce_server(control, record, scope.dispatchers, result)
     result.phases["unquiesce"] = time.monotonic() - began
-    result.interrupted = guard.received
+    result.interrupted = run.guard.received
     for entry in result.dispatchers:
         now = describe(entry["pid"])
         entry["frozen_after"] = bool(now and now.stopped)
     if problems:
-        raise _fail(
-            result,
+        raise run.fail(
             f"every CUDA process runs again, but vLLM was not let go: {'; '.join(problems)}. Run "
             "`cuda-toggle-all running` again (the record is kept)",
             ExitCode.INCONSISTENT,
-            started,
-            states,
         )
 
+
+def _prove_serving(run: _Run, record: SuspendRecord | None, scope: _ResumeScope, control: VllmControl) -> None:
+    """The memory came back, vLLM neither paused nor asleep, a one-token completion, no member gone."""
+    config, obs, result = run.config, run.obs, run.result
     after = read_gpus(config)
     result.gpus_after = after.to_json()
-    memory = returned_proof(after, [g for g in (record.gpus if record else []) if g.released_mib > 0], holders)
+    memory = returned_proof(after, [g for g in (record.gpus if record else []) if g.released_mib > 0], scope.holders)
     flags = vllm_flags(control)
     result.evidence = {"gpus": memory.to_json(), "vllm": flags}
     failures = []
@@ -553,7 +614,7 @@ def _resume(
         result.notes.append(f"no HTTP server answers at {control.url}: no completion could prove the resume")
     if flags["is_paused"] or flags["is_sleeping"]:
         failures.append(f"vLLM still says {flags}")
-    cuda_processes = [obs.process(pid) for pid in moving]
+    cuda_processes = [obs.process(pid) for pid in scope.moving]
     gone = [f"PID {p.pid} ({p.short_title(40)})" for p in cuda_processes if not same_process(p.pid, p.create_time)]
     if gone:  # a member died (its tree is ending, say): this instance is not serving, whatever it answered
         failures.append(
@@ -561,18 +622,10 @@ def _resume(
             "run `cuda-toggle-all running` again then"
         )
     if failures:
-        raise _fail(
-            result,
+        raise run.fail(
             "every CUDA process runs again, but the server is not proven to serve: " + "; ".join(failures),
             ExitCode.INCONSISTENT,
-            started,
-            states,
         )
-    if record is not None:
-        record.clear(config.run_dir)
-    _finish(result, states, started)
-    result.ok = True
-    return result
 
 
 __all__ = [
