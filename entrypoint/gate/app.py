@@ -30,12 +30,13 @@ from ..base.errors import GATE_EXIT_CODES, ExitCode, ToolError, exit_codes_help
 from ..base.render import print_settings, setup_logging
 from .config import GateConfig, gate_settings_help, load_gate_config
 from .control import UNREACHABLE, Phase, PowerController, upstream_answers
-from .fleet import Fleet, check_host_ram
+from .fleet import Fleet
 from .hold import hold_metrics
 from .limits import SERVER_NAME, ConnectionLimiter, ensure_open_file_limit
 from .metrics import CONTENT_TYPE, GateMetrics
 from .programs import write_programs
 from .proxy import Forwarder, json_error, shown
+from .servers import check_host_ram
 
 CONTROLLER = web.AppKey("controller", PowerController)
 STATUS_PATH, METRICS_PATH = "/gate/status", "/gate/metrics"

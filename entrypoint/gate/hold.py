@@ -15,7 +15,7 @@ def target_of(config: Config, model: str | None, pid: int | None, environ: dict 
     """The server of `model` under GATE_MODELS (its run directory, program and address, as the gate keeps
     them), else the one server. ToolError(USAGE) for a model GATE_MODELS does not have."""
     from .config import load_gate_config  # the gate's settings only when a hold names a model
-    from .fleet import Fleet, run_dir_of
+    from .servers import run_dir_of, server_pid
 
     environ = dict(os.environ if environ is None else environ)
     if not environ.get("GATE_MODELS"):
@@ -34,7 +34,7 @@ def target_of(config: Config, model: str | None, pid: int | None, environ: dict 
     )
     if pid is None:
         with contextlib.suppress(ToolError):  # not found: the library says so with its own words
-            pid = Fleet.server_pid(entry, config)
+            pid = server_pid(entry, config)
     return Target(entry.name, config, pid)
 
 
