@@ -326,7 +326,7 @@ class PowerController:
     ) -> asyncio.Task[TransitionOutcome]:
         """Start the gate's suspend (Phase.SUSPENDING) or resume (Phase.RESUMING); one at a time.
 
-        `hooks` overlap it with another server's transition (a swap, see gate/fleet.py). `light` with
+        `hooks` overlap it with another server's transition (a swap, see gate/overlap.py). `light` with
         Phase.SUSPENDING: the light sleep instead of the suspend. A resume of a server in light sleep is its
         wake-up."""
         if self.transition is not None:

@@ -7,7 +7,7 @@ GATE_MODELS is set, runs `vllm-gate --write-programs DIR`, which writes:
   last value given, so these win over the command's);
 - DIR/models.conf, which supervisord.conf's [include] reads: the default model stays program `vllm` (its
   arguments file set), every other one gets a [program:vllm-NAME] of the same shape; none starts by
-  itself, because the gate starts them one after another (entrypoint/gate/fleet.py).
+  itself, because the gate starts them one after another (entrypoint/gate/startup.py).
 """
 
 from __future__ import annotations

@@ -54,7 +54,7 @@ class OverlapHooks:
       H200, driver 580: ~0.9 GiB unlisted), so the suspend's proof allows that much unlisted growth.
     - room_made: a resume calls it between restore and unlock and waits for its answer; False withdraws
       the resume (the restored processes, still locked, are checkpointed again; vLLM never woke up).
-    - stay_asleep_on_rollback: see below (the gate's early wake, gate/fleet.py).
+    - stay_asleep_on_rollback: see below (the gate's early wake, gate/overlap.py).
     """
 
     memory_released: Callable[[], None] | None = None
