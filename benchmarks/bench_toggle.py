@@ -34,11 +34,11 @@ import psutil
 from loguru import logger
 
 from benchmarks.seed_protocol import seed_cuda_pids, seed_toggle_all
-from entrypoint.backend_cli import CliBackend
-from entrypoint.config import DEFAULT_MATCH, Config, load_config
-from entrypoint.errors import ToolError
-from entrypoint.safety import REQUIRED_SERVER_ENV
-from entrypoint.toggle import RESUME, SUSPEND, move_to
+from entrypoint.base.config import DEFAULT_MATCH, Config, load_config
+from entrypoint.base.errors import ToolError
+from entrypoint.cuda.cli_backend import CliBackend
+from entrypoint.suspend.api import RESUME, SUSPEND, move_to
+from entrypoint.suspend.safety import REQUIRED_SERVER_ENV
 
 REPO = Path(__file__).resolve().parent.parent
 FAKES_DIR = REPO / "tests" / "fakes"

@@ -21,7 +21,7 @@ import subprocess
 import time
 from collections import deque
 
-from entrypoint.backends import Backend, BackendError
+from entrypoint.cuda.backend import Backend, BackendError
 
 # What `cuda-checkpoint --toggle` does to a process in each state (as tests/fakes/cuda-checkpoint models the
 # binary); a process in any other state cannot be toggled.
@@ -32,7 +32,7 @@ def seed_cuda_pids(backend: Backend, root_pid: int) -> list[int]:
     """The PIDs the seed would toggle: the root and every descendant (a BFS over `ps -e -o pid=,ppid=`) whose
     get-state answers running or checkpointed, asked one after the other, as the seed's bash loop does.
 
-    Not entrypoint.processes.walk_tree, on purpose: the baseline pays what the seed paid (one `ps`, no
+    Not entrypoint.base.processes.walk_tree, on purpose: the baseline pays what the seed paid (one `ps`, no
     titles or create times read), so the benchmark compares the seed's cost with the tool's."""
     listing = subprocess.run(["ps", "-e", "-o", "pid=,ppid="], capture_output=True, text=True, check=True).stdout
     children: dict[int, list[int]] = {}

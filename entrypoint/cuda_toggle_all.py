@@ -1,6 +1,6 @@
 """`cuda-toggle-all`: suspend (checkpointed) or resume (running) every CUDA process of a vLLM server.
 
-The click layer only parses, calls the library (toggle.py) and renders; cli_exit.py turns failures into
+The click layer only parses, calls the library (suspend/api.py) and renders; base/cli_exit.py turns failures into
 exit codes.
 """
 
@@ -11,13 +11,14 @@ import json
 import click
 from loguru import logger
 
-from .cli_exit import ExitCodeCommand
-from .config import load_config, settings_help
-from .errors import TOGGLE_EXIT_CODES, ToolError, exit_codes_help
-from .gate_hold import INFLIGHT_CHOICES, hold, release
-from .render import print_settings, setup_logging, status_table, toggle_table
-from .server_status import status, warm_up
-from .toggle import TARGET_ALIASES, move_to
+from .base.cli_exit import ExitCodeCommand
+from .base.config import load_config, settings_help
+from .base.errors import TOGGLE_EXIT_CODES, ToolError, exit_codes_help
+from .base.render import print_settings, setup_logging, status_table, toggle_table
+from .gate.hold import target_of
+from .suspend.api import TARGET_ALIASES, move_to
+from .suspend.hold import INFLIGHT_CHOICES, hold, release
+from .suspend.status import status, warm_up
 
 EPILOG = "\n\n".join(
     [
@@ -164,12 +165,12 @@ def cli(
         logger.info("\n" + status_table(result))
     elif target == "hold":
         result = hold(
-            config, model=model, inflight=inflight, drain_timeout_s=drain_timeout, pid=pid, backend_name=backend
+            target_of(config, model, pid), inflight=inflight, drain_timeout_s=drain_timeout, backend_name=backend
         )
         logger.info("held{}: {}", f" model {model}" if model else "", "suspended until `cuda-toggle-all release`")
         logger.info("\n" + toggle_table(result["suspend"]))
     elif target == "release":
-        result = release(config, model=model, resume=not no_resume, pid=pid, backend_name=backend)
+        result = release(target_of(config, model, pid), resume=not no_resume, backend_name=backend)
         logger.info(
             "released{}{}", f" model {model}" if model else "", "" if result["released"] else " (it was not held)"
         )

@@ -1,4 +1,4 @@
-"""`selftest`: prove suspend and resume on a running server (the CLI; the run is in selftest_run.py).
+"""`selftest`: prove suspend and resume on a running server (the CLI; the run is in cycle/run.py).
 
 Every option is checked before anything is sent or changed: a bad one exits 2 with a message naming
 the fix, never after a wait or a suspend.
@@ -14,12 +14,12 @@ from urllib.parse import urlsplit
 import click
 from loguru import logger
 
-from .cli_exit import ExitCodeCommand
-from .config import load_config, settings_help
-from .errors import SELFTEST_EXIT_CODES, ExitCode, ToolError, exit_codes_help
-from .render import setup_logging
-from .selftest_report import render
-from .selftest_run import Options, Selftest
+from .base.cli_exit import ExitCodeCommand
+from .base.config import load_config, settings_help
+from .base.errors import SELFTEST_EXIT_CODES, ExitCode, ToolError, exit_codes_help
+from .base.render import setup_logging
+from .cycle.report import render
+from .cycle.run import Options, Selftest
 
 DAY_S = 86400
 

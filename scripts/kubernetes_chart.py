@@ -23,9 +23,9 @@ import yaml
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from entrypoint.config import SETTINGS  # noqa: E402
-from entrypoint.gate_config import GATE_SETTINGS  # noqa: E402
-from entrypoint.settings import FALSE_WORDS, TRUE_WORDS, Setting  # noqa: E402
+from entrypoint.base.config import SETTINGS  # noqa: E402
+from entrypoint.base.settings import FALSE_WORDS, TRUE_WORDS, Setting  # noqa: E402
+from entrypoint.gate.config import GATE_SETTINGS  # noqa: E402
 
 CHART = REPO / "deploy" / "kubernetes" / "chart"
 OVERLAYS_DIR = REPO / "deploy" / "kubernetes" / "overlays"

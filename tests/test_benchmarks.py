@@ -15,9 +15,9 @@ import psutil
 import pytest
 
 from benchmarks.seed_protocol import seed_cuda_pids, seed_toggle_all
-from entrypoint.backend_cli import CliBackend
-from entrypoint.backend_driver import DriverBackend
-from entrypoint.config import load_config
+from entrypoint.base.config import load_config
+from entrypoint.cuda.cli_backend import CliBackend
+from entrypoint.cuda.driver_backend import DriverBackend
 from tests.testing import REPO
 
 BACKENDS = {"cli": CliBackend, "driver": DriverBackend}  # the driver one has no `toggle`: it is emulated

@@ -9,15 +9,15 @@ import sys
 
 import pytest
 
-from entrypoint.errors import ExitCode
+from entrypoint.base.errors import ExitCode
 from tests.testing import REPO
 
 PROBE = """
 import time
 import click
-from entrypoint.cli_exit import ExitCodeCommand
-from entrypoint.errors import ExitCode, ToolError
-from entrypoint.render import setup_logging
+from entrypoint.base.cli_exit import ExitCodeCommand
+from entrypoint.base.errors import ExitCode, ToolError
+from entrypoint.base.render import setup_logging
 
 def show_refusal_as_json(failure, params):
     if params["as_json"]:

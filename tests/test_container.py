@@ -175,7 +175,7 @@ def option(args: list[str], name: str) -> str:
 
 def test_compose_publishes_the_gate_and_keeps_vllm_internal(empty_env_file: Path):
     """The host port goes to the gate (8000); vLLM listens on loopback at GATE_UPSTREAM, nowhere else."""
-    from entrypoint.gate_config import GATE_SETTINGS
+    from entrypoint.gate.config import GATE_SETTINGS
 
     svc = service(compose_config(empty_env_file))
     assert [(p["published"], p["target"]) for p in svc["ports"]] == [("8010", 8000)]
@@ -299,7 +299,7 @@ def test_dockerfile_has_a_healthcheck_on_health():
 
 def test_dockerfile_env_matches_the_copied_files_and_the_tool_defaults():
     """ENV names the files COPY puts there; the socket and program are cuda-toggle-all's defaults."""
-    from entrypoint.config import SETTINGS
+    from entrypoint.base.config import SETTINGS
 
     text = dockerfile()
     env = dict(re.findall(r"^\s+(?:ENV\s+)?([A-Z_]+)=(\S+?)(?:\s+\\)?$", text, re.M))
@@ -308,7 +308,7 @@ def test_dockerfile_env_matches_the_copied_files_and_the_tool_defaults():
     assert copies[env["VLLM_REAPER"]] == "docker/vllm-reaper.sh"
     assert copies[env["SUPERVISOR_CONF"]] == "supervisord.conf"
     scripts = dict(re.findall(r'^([\w-]+) = "([\w.:]+)"$', (REPO / "pyproject.toml").read_text(), re.M))
-    assert scripts[env["GATE_LAUNCHER"]] == "entrypoint.gate:main"
+    assert scripts[env["GATE_LAUNCHER"]] == "entrypoint.gate.app:main"
     assert re.search(r'^ENTRYPOINT \["(\S+)"\]$', text, re.M)[1] in copies
     socket_url = f"unix://{env['SUPERVISOR_RUN_DIR']}/supervisord.sock"
     assert socket_url == SETTINGS["CUDA_TOGGLE_SUPERVISOR_URL"].default
@@ -836,8 +836,8 @@ def test_supervisord_pid_of_vllm_is_the_root_of_the_tp2_tree(standin):
 @pytest.mark.slow
 def test_cuda_toggle_all_finds_the_supervised_server(standin):
     """cuda-toggle-all's server lookup gets the same PID from supervisord's socket."""
-    from entrypoint.config import load_config
-    from entrypoint.discovery import find_server, supervisor_program_pid
+    from entrypoint.base.config import load_config
+    from entrypoint.server.discovery import find_server, supervisor_program_pid
 
     supervised, port = standin
     pid = ensure_running(supervised, port)
@@ -852,8 +852,8 @@ def test_cuda_toggle_all_finds_the_supervised_server(standin):
 def test_sleep_calls_go_to_the_port_on_vllm_command_line(standin):
     """The hybrid suspend finds vLLM's own address (for /sleep) in its command line: the internal port,
     not the gate's; the gate's GATE_UPSTREAM is the same address."""
-    from entrypoint.processes import describe
-    from entrypoint.vllm_control import VllmControl, server_url
+    from entrypoint.base.processes import describe
+    from entrypoint.server.vllm_control import VllmControl, server_url
 
     supervised, port = standin
     pid = ensure_running(supervised, port)

@@ -10,9 +10,9 @@ import time
 
 import pytest
 
-from entrypoint.config import SETTINGS
-from entrypoint.errors import TOGGLE_EXIT_CODES, ExitCode
-from entrypoint.runstate import ToolLock
+from entrypoint.base.config import SETTINGS
+from entrypoint.base.errors import TOGGLE_EXIT_CODES, ExitCode
+from entrypoint.suspend.records import ToolLock
 from tests.toggle_fixtures import REPO, SAFE_ENV, fakegpu, kill_hung_fakes, sleep_until
 
 
@@ -355,9 +355,9 @@ def test_call_that_does_not_return_is_never_rolled_back(toggle_env, fake_tree):
 def test_freeze_that_does_not_take_effect_is_undone():
     """A SIGSTOP that has not taken effect in time is cancelled with SIGCONT before the error is raised,
     and the message says so (nothing claims a rollback that did not happen)."""
-    from entrypoint.errors import ToolError
-    from entrypoint.processes import describe
-    from entrypoint.transition import freeze
+    from entrypoint.base.errors import ToolError
+    from entrypoint.base.processes import describe
+    from entrypoint.suspend.executor import freeze
 
     sleeper = subprocess.Popen(["sleep", "30"])
     try:
@@ -478,8 +478,8 @@ def test_match_option_finds_a_server_by_command_line(toggle_env, fake_tree, serv
 
 def test_default_patterns_find_vllm_by_either_command_line(fake_tree, server_tag):
     """The default patterns cover `python -m vllm.entrypoints.openai.api_server` and `vllm serve`."""
-    from entrypoint.config import DEFAULT_MATCH
-    from entrypoint.discovery import matching_roots
+    from entrypoint.base.config import DEFAULT_MATCH
+    from entrypoint.server.discovery import matching_roots
 
     first = fake_tree()
     second = fake_tree(title="/usr/bin/vllm serve Qwen/Qwen3-8B-AWQ")

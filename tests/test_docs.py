@@ -11,15 +11,15 @@ import sys
 import click
 import pytest
 
-from entrypoint.config import SETTINGS
+from entrypoint.base.config import SETTINGS
+from entrypoint.base.errors import GATE_EXIT_CODES, SELFTEST_EXIT_CODES, TOGGLE_EXIT_CODES, ExitCode
+from entrypoint.base.results import PidResult, ToggleResult
 from entrypoint.cuda_toggle_all import cli as toggle_cli
-from entrypoint.errors import GATE_EXIT_CODES, SELFTEST_EXIT_CODES, TOGGLE_EXIT_CODES, ExitCode
-from entrypoint.gate import cli as gate_cli
-from entrypoint.gate_config import GATE_SETTINGS
-from entrypoint.results import PidResult, ToggleResult
+from entrypoint.cycle.report import Cycle, Report
+from entrypoint.gate.app import cli as gate_cli
+from entrypoint.gate.config import GATE_SETTINGS
 from entrypoint.selftest import cli as selftest_cli
-from entrypoint.selftest_report import Cycle, Report
-from entrypoint.server_status import StatusResult
+from entrypoint.suspend.status import StatusResult
 from tests.testing import REPO
 
 README = (REPO / "README.md").read_text()
@@ -136,7 +136,7 @@ def test_documented_json_keys_are_the_result_fields(type_name):
 
 def test_troubleshooting_messages_are_what_the_code_prints():
     """Every quoted message of the tools' troubleshooting tables is, piece by piece, in entrypoint/."""
-    code = "".join(path.read_text() for path in (REPO / "entrypoint").glob("*.py"))
+    code = "".join(path.read_text() for path in (REPO / "entrypoint").rglob("*.py"))
     doc = (DOCS / "troubleshooting.md").read_text()
     tables = section(doc, "cuda-toggle-all (and the suspends of selftest and the gate)") + section(doc, "selftest")
     rows = re.findall(r"^\| (`.+?) \| (\d+) \|", tables, re.M)

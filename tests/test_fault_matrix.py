@@ -27,8 +27,8 @@ import psutil
 import pytest
 import requests
 
-from entrypoint.errors import ExitCode
-from entrypoint.gate_control import tool_lock_purpose
+from entrypoint.base.errors import ExitCode
+from entrypoint.gate.control import tool_lock_purpose
 from tests.test_container import STANDIN, Supervised, alive, process_tree, start_supervised
 from tests.test_swap import MODELS, SHARE, library_env
 from tests.testing import REPO, TOGGLE_ALL_CLI, fakegpu, free_port, wait_until

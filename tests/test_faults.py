@@ -29,8 +29,8 @@ from pathlib import Path
 import psutil
 import pytest
 
-from entrypoint.errors import ExitCode
-from entrypoint.transition import RESUME_PHASES, SUSPEND_PHASES
+from entrypoint.base.errors import ExitCode
+from entrypoint.suspend.executor import RESUME_PHASES, SUSPEND_PHASES
 from tests.testing import TOGGLE_ALL_CLI
 from tests.toggle_fixtures import REPO, SAFE_ENV, fakegpu
 

@@ -1,4 +1,4 @@
-"""The gate (entrypoint/gate.py) in front of the stand-in vLLM on the fake GPU: real processes, real HTTP.
+"""The gate (entrypoint/gate/app.py) in front of the stand-in vLLM on the fake GPU: real processes, real HTTP.
 
 The gate runs as a subprocess (`python -m entrypoint.gate`), the stand-in as its upstream; suspends and
 resumes go through the real library and the fake cuda-checkpoint.
@@ -38,9 +38,9 @@ from benchmarks.bench_gate_attacks import (
     serving,
     time_requests,
 )
-from entrypoint.config import Config, load_config
-from entrypoint.safety import REQUIRED_SERVER_ENV
-from entrypoint.toggle import move_to
+from entrypoint.base.config import Config, load_config
+from entrypoint.suspend.api import move_to
+from entrypoint.suspend.safety import REQUIRED_SERVER_ENV
 from tests.conftest import STANDIN_MODEL, StandinServer, fakegpu
 from tests.testing import REPO, TOGGLE_ALL_CLI, free_port, wait_until
 

@@ -13,13 +13,13 @@ import pytest
 from click.testing import CliRunner
 from loguru import logger
 
-from entrypoint.errors import ExitCode
-from entrypoint.gate import cli
-from entrypoint.gate_config import GATE_SETTINGS, load_gate_config
-from entrypoint.gate_control import Phase, phase_of_tool_run, tool_lock_purpose
-from entrypoint.gate_limits import FILES_BESIDES_CONNECTIONS
-from entrypoint.gate_metrics import GateMetrics
-from entrypoint.gate_paths import (
+from entrypoint.base.errors import ExitCode
+from entrypoint.gate.app import cli
+from entrypoint.gate.config import GATE_SETTINGS, load_gate_config
+from entrypoint.gate.control import Phase, phase_of_tool_run, tool_lock_purpose
+from entrypoint.gate.limits import FILES_BESIDES_CONNECTIONS
+from entrypoint.gate.metrics import GateMetrics
+from entrypoint.gate.paths import (
     DEFAULT_PASSIVE_PATHS,
     OPTIONAL_PATHS,
     OPTIONAL_ROUTES,
@@ -28,7 +28,7 @@ from entrypoint.gate_paths import (
     PathClass,
     RouteTable,
 )
-from entrypoint.runstate import ToolLock
+from entrypoint.suspend.records import ToolLock
 
 
 def test_defaults_match_the_container_layout():

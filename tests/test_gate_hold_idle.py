@@ -1,4 +1,4 @@
-"""The operator's hold (gate_hold.py) and the gate's two stages of idleness (gate_idle.py), on the stand-in
+"""The operator's hold (gate/hold.py) and the gate's two stages of idleness (suspend/light_sleep.py), on the stand-in
 vLLM over the fake GPU, through the real gate and the real CLI."""
 
 from __future__ import annotations

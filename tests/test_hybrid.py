@@ -7,7 +7,7 @@ import json
 import pytest
 import requests
 
-from entrypoint.errors import ExitCode
+from entrypoint.base.errors import ExitCode
 from tests.testing import JsonHandler, serving
 from tests.toggle_fixtures import SAFE_ENV, fakegpu
 

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from entrypoint import safety
+from entrypoint.suspend import safety
 from tests.testing import REPO
 
 INSTALL = REPO / "docker" / "install-cuda-checkpoint.sh"

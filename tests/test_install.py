@@ -37,7 +37,7 @@ def test_console_scripts_start_after_a_plain_pip_install(tmp_path: Path):
         cwd=tmp_path,
     )
     assert install.returncode == 0, install.stderr[-3000:]
-    probe = [str(python), "-c", "import aiohttp, entrypoint.gate"]
+    probe = [str(python), "-c", "import aiohttp, entrypoint.gate.app"]
     assert subprocess.run(probe, capture_output=True, timeout=60, env=environ, cwd=tmp_path).returncode == 0
     for script in ("cuda-toggle-all", "selftest", "vllm-gate"):
         done = subprocess.run(

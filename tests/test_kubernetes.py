@@ -22,10 +22,10 @@ import pytest
 import requests
 import yaml
 
-from entrypoint.config import load_config
-from entrypoint.gate import METRICS_PATH, STATUS_PATH
-from entrypoint.gate_config import load_gate_config
-from entrypoint.gate_paths import PathClass
+from entrypoint.base.config import load_config
+from entrypoint.gate.app import METRICS_PATH, STATUS_PATH
+from entrypoint.gate.config import load_gate_config
+from entrypoint.gate.paths import PathClass
 from tests.test_container import compose_config, service
 from tests.test_gate import gate, run_dir, server  # noqa: F401 (fixtures: the real gate, a stand-in vLLM)
 from tests.testing import REPO, wait_until
@@ -335,7 +335,7 @@ def test_prometheus_scrapes_paths_that_never_wake_the_server():
 
 def test_keda_query_uses_series_the_gate_exports():
     """The ScaledObject's query names only series that /gate/metrics renders."""
-    from entrypoint.gate_metrics import GateMetrics
+    from entrypoint.gate.metrics import GateMetrics
 
     exported = set(re.findall(r"^(\w+)", GateMetrics().render(phase="running", in_flight=0, waiting=0), re.M))
     trigger = only(kubernetes_chart.render(kubernetes_chart.ADDONS_ON), "ScaledObject")["spec"]["triggers"][0]

@@ -1,10 +1,10 @@
-"""The memory proofs (entrypoint/proof.py): pure functions over GPU readings."""
+"""The memory proofs (entrypoint/suspend/proof.py): pure functions over GPU readings."""
 
 from __future__ import annotations
 
-from entrypoint.gpus import GpuMemory, GpuReading
-from entrypoint.proof import proves_per_process_alone, released_proof, returned_proof
-from entrypoint.runstate import GpuRecord
+from entrypoint.cuda.gpus import GpuMemory, GpuReading
+from entrypoint.suspend.proof import proves_per_process_alone, released_proof, returned_proof
+from entrypoint.suspend.records import GpuRecord
 
 SERVER = [101, 102]
 

@@ -10,7 +10,7 @@ import psutil
 import pytest
 import requests
 
-from entrypoint.errors import ExitCode
+from entrypoint.base.errors import ExitCode
 from tests.toggle_fixtures import SAFE_ENV, fakegpu
 
 ARGS = ("--disable-custom-all-reduce", "--gpu-memory-utilization", "0.02")

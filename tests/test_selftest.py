@@ -17,10 +17,10 @@ import pytest
 import requests
 from click.testing import CliRunner
 
-from entrypoint.errors import ExitCode, ToolError
-from entrypoint.openai_client import TokenTrace
+from entrypoint.base.errors import ExitCode, ToolError
+from entrypoint.cycle.checks import fair_reference, same_as_reference
+from entrypoint.cycle.openai_client import TokenTrace
 from entrypoint.selftest import SELFTEST_EXIT_CODES, cli
-from entrypoint.selftest_checks import fair_reference, same_as_reference
 from tests.testing import REPO, JsonHandler, free_port
 from tests.toggle_fixtures import SAFE_ENV, fakegpu
 
@@ -520,7 +520,7 @@ def test_help_lists_every_exit_code_it_can_return():
     for code in SELFTEST_EXIT_CODES:
         assert f"{int(code):>2}  {code.meaning}" in text
     used = set()
-    for module in ("selftest.py", "selftest_run.py", "selftest_checks.py"):
+    for module in ("selftest.py", "cycle/run.py", "cycle/checks.py"):
         used |= set(re.findall(r"ExitCode\.([A-Z_]+)", (REPO / "entrypoint" / module).read_text()))
     assert {ExitCode[name] for name in used} <= set(SELFTEST_EXIT_CODES)
 

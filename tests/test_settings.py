@@ -13,10 +13,10 @@ from collections.abc import Callable, Mapping
 
 import pytest
 
-from entrypoint.config import SETTINGS, Config, load_config
-from entrypoint.errors import ExitCode, ToolError
-from entrypoint.gate_config import GATE_SETTINGS, GateConfig, load_gate_config
-from entrypoint.settings import NUMERIC_KINDS, Setting, parse_settings
+from entrypoint.base.config import SETTINGS, Config, load_config
+from entrypoint.base.errors import ExitCode, ToolError
+from entrypoint.base.settings import NUMERIC_KINDS, Setting, parse_settings
+from entrypoint.gate.config import GATE_SETTINGS, GateConfig, load_gate_config
 from tests.testing import REPO
 
 TABLES: list[tuple[str, dict[str, Setting], type, Callable[[Mapping[str, str]], object]]] = [

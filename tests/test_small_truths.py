@@ -12,7 +12,7 @@ import time
 
 import requests
 
-from entrypoint.errors import ExitCode
+from entrypoint.base.errors import ExitCode
 from tests.test_swap import library_env, start_gate
 from tests.testing import REPO, JsonHandler, free_port, serving, wait_until
 

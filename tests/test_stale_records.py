@@ -18,8 +18,8 @@ import psutil
 import pytest
 import requests
 
-from entrypoint.errors import ExitCode
-from entrypoint.runstate import ToolLock
+from entrypoint.base.errors import ExitCode
+from entrypoint.suspend.records import ToolLock
 from tests.test_faults import SERVER_ARGS, Rig, assert_running_gets_there
 from tests.test_gate import gate, run_dir  # noqa: F401 (fixtures used here)
 from tests.test_swap import swapped  # noqa: F401 (a fixture used here)

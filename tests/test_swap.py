@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 import requests
 
-from entrypoint.runstate import SuspendRecord
+from entrypoint.suspend.records import SuspendRecord
 from tests.conftest import StandinServer, fakegpu, free_port
 from tests.test_gate import REPO, SAFE_ENV, Gate, parse_metrics, series, wait_until
 from tests.testing import TOGGLE_ALL_CLI

@@ -17,7 +17,7 @@ from pathlib import Path
 import psutil
 import pytest
 
-from entrypoint.safety import REQUIRED_SERVER_ENV
+from entrypoint.suspend.safety import REQUIRED_SERVER_ENV
 from tests.testing import FAKES_DIR, REPO, TOGGLE_ALL_CLI, fakegpu
 from tests.testing import wait_until as sleep_until  # noqa: F401 (the name its tests import from here)
 

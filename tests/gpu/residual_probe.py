@@ -26,10 +26,10 @@ import requests
 
 REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO))
-from entrypoint.backend_driver import DriverBackend  # noqa: E402
-from entrypoint.config import load_config  # noqa: E402
-from entrypoint.gpus import read_gpus  # noqa: E402
-from entrypoint.toggle import RESUME, SUSPEND, move_to  # noqa: E402
+from entrypoint.base.config import load_config  # noqa: E402
+from entrypoint.cuda.driver_backend import DriverBackend  # noqa: E402
+from entrypoint.cuda.gpus import read_gpus  # noqa: E402
+from entrypoint.suspend.api import RESUME, SUSPEND, move_to  # noqa: E402
 
 PORT = 8011
 URL = f"http://127.0.0.1:{PORT}"

@@ -56,16 +56,16 @@ import requests
 REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO))
 
-from entrypoint.backend_driver import DriverBackend  # noqa: E402
-from entrypoint.backends import select_backend  # noqa: E402
-from entrypoint.config import load_config  # noqa: E402
-from entrypoint.errors import ToolError  # noqa: E402
-from entrypoint.gpus import read_gpus  # noqa: E402
-from entrypoint.openai_client import OpenAIClient  # noqa: E402
-from entrypoint.runstate import SuspendRecord  # noqa: E402
-from entrypoint.safety import REQUIRED_SERVER_ENV  # noqa: E402
-from entrypoint.server_status import status  # noqa: E402
-from entrypoint.toggle import RESUME, SUSPEND, move_to  # noqa: E402
+from entrypoint.base.config import load_config  # noqa: E402
+from entrypoint.base.errors import ToolError  # noqa: E402
+from entrypoint.cuda.choose import select_backend  # noqa: E402
+from entrypoint.cuda.driver_backend import DriverBackend  # noqa: E402
+from entrypoint.cuda.gpus import read_gpus  # noqa: E402
+from entrypoint.cycle.openai_client import OpenAIClient  # noqa: E402
+from entrypoint.suspend.api import RESUME, SUSPEND, move_to  # noqa: E402
+from entrypoint.suspend.records import SuspendRecord  # noqa: E402
+from entrypoint.suspend.safety import REQUIRED_SERVER_ENV  # noqa: E402
+from entrypoint.suspend.status import status  # noqa: E402
 from tests.testing import free_port  # noqa: E402
 
 WORK = Path(os.environ.get("SUITE_WORK", "/tmp/gpu-suite"))
@@ -465,7 +465,7 @@ def warm_up(srv: Server) -> dict | None:
 
 
 def supervisor_proxy():
-    from entrypoint.discovery import supervisor_proxy as proxy
+    from entrypoint.server.discovery import supervisor_proxy as proxy
 
     return proxy(f"unix://{WORK}/sv/supervisord.sock")
 
@@ -661,7 +661,7 @@ class LoadClients(ClientThreads):
 
 
 def tree_pids() -> dict[int, str]:
-    from entrypoint.processes import walk_tree
+    from entrypoint.base.processes import walk_tree
 
     pid = supervisor_proxy().supervisor.getProcessInfo("vllm")["pid"]
     return {p.pid: p.title for p in walk_tree(pid)}

@@ -1,4 +1,4 @@
-"""Fake NVML: the `pynvml` module of nvidia-ml-py, for the calls entrypoint/gpus.py makes, over the fake GPU.
+"""Fake NVML: the `pynvml` module of nvidia-ml-py, for the calls entrypoint/cuda/gpus.py makes, over the fake GPU.
 
 Put this folder first on PYTHONPATH to use it. Like NVML, one reading is consistent: the figures of a GPU
 and its process list come from one snapshot of the fake GPU's state, taken at nvmlInit(). Like NVML on an

@@ -1,0 +1,1 @@
+"""What `selftest` runs: the suspend/resume cycles against a live server, their checks and their report."""
