@@ -3,7 +3,8 @@
 # pieces in BUNDLE_DIR, a folder the call carries; the first piece copied to /tmp/pieces by an earlier call),
 # then the `idle` step (the light sleep, the deep suspend, 4 clients, the operator's hold) on the 8B shape at
 # TP=1, then the swap suite (two servers, early wake) in a PID namespace of its own, as `docker run` gives.
-# IDLE_CYCLES: requests woken from the light sleep (3); SWAP_CLIENTS, SWAP_CLIENTS_S: clients on random models
+# IDLE_STEPS: the run_all.sh steps before `stop` (idle; e.g. "selftest idle"); IDLE_CYCLES: requests woken
+# from the light sleep (3); SWAP_CLIENTS, SWAP_CLIENTS_S: clients on random models
 # after the alternating swaps, and for how long (0, 40). Files go to $OUT.
 set -euo pipefail
 # Each part goes on when the one before failed (`|| true`): its log in $OUT says what happened.
@@ -21,7 +22,7 @@ export SUITE_MODEL=8b-shaped SUITE_TP=1 SUITE_GB=64 SUITE_WARMUP=0 SUITE_WORK=/t
   CUDA_TOGGLE_BACKEND=driver CUDA_TOGGLE_RUN_DIR=/tmp/gs/run CUDA_TOGGLE_HOST_RAM_MIB=245760 \
     CUDA_TOGGLE_SUPERVISOR_URL=unix:///tmp/gs/sv/supervisord.sock timeout 120 python3 -m entrypoint.cuda_toggle_all warm-up --json || true
   el "warmed up"
-  SUITE_STEPS="idle stop report" SUITE_CYCLES="${IDLE_CYCLES:-3}" timeout 240 bash tests/gpu/run_all.sh || true
+  SUITE_STEPS="${IDLE_STEPS:-idle} stop report" SUITE_CYCLES="${IDLE_CYCLES:-3}" timeout 300 bash tests/gpu/run_all.sh || true
   el "idle done"
 ) 2>&1 | grep -v DEBUG > "$OUT/idle.log" || true
 cp /tmp/gs/results.json "$OUT/idle-results.json" 2>/dev/null || true
