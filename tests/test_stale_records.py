@@ -148,14 +148,15 @@ def test_wrong_server_url_at_suspend_warns_and_the_right_url_resumes(toggle_env,
     assert_running_gets_there(rig)
 
 
-def hold_lock(folder: Path, purpose: str, seconds: float) -> threading.Thread:
-    """Another caller: holds the tool's lock for `purpose` (as move_to names it) for `seconds`."""
+def hold_lock(folder: Path, purpose: str, release: threading.Event) -> threading.Thread:
+    """Another caller: holds the tool's lock for `purpose` (as move_to names it) until `release` is set (at most
+    120 s): held for as long as the test needs, however slowly the caller under test starts."""
     taken = threading.Event()
 
     def hold() -> None:
         with ToolLock(str(folder), 0, purpose):
             taken.set()
-            time.sleep(seconds)
+            release.wait(120)
 
     thread = threading.Thread(target=hold, daemon=True)
     thread.start()
@@ -167,14 +168,22 @@ def test_second_caller_for_the_same_target_waits_and_proves_it(toggle_env, stand
     """Another caller is reaching `running` (the gate's resume, say) for longer than CUDA_TOGGLE_BUSY_WAIT_S:
     `running` waits for it, then proves the state and exits 0 (it used to exit 8)."""
     rig = start_rig(toggle_env, standin_server)
-    holder = hold_lock(rig.env.run_dir, "cuda-toggle-all running", 2.0)
-    started = time.monotonic()
-    code, result, err = rig.run("running", {"CUDA_TOGGLE_BUSY_WAIT_S": "0.2"})
-    waited = time.monotonic() - started
+    release = threading.Event()
+    holder = hold_lock(rig.env.run_dir, "cuda-toggle-all running", release)
+    tool = rig.start("running", {"CUDA_TOGGLE_BUSY_WAIT_S": "0.2"})
+    err_lines: list[str] = []
+    reader = threading.Thread(target=lambda: err_lines.extend(tool.stderr), daemon=True)
+    reader.start()
+    wait_until(lambda: any("reaching the same state" in line for line in err_lines), "the caller to wait", 60)
+    time.sleep(1.0)  # five times CUDA_TOGGLE_BUSY_WAIT_S: a caller for the other state would have given up
+    assert tool.poll() is None, "".join(err_lines)  # still waiting for the holder
+    release.set()
     holder.join()
-    assert code == 0, (result["error"], err)
-    assert waited >= 2.0, waited  # it waited for the holder, which held the lock 2 s
-    assert "reaching the same state" in err
+    out = tool.stdout.read()
+    code = tool.wait(timeout=60)
+    reader.join(10)
+    result = json.loads(out)
+    assert code == 0, (result["error"], "".join(err_lines))
     assert result["evidence"]["probe"]["ok"]
 
 
@@ -182,13 +191,17 @@ def test_second_caller_for_the_other_target_is_busy(toggle_env, standin_server):
     """Another caller is suspending: `running` waits only CUDA_TOGGLE_BUSY_WAIT_S, then exits 8 naming it;
     and a same-target caller waits no longer than CUDA_TOGGLE_CONVERGE_WAIT_S."""
     rig = start_rig(toggle_env, standin_server)
-    holder = hold_lock(rig.env.run_dir, "cuda-toggle-all checkpointed", 3.0)
+    release = threading.Event()
+    holder = hold_lock(rig.env.run_dir, "cuda-toggle-all checkpointed", release)
     code, result, err = rig.run("running", {"CUDA_TOGGLE_BUSY_WAIT_S": "0"})
     assert code == ExitCode.BUSY and "cuda-toggle-all checkpointed" in result["error"], (result, err)
+    release.set()
     holder.join()
-    holder = hold_lock(rig.env.run_dir, "cuda-toggle-all running", 3.0)
+    release = threading.Event()
+    holder = hold_lock(rig.env.run_dir, "cuda-toggle-all running", release)
     code, result, err = rig.run("running", {"CUDA_TOGGLE_BUSY_WAIT_S": "0", "CUDA_TOGGLE_CONVERGE_WAIT_S": "0.2"})
     assert code == ExitCode.BUSY, (result, err)
+    release.set()
     holder.join()
 
 
