@@ -5,7 +5,7 @@
 # TP=1, then the swap suite (two servers, early wake) in a PID namespace of its own, as `docker run` gives.
 # IDLE_STEPS: the run_all.sh steps before `stop` (idle; e.g. "selftest idle"); IDLE_CYCLES: requests woken
 # from the light sleep (3); SWAP_CLIENTS, SWAP_CLIENTS_S: clients on random models
-# after the alternating swaps, and for how long (0, 40). Files go to $OUT.
+# after the alternating swaps, and for how long (0, 40); RUN_SWAP=0 leaves the swap suite out. Files go to $OUT.
 set -euo pipefail
 # Each part goes on when the one before failed (`|| true`): its log in $OUT says what happened.
 T0=$(date +%s)
@@ -34,7 +34,7 @@ sleep 2
 nvidia-smi --query-gpu=memory.used --format=csv,noheader
 left=$(( 575 - ($(date +%s) - T0) ))
 el "swap suite with ${left} s left"
-if (( left > 200 )); then
+if [ "${RUN_SWAP:-1}" = 1 ] && (( left > 200 )); then
   SUITE_WORK=/tmp/sw timeout "$left" unshare -p -f --mount-proc python3 tests/gpu/swap_suite.py --swaps 12 \
     --clients "${SWAP_CLIENTS:-0}" --clients-s "${SWAP_CLIENTS_S:-40}" 2>&1 \
     | grep -v DEBUG > "$OUT/swap.log" || true
