@@ -183,14 +183,21 @@ def upstream_counter(upstream, name: str) -> float:
     return parse_metrics(upstream.get("/metrics").text)[name]
 
 
+def asleep_with_a_wake_hold(server, gate, tmp_path, prompt: str):
+    """A stand-in whose wake-up a file holds back (STANDIN_WAKE_HOLD_FILE), its answer to `prompt` before any
+    sleep, and a gate that has put it to light sleep: (the hold file, the server, the answer, the gate)."""
+    hold = tmp_path / "wake-hold"
+    upstream = server(*SLEEP_MODE, env={**DEV_MODE, "STANDIN_WAKE_HOLD_FILE": str(hold)})
+    reference = answer_text(chat_answer(upstream.url, prompt, 8))
+    front = gate(upstream, GATE_IDLE_SLEEP_S="0.3")
+    front.wait_for_state("asleep")
+    return hold, upstream, reference, front
+
+
 def test_a_request_goes_to_vllm_while_it_wakes_from_the_light_sleep(server, gate, tmp_path):
     """From the light sleep the request is sent on at once (vLLM queues it while asleep), beside the wake-up,
     and its answer is passed on only after the wake-up ended: identical to the one before the sleep."""
-    hold = tmp_path / "wake-hold"
-    upstream = server(*SLEEP_MODE, env={**DEV_MODE, "STANDIN_WAKE_HOLD_FILE": str(hold)})
-    reference = answer_text(chat_answer(upstream.url, "beside", 8))
-    front = gate(upstream, GATE_IDLE_SLEEP_S="0.3")
-    front.wait_for_state("asleep")
+    hold, upstream, reference, front = asleep_with_a_wake_hold(server, gate, tmp_path, "beside")
     handed_over = upstream_counter(upstream, "standin:requests_total")
     hold.write_text("hold")  # the wake-up cannot end until the file goes
     with ThreadPoolExecutor(max_workers=1) as pool:
@@ -211,11 +218,7 @@ def test_a_request_goes_to_vllm_while_it_wakes_from_the_light_sleep(server, gate
 def test_a_failed_wake_up_takes_back_the_request_sent_beside_it(server, gate, tmp_path):
     """The wake-up fails: the client gets 503, and the request sent beside it is aborted in vLLM (not left
     queued to run at some later wake-up); the next request wakes the server and is answered."""
-    hold = tmp_path / "wake-hold"
-    upstream = server(*SLEEP_MODE, env={**DEV_MODE, "STANDIN_WAKE_HOLD_FILE": str(hold)})
-    reference = answer_text(chat_answer(upstream.url, "failed wake", 8))
-    front = gate(upstream, GATE_IDLE_SLEEP_S="0.3")
-    front.wait_for_state("asleep")
+    hold, upstream, reference, front = asleep_with_a_wake_hold(server, gate, tmp_path, "failed wake")
     aborted = upstream_counter(upstream, "standin:aborted_requests_total")
     hold.write_text("fail")
     refused = chat_answer(front.url, "failed wake", 8)
