@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# One device-machine call of docs/gpu-results.md sections 16 and 17: install the offline vLLM 0.20.2 bundle (its
+# One device-machine call of docs/gpu-results.md sections 16 to 18: install the offline vLLM 0.20.2 bundle (its
 # pieces in BUNDLE_DIR, a folder the call carries; the first piece copied to /tmp/pieces by an earlier call),
 # then the `idle` step (the light sleep, the deep suspend, 4 clients, the operator's hold) on the 8B shape at
 # TP=1, then the swap suite (two servers, early wake) in a PID namespace of its own, as `docker run` gives.
