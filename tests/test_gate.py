@@ -549,8 +549,11 @@ def test_failed_resume_answers_503_and_the_next_request_retries(server, gate):
     first_worker, second_worker = upstream.workers()
     fakegpu.add_fault(first_worker.pid, "restore", "error")
     fakegpu.add_fault(second_worker.pid, "restore", "slow:1")  # all three requests arrive while it fails
+    handed_over = parse_metrics(upstream.get("/metrics").text)["standin:requests_total"]
     with ThreadPoolExecutor(max_workers=3) as pool:
         failed = list(pool.map(lambda _: chat_answer(front.url, "retry", 6), range(3)))
+    # The restore was rolled back before any unlock: none of them was sent to vLLM beside the resume.
+    assert parse_metrics(upstream.get("/metrics").text)["standin:requests_total"] == handed_over
     for response in failed:
         assert response.status_code == 503, response.text
         assert response.json()["error"] == {

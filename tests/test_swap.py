@@ -12,6 +12,7 @@ import os
 import subprocess
 import sys
 import threading
+import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -67,6 +68,12 @@ class Swapped:
             if all(fakegpu.read_state(pid, self.fake_gpu) in ("running", "locked") for pid in self.cuda_pids(model))
         ]
 
+    def alone_on_gpu(self, model: str, timeout_s: float = 20.0) -> bool:
+        """True once `model` is the only model on the GPU; fails after `timeout_s`. A request is answered as soon as
+        its model's resume ended, so the checkpoint of the model swapped out (with the early wake) may still run."""
+        wait_until(lambda: self.holders_on_gpu() == [model], f"{model} alone on the GPU", timeout_s)
+        return True
+
 
 def library_env(fake_gpu: Path, run_dir: Path) -> dict[str, str]:
     return {
@@ -96,10 +103,17 @@ def swapped(fake_gpu: Path, tmp_path: Path, standin_server) -> Iterator[Callable
     """Factory: two stand-ins (alpha, beta) and the gate in front of both with GATE_MODELS; stopped at teardown."""
     gates: list[Gate] = []
 
-    def start(step_s: float = 0.005, nvml: bool = False, tp: int = 1, **settings: str) -> Swapped:
+    def start(
+        step_s: float = 0.005,
+        nvml: bool = False,
+        tp: int = 1,
+        standin_env: dict[str, str] | None = None,
+        **settings: str,
+    ) -> Swapped:
         """nvml: the gate reads the fake GPU through the fake NVML (per-process figures in one reading), which
-        lets a swap overlap the two servers' transitions; else through the fake nvidia-smi."""
-        environ = {**SAFE_ENV, "VLLM_SERVER_DEV_MODE": "1", "STANDIN_STEP_S": str(step_s)}
+        lets a swap overlap the two servers' transitions; else through the fake nvidia-smi. standin_env: added
+        to both stand-ins' environment."""
+        environ = {**SAFE_ENV, "VLLM_SERVER_DEV_MODE": "1", "STANDIN_STEP_S": str(step_s), **(standin_env or {})}
         if nvml:
             settings = {"PYTHONPATH": f"{FAKE_NVML}:{REPO}", "CUDA_TOGGLE_GPU_QUERY": "nvml", **settings}
         servers = {
@@ -253,7 +267,7 @@ def test_failed_swap_answers_503_and_the_next_request_swaps(swapped):
     assert refused.status_code == 503, refused.text
     assert fleet.model_status("beta")["failed_swaps"] == 1
     assert fleet.holders_on_gpu() == ["alpha"] and fleet.text("alpha", "still") != ""
-    assert fleet.text("beta", "retry") != "" and fleet.holders_on_gpu() == ["beta"]
+    assert fleet.text("beta", "retry") != "" and fleet.alone_on_gpu("beta")
     assert "swap to model beta failed" in fleet.gate.log()
 
 
@@ -278,7 +292,7 @@ def test_swap_restores_the_next_server_while_the_last_one_is_checkpointed(swappe
     fleet = swapped(nvml=True, tp=tp, GATE_SWAP_EARLY_WAKE="0")
     for pid in fleet.cuda_pids("alpha"):
         fakegpu.add_fault(pid, "checkpoint", "slow:0.6", root=fleet.fake_gpu)
-    assert fleet.text("beta", "overlap") != "" and fleet.holders_on_gpu() == ["beta"]
+    assert fleet.text("beta", "overlap") != "" and fleet.alone_on_gpu("beta")
     # Orderings, not durations (a loaded machine stretches those): beta's restore began before alpha's
     # checkpoint ended (they overlapped), and beta was unlocked only after it ended.
     (restore_began,), (checkpointed,), (unlocked,) = (
@@ -292,7 +306,7 @@ def test_swap_restores_the_next_server_while_the_last_one_is_checkpointed(swappe
     assert {"restore", "wait_for_room", "unlock", "wake_up", "probe"} <= set(steps["resume beta"])
     assert "model beta: restoring it while alpha is suspended" in fleet.gate.log()
     for model in ("alpha", "beta", "alpha"):  # and on: each swap overlaps
-        assert fleet.text(model, "overlap") != "" and fleet.holders_on_gpu() == [model]
+        assert fleet.text(model, "overlap") != "" and fleet.alone_on_gpu(model)
     assert fleet.gate.log().count(": restoring it while") == 4
 
 
@@ -305,7 +319,7 @@ def test_a_restore_that_does_not_fit_beside_the_resident_server_waits_for_its_sl
     # the checkpoint instead, the checkpoint would end first, after the 30 s, and the ordering below fail.
     held = fleet.servers["alpha"].engine_core().pid
     fakegpu.add_fault(held, "checkpoint", "until-begun:restore:30", root=fleet.fake_gpu)
-    assert fleet.text("beta", "late") != "" and fleet.holders_on_gpu() == ["beta"]
+    assert fleet.text("beta", "late") != "" and fleet.alone_on_gpu("beta")
     # Every CUDA process of beta's tree (the API server's context too): the fault lets the checkpoint end as soon
     # as the first of their restores, run in parallel, has begun.
     beta = fleet.servers["beta"]
@@ -336,7 +350,7 @@ def test_a_victim_that_fails_to_checkpoint_withdraws_the_overlapped_resume(swapp
     assert "the resume was withdrawn" in log and "suspending model alpha to make room failed" in log
     status = fleet.model_status("beta")
     assert (status["state"], status["failed_swaps"]) == ("suspended", 1)
-    assert fleet.text("beta", "withdrawn") != "" and fleet.holders_on_gpu() == ["beta"]
+    assert fleet.text("beta", "withdrawn") != "" and fleet.alone_on_gpu("beta")
 
 
 def test_host_ram_that_cannot_hold_the_suspended_servers_is_refused_at_start(fake_gpu: Path, tmp_path: Path):
@@ -422,7 +436,7 @@ def test_each_model_is_suspended_when_idle_and_a_request_brings_it_back(swapped)
     fleet = swapped(GATE_IDLE_SUSPEND_S="1")
     wait_until(lambda: fleet.model_status("alpha")["state"] == "suspended", "alpha's idle suspend", timeout=15)
     assert fleet.holders_on_gpu() == []
-    assert fleet.text("beta", "idle") != "" and fleet.holders_on_gpu() == ["beta"]
+    assert fleet.text("beta", "idle") != "" and fleet.alone_on_gpu("beta")
     assert "swap to model beta: suspending nothing" in fleet.gate.log()
     wait_until(lambda: fleet.model_status("beta")["state"] == "suspended", "beta's idle suspend", timeout=15)
     assert fleet.model_status("alpha")["swaps"] == 0 and fleet.model_status("beta")["swaps"] == 1
@@ -444,15 +458,16 @@ def test_early_wake_wakes_the_target_before_the_victims_checkpoint_ends(swapped,
     fleet = swapped(nvml=True, tp=tp)
     for pid in fleet.cuda_pids("alpha"):
         fakegpu.add_fault(pid, "checkpoint", "slow:0.8", root=fleet.fake_gpu)
-    assert fleet.text("beta", "early") != "" and fleet.holders_on_gpu() == ["beta"]
+    assert fleet.text("beta", "early") != "" and fleet.alone_on_gpu("beta")
     (restored,), (unlocked,) = finished_at(fleet, "restore", "beta"), finished_at(fleet, "unlock", "beta")
     checkpointed = finished_at(fleet, "checkpoint", "alpha")[-1]
     assert restored < unlocked < checkpointed  # woken before alpha's checkpoint ended
     status = fleet.model_status("beta")
     assert status["last_swap_path"].endswith("woken before the checkpoint ended")
-    assert fleet.model_status("alpha")["state"] == "suspended" and fleet.model_status("alpha")["proof"] == "per-process"
+    wait_until(lambda: fleet.model_status("alpha")["state"] == "suspended", "alpha's suspend to end", 20)
+    assert fleet.model_status("alpha")["proof"] == "per-process"
     assert "model beta: waking it up while alpha is checkpointed" in fleet.gate.log()
-    assert fleet.text("alpha", "back") != "" and fleet.holders_on_gpu() == ["alpha"]
+    assert fleet.text("alpha", "back") != "" and fleet.alone_on_gpu("alpha")
 
 
 def test_a_victim_whose_checkpoint_fails_after_the_early_wake_stays_asleep(swapped):
@@ -464,7 +479,7 @@ def test_a_victim_whose_checkpoint_fails_after_the_early_wake_stays_asleep(swapp
     wait_until(lambda: fleet.model_status("alpha")["state"] == "asleep", "alpha to stay asleep", 10)
     assert fleet.servers["alpha"].get("/is_sleeping").json() == {"is_sleeping": True}
     assert "vLLM stays asleep" in fleet.gate.log()
-    assert fleet.text("alpha", "again") != "" and fleet.holders_on_gpu() == ["alpha"]
+    assert fleet.text("alpha", "again") != "" and fleet.alone_on_gpu("alpha")
 
 
 def test_a_victim_whose_memory_stays_after_the_early_wake_stays_asleep(swapped):
@@ -477,7 +492,7 @@ def test_a_victim_whose_memory_stays_after_the_early_wake_stays_asleep(swapped):
     wait_until(lambda: fleet.model_status("alpha")["state"] == "asleep", "alpha to stay asleep", 10)
     assert fleet.servers["alpha"].get("/is_sleeping").json() == {"is_sleeping": True}
     assert "the checkpoint was undone and vLLM stays asleep" in fleet.gate.log()
-    assert fleet.text("alpha", "again") != "" and fleet.holders_on_gpu() == ["alpha"]
+    assert fleet.text("alpha", "again") != "" and fleet.alone_on_gpu("alpha")
 
 
 def test_a_server_in_light_sleep_is_left_asleep_where_the_target_fits_beside_it(swapped):
@@ -490,8 +505,35 @@ def test_a_server_in_light_sleep_is_left_asleep_where_the_target_fits_beside_it(
     assert fleet.model_status("beta")["last_swap_path"] == "beside the light sleep"
     assert {fakegpu.read_state(pid, fleet.fake_gpu) for pid in fleet.cuda_pids("alpha")} == {"running"}
     assert finished_at(fleet, "checkpoint", "alpha") == []  # never checkpointed
-    assert fleet.text("alpha", "woken") != "" and fleet.holders_on_gpu() == ["alpha"]
+    assert fleet.text("alpha", "woken") != "" and fleet.alone_on_gpu("alpha")
     assert fleet.model_status("alpha")["last_wake_s"] is not None
+
+
+@pytest.mark.parametrize(("nvml", "tp"), [(False, 1), (True, 2)], ids=["serial", "early-wake-tp2"])
+def test_requests_waiting_for_a_swap_go_to_the_target_beside_its_wake_up(swapped, tmp_path: Path, nvml: bool, tp: int):
+    """The requests that wait for beta's swap go to beta once its CUDA state is back (restored, unlocked), while
+    its wake-up is still held back; their answers are passed on only once its resume ended, and are right."""
+    hold = tmp_path / "wake-hold"
+    fleet = swapped(nvml=nvml, tp=tp, standin_env={"STANDIN_WAKE_HOLD_FILE": str(hold)})
+    expected = fleet.text("alpha", "beside")  # greedy answers depend on the prompt only
+    beta = fleet.servers["beta"]
+    handed_over = parse_metrics(beta.get("/metrics").text)["standin:requests_total"]
+    hold.write_text("hold")
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        answers = [pool.submit(fleet.text, "beta", "beside") for _ in range(2)]
+        wait_until(
+            lambda: parse_metrics(beta.get("/metrics").text)["standin:requests_total"] == handed_over + 2,
+            "both requests at beta while it wakes up",
+            20,
+        )
+        assert {fakegpu.read_state(pid, fleet.fake_gpu) for pid in fleet.cuda_pids("beta")} == {"running"}
+        assert fleet.model_status("beta")["state"] == "resuming"
+        time.sleep(0.5)
+        assert not any(answer.done() for answer in answers), "an answer went out before beta's resume ended"
+        hold.unlink()
+        assert [answer.result(timeout=30) for answer in answers] == [expected, expected]
+    assert fleet.alone_on_gpu("beta")
+    assert "for its model to be swapped in, and was sent on while vLLM wakes up" in fleet.gate.log()
 
 
 def test_a_hold_of_one_model_leaves_the_other_serving(swapped):
@@ -509,8 +551,8 @@ def test_a_hold_of_one_model_leaves_the_other_serving(swapped):
     assert held["held"] and held["model"] == "beta"
     refused = fleet.ask("beta", "held")
     assert refused.status_code == 503 and int(refused.headers["Retry-After"]) > 0
-    assert fleet.text("alpha", "serving") != "" and fleet.holders_on_gpu() == ["alpha"]
+    assert fleet.text("alpha", "serving") != "" and fleet.alone_on_gpu("alpha")
     assert fleet.model_status("beta")["hold"]["model"] == "beta" and fleet.model_status("alpha")["hold"] is None
     assert fleet.gate.metric("vllm_gate_held", model="beta") == 1
     toggle("release", "--model", "beta", "--no-resume")
-    assert fleet.text("beta", "released") != "" and fleet.holders_on_gpu() == ["beta"]
+    assert fleet.text("beta", "released") != "" and fleet.alone_on_gpu("beta")

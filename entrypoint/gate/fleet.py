@@ -7,7 +7,9 @@ GPUs together (sum at most 1). A request for a model that is suspended waits for
 - swaps run one at a time, in the order their first waiting request arrived;
 - to make room, the resident servers used longest ago are suspended, each once its requests in flight
   have finished (new requests for it wait meanwhile, and get it back by a later swap);
-- then the requested server is resumed, and every request that waited for it is let go at once.
+- then the requested server is resumed, and every request that waited for it is let go at once: as soon as
+  its CUDA state is back (restored and unlocked), beside vLLM's wake-up, which queues them (see
+  control.py's Admission); their answers are passed on once the resume ended well.
 
 No request is dropped: each is either forwarded to a server that runs, or, when its model's swap failed
 (say, the library refused to suspend because host RAM cannot hold the GPU memory), answered 503.
@@ -32,7 +34,7 @@ from loguru import logger
 
 from ..base.config import Config
 from .config import GateConfig
-from .control import Admission, Held, Phase, PowerController, ResumeFailed
+from .control import Admission, Held, Phase, PowerController, ResumeFailed, TransitionOutcome
 from .fleet_status import list_models, render_metrics, status_json
 from .metrics import GateMetrics
 from .overlap import OverlappedSwap
@@ -72,10 +74,12 @@ class Fleet:
             find_pid = functools.partial(server_pid, entry, config)
             controller = PowerController(gate, config, metrics, name=entry.name, find_pid=find_pid)
             controller.may_idle_suspend = False  # until start_servers() has placed every server
-            self.servers[entry.name] = ModelServer(entry, gate.model_upstream(entry), controller)
+            server = self.servers[entry.name] = ModelServer(entry, gate.model_upstream(entry), controller)
+            controller.on_requests_may_go = functools.partial(self.let_go_beside, server)
         self.default = next(server for server in self.servers.values() if server.entry.default)
         self.ready = False  # set once the start-up sequence is over
         self.swap_task: asyncio.Task | None = None  # the start-up sequence, then each swap
+        self.swapping_in: ModelServer | None = None  # the target of the swap in flight
         self.session: aiohttp.ClientSession | None = None
         self.swapper = OverlappedSwap(gate, toggle_config)
 
@@ -131,34 +135,44 @@ class Fleet:
     async def request_slot(self, server: ModelServer, label: str) -> AsyncIterator[Admission]:
         """Hold a request until its model's server is resident and runs; count it in flight meanwhile.
 
-        Yields its Admission (a swap wakes its target before any request goes); raises ResumeFailed when the
-        swap it waited for failed.
+        Yields its Admission (a request that waited for a swap goes once the target's CUDA state is back, beside
+        its wake-up); raises ResumeFailed when the swap it waited for failed before that.
         """
         controller = server.controller
         waited_s = await controller.wait_while_held(label)  # raises Held when the hold outlasts GATE_HOLD_WAIT_S
-        if self.admissible(server):
+        beside = self.swap_letting_requests_go(server)
+        if self.admissible(server) or beside is not None:
             controller.in_flight += 1
         else:
-            waited_s += await self.wait_for_swap(server, label)  # counts it in flight when it may go
+            waited, beside = await self.wait_for_swap(server, label)  # counts it in flight when it may go
+            waited_s += waited
         server.stats.last_used = time.monotonic()
         try:
-            yield Admission(waited_s)
+            yield Admission(waited_s, beside)
         finally:
             controller.in_flight -= 1
             server.stats.last_used = time.monotonic()
             if controller.in_flight == 0:
                 controller.idle_since = time.monotonic()
 
-    async def wait_for_swap(self, server: ModelServer, label: str) -> float:
+    def swap_letting_requests_go(self, server: ModelServer) -> asyncio.Task[TransitionOutcome] | None:
+        """The resume of the swap in flight to `server`, once requests may be sent beside it; else None."""
+        if self.swapping_in is not server or server.controller.draining:
+            return None
+        return server.controller.resume_letting_requests_go()
+
+    async def wait_for_swap(self, server: ModelServer, label: str) -> tuple[float, asyncio.Task | None]:
+        """Wait for the swap that brings `server` in: (the seconds waited, the resume the request goes beside
+        when it was let go before that resume ended, else None)."""
         started = time.monotonic()
-        ticket: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        ticket: asyncio.Future[asyncio.Task[TransitionOutcome] | None] = asyncio.get_running_loop().create_future()
         server.tickets.append((started, ticket))
         server.controller.waiting += 1
         ending = "and went away"
         try:
             self.schedule()
             try:
-                await ticket
+                beside = await ticket
             except asyncio.CancelledError:
                 if ticket.done() and not ticket.cancelled() and ticket.exception() is None:
                     server.controller.in_flight -= 1  # let go, but its client left: it was counted in flight
@@ -166,7 +180,7 @@ class Fleet:
             except ResumeFailed:
                 ending = "and gets a 503: its swap failed"
                 raise
-            ending = "for its model to be swapped in"
+            ending = "for its model to be swapped in" + (", and was sent on while vLLM wakes up" if beside else "")
         finally:
             server.tickets = [(when, t) for when, t in server.tickets if t is not ticket]
             server.controller.waiting -= 1
@@ -175,7 +189,7 @@ class Fleet:
             server.stats.waited_seconds += waited_s
             server.controller.metrics.record_wait(waited_s)
             logger.info("{} (model {}) waited {:.2f} s {}", label, server.name, waited_s, ending)
-        return waited_s
+        return waited_s, beside
 
     def schedule(self) -> None:
         """Start the next swap: for the model whose oldest waiting request came first."""
@@ -186,17 +200,29 @@ class Fleet:
             return
         self.swap_task = asyncio.get_running_loop().create_task(self.swap_in(target))
 
-    def let_go(self, server: ModelServer, failure: ResumeFailed | None = None) -> None:
-        """Answer every request waiting for `server`: forward them all (counted in flight now), or fail them."""
+    def let_go(
+        self,
+        server: ModelServer,
+        failure: ResumeFailed | None = None,
+        beside: asyncio.Task[TransitionOutcome] | None = None,
+    ) -> None:
+        """Answer every request waiting for `server`: forward them all (counted in flight now; beside the resume
+        `beside` when it has not ended), or fail them."""
         for _, ticket in server.tickets:
             if ticket.done():
                 continue
             if failure is None:
                 server.controller.in_flight += 1
-                ticket.set_result(None)
+                ticket.set_result(beside)
             else:
                 ticket.set_exception(failure)
         server.tickets = []
+
+    def let_go_beside(self, server: ModelServer, resume: asyncio.Task[TransitionOutcome]) -> None:
+        """`server`'s resume lets requests go (its CUDA state is back): when it is the swap in flight's target,
+        the requests waiting for it go now, beside its wake-up."""
+        if self.swapping_in is server and not server.controller.draining:
+            self.let_go(server, beside=resume)
 
     # -- swaps --------------------------------------------------------------------------------------
 
@@ -206,6 +232,7 @@ class Fleet:
     async def swap_in(self, target: ModelServer) -> None:
         started = time.monotonic()
         controller = target.controller
+        self.swapping_in = target
         try:
             if controller.transition is not None:  # an idle suspend of its own, say
                 await asyncio.shield(controller.transition)
@@ -231,7 +258,7 @@ class Fleet:
         else:
             self.let_go(target)
         finally:
-            self.swap_task = None
+            self.swap_task = self.swapping_in = None
             self.schedule()
 
     async def check_it_can_come_back(self, target: ModelServer) -> None:
