@@ -4,7 +4,7 @@
 # then the `idle` step (the light sleep, the deep suspend, 4 clients, the operator's hold) on the 8B shape at
 # TP=1, then the swap suite (two servers, early wake) in a PID namespace of its own, as `docker run` gives.
 # IDLE_STEPS: the run_all.sh steps before `stop` (idle; e.g. "selftest idle"); IDLE_CYCLES: requests woken
-# from the light sleep (3); SWAP_CLIENTS, SWAP_CLIENTS_S: clients on random models
+# from the light sleep and from the deep suspend, each (3); SWAP_CLIENTS, SWAP_CLIENTS_S: clients on random models
 # after the alternating swaps, and for how long (0, 40); RUN_SWAP=0 leaves the swap suite out. Files go to $OUT.
 set -euo pipefail
 # Each part goes on when the one before failed (`|| true`): its log in $OUT says what happened.

@@ -1664,7 +1664,7 @@ def idle(args: argparse.Namespace) -> None:
             answer = ask(gate_url, chat_body(srv, PROMPTS[0], 16, stream=True, logprobs=True))
             light.append({**answer.brief(), "gate_wake_s": gate_state(gate_url)["last_wake_s"]})
         log(f"from the light sleep: {light}")
-        for _ in range(2):
+        for _ in range(args.cycles):
             wait_for_gate_state(gate_url, "suspended")
             answer = ask(gate_url, chat_body(srv, PROMPTS[0], 16, stream=True, logprobs=True))
             state = gate_state(gate_url)
