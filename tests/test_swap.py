@@ -509,31 +509,41 @@ def test_a_server_in_light_sleep_is_left_asleep_where_the_target_fits_beside_it(
     assert fleet.model_status("alpha")["last_wake_s"] is not None
 
 
-@pytest.mark.parametrize(("nvml", "tp"), [(False, 1), (True, 2)], ids=["serial", "early-wake-tp2"])
-def test_requests_waiting_for_a_swap_go_to_the_target_beside_its_wake_up(swapped, tmp_path: Path, nvml: bool, tp: int):
-    """The requests that wait for beta's swap go to beta once its CUDA state is back (restored, unlocked), while
-    its wake-up is still held back; their answers are passed on only once its resume ended, and are right."""
+def requests_at(server: StandinServer) -> float:
+    """How many requests the stand-in has been handed (vLLM queues them even while it sleeps)."""
+    return parse_metrics(server.get("/metrics").text)["standin:requests_total"]
+
+
+@pytest.mark.parametrize("tp", [1, 2])
+def test_requests_waiting_for_a_swap_are_answered_once_the_target_resumed_while_the_other_still_checkpoints(
+    swapped, tmp_path: Path, tp: int
+):
+    """Early wake: beta wakes while alpha's checkpoint goes on (held here until the test lets it end). The requests
+    waiting for beta reach it only once its resume ended well (nothing while its wake-up is held back), and are
+    answered then, before alpha's checkpoint has ended."""
     hold = tmp_path / "wake-hold"
-    fleet = swapped(nvml=nvml, tp=tp, standin_env={"STANDIN_WAKE_HOLD_FILE": str(hold)})
-    expected = fleet.text("alpha", "beside")  # greedy answers depend on the prompt only
+    fleet = swapped(nvml=True, tp=tp, standin_env={"STANDIN_WAKE_HOLD_FILE": str(hold)})
+    expected = fleet.text("alpha", "early")  # greedy answers depend on the prompt only
+    for pid in fleet.cuda_pids("alpha"):
+        fakegpu.add_fault(pid, "checkpoint", "until-released:60", root=fleet.fake_gpu)
     beta = fleet.servers["beta"]
-    handed_over = parse_metrics(beta.get("/metrics").text)["standin:requests_total"]
+    handed_over = requests_at(beta)
     hold.write_text("hold")
     with ThreadPoolExecutor(max_workers=2) as pool:
-        answers = [pool.submit(fleet.text, "beta", "beside") for _ in range(2)]
-        wait_until(
-            lambda: parse_metrics(beta.get("/metrics").text)["standin:requests_total"] == handed_over + 2,
-            "both requests at beta while it wakes up",
-            20,
-        )
-        assert {fakegpu.read_state(pid, fleet.fake_gpu) for pid in fleet.cuda_pids("beta")} == {"running"}
-        assert fleet.model_status("beta")["state"] == "resuming"
+        answers = [pool.submit(fleet.text, "beta", "early") for _ in range(2)]
+        unlocked = lambda: {fakegpu.read_state(pid, fleet.fake_gpu) for pid in fleet.cuda_pids("beta")} == {"running"}  # noqa: E731
+        wait_until(unlocked, "beta restored and unlocked", 20)
         time.sleep(0.5)
-        assert not any(answer.done() for answer in answers), "an answer went out before beta's resume ended"
+        assert fleet.model_status("beta")["state"] == "resuming" and requests_at(beta) == handed_over
+        assert not any(answer.done() for answer in answers)
         hold.unlink()
         assert [answer.result(timeout=30) for answer in answers] == [expected, expected]
+        assert fleet.model_status("alpha")["state"] == "suspending"  # its checkpoint is still held
+    for pid in fleet.cuda_pids("alpha"):
+        (fakegpu.pid_dir(pid, fleet.fake_gpu) / "released").write_text("1\n")
     assert fleet.alone_on_gpu("beta")
-    assert "for its model to be swapped in, and was sent on while vLLM wakes up" in fleet.gate.log()
+    wait_until(lambda: fleet.model_status("alpha")["state"] == "suspended", "alpha's suspend to end", 20)
+    assert fleet.model_status("beta")["last_swap_path"].endswith("woken before the checkpoint ended")
 
 
 def test_a_hold_of_one_model_leaves_the_other_serving(swapped):

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import dataclasses
 import fcntl
 import functools
 import json
@@ -71,13 +70,11 @@ class Held(ResumeFailed):
 
 @dataclass(frozen=True)
 class Admission:
-    """A request let through: the seconds it waited, and the resume it was sent beside, if any.
+    """A request let through: the seconds it waited, and the wake-up from the light sleep it was sent beside.
 
-    vLLM asleep with mode=keep (or paused with it) queues a request and runs it once let go, so a request
-    goes upstream as soon as the server's CUDA state is there: at once for a server in light sleep, after
-    the restore and unlock for a suspended one (OverlapHooks.requests_may_go). Its parsing and scheduling
-    then overlap vLLM's wake-up instead of following it. Its answer is passed on only once `wake` (the
-    wake-up or resume) ended well (gate/proxy.py)."""
+    vLLM that sleeps with mode=keep queues a request and runs it once awake, so a request for a server in
+    light sleep goes upstream at once: its parsing and scheduling overlap the wake-up instead of following
+    it. Its answer is passed on only once `wake` ended well (gate/proxy.py)."""
 
     waited_s: float
     wake: asyncio.Task[TransitionOutcome] | None = None
@@ -170,11 +167,10 @@ class PowerController:
         self.transition: asyncio.Task[TransitionOutcome] | None = None
         self.transition_phase: Phase | None = None
         self.transition_light = False  # the transition in flight is the light sleep or its wake-up
-        # Set while the resume or wake-up in flight lets requests go to vLLM before it ends: from its start for
-        # the light sleep's wake-up; once the CUDA state is back for a resume (OverlapHooks.requests_may_go).
-        # A new one for each transition. With GATE_MODELS, the fleet is told too (on_requests_may_go).
-        self.requests_may_go = asyncio.Event()
-        self.on_requests_may_go: Callable[[asyncio.Task[TransitionOutcome]], None] | None = None
+        # Called when a resume (or a wake-up from the light sleep) of this server ended well, once the server
+        # counts as running: with GATE_MODELS, the fleet lets the requests waiting for a swap go then, though
+        # the servers swapped out may still be checkpointed (the early wake).
+        self.on_resumed: Callable[[], None] | None = None
         self.in_flight = 0
         self.waiting = 0
         self.idle_since = time.monotonic()
@@ -312,15 +308,13 @@ class PowerController:
         held_s = await self.wait_while_held(label)
         if self.refresh() is Phase.RUNNING:
             return Admission(held_s)
-        wake = self.wake_to_go_beside()
+        wake = self.light_wake_to_go_beside()
         if wake is not None:
-            after = "from its light sleep" if self.transition_light else "up, its GPU state restored"
-            logger.info("{}: sent on while vLLM wakes {} (it queues the request)", label, after)
+            logger.info("{}: sent on while vLLM wakes from its light sleep (it queues the request)", label)
             return Admission(held_s, wake)
         started = time.monotonic()
         self.waiting += 1
         ending = "and went away"  # unless the loop below ends otherwise: the client disconnected
-        beside = None
         try:
             rounds = 0
             while self.refresh() is not Phase.RUNNING:
@@ -335,50 +329,27 @@ class PowerController:
                 # A transition of cuda-toggle-all in flight, or a suspended server: resume. The resume
                 # waits for the tool's lock, so a suspend by the tool finishes first and is then undone.
                 task = self.transition or self.start(Phase.RESUMING, "request")
-                if await self.until_requests_may_go(task):
-                    beside = task  # its outcome decides the answer (gate/proxy.py)
-                    break
                 outcome = await asyncio.shield(task)  # a client that goes away must not cancel it
                 if outcome.transition == "resume" and not outcome.ok:
                     ending = "and gets a 503: the resume failed"
                     raise ResumeFailed(outcome.message)
-            ending = "for the GPU state, and was sent on while vLLM wakes up" if beside else "for the server to resume"
+            ending = "for the server to resume"
         finally:
             self.waiting -= 1
             waited_s = time.monotonic() - started
             self.metrics.record_wait(waited_s)
             logger.info("{} waited {:.2f} s {}", label, waited_s, ending)
-        return Admission(held_s + waited_s, beside)
+        return Admission(held_s + waited_s)
 
-    def wake_to_go_beside(self) -> asyncio.Task[TransitionOutcome] | None:
-        """The wake-up or resume that a request may be sent beside now: the one in flight, when it lets
-        requests go already, or a wake-up started now for a server asleep with nothing else under way. None
-        otherwise (suspended, suspending, a resume still restoring: the request must wait, as nothing may
-        reach a checkpointed process)."""
+    def light_wake_to_go_beside(self) -> asyncio.Task[TransitionOutcome] | None:
+        """The wake-up from the light sleep that a request may be sent beside: the one in flight, or one
+        started now for a server asleep with nothing else under way. None otherwise (suspended, suspending,
+        resuming from a checkpoint: the request must wait, as nothing may reach a checkpointed process)."""
         if self.transition is not None:
-            return self.resume_letting_requests_go()
+            return self.transition if self.transition_light and self.transition_phase is Phase.RESUMING else None
         if self.observe() is not Phase.ASLEEP or self.held() is not None:
             return None
         return self.start(Phase.RESUMING, "request")
-
-    def resume_letting_requests_go(self) -> asyncio.Task[TransitionOutcome] | None:
-        """The resume or wake-up in flight, once requests may be sent beside it; None otherwise."""
-        if self.transition is None or self.transition_phase is not Phase.RESUMING or self.transition.done():
-            return None
-        return self.transition if self.requests_may_go.is_set() else None
-
-    async def until_requests_may_go(self, task: asyncio.Task[TransitionOutcome]) -> bool:
-        """Wait until `task` ends, or, when it is the gate's resume, until it lets requests go beside it (True).
-        Neither wait cancels the task: a client that goes away leaves the resume running."""
-        if task is not self.transition or self.transition_phase is not Phase.RESUMING:
-            return False
-        may_go = self.requests_may_go
-        letting_go = asyncio.ensure_future(may_go.wait())
-        try:
-            await asyncio.wait({letting_go, task}, return_when=asyncio.FIRST_COMPLETED)
-        finally:
-            letting_go.cancel()
-        return may_go.is_set() and not task.done()
 
     # -- transitions -----------------------------------------------------------------------------
 
@@ -396,31 +367,8 @@ class PowerController:
             light = True
         self.transition_phase, self.transition_light = phase, light
         self.set_phase(phase)
-        may_go = self.requests_may_go = asyncio.Event()
-        if phase is Phase.RESUMING and not light:
-            hooks = self.telling_when_requests_may_go(hooks, may_go)
         self.transition = asyncio.get_running_loop().create_task(self.run_transition(phase, trigger, hooks, light))
-        if phase is Phase.RESUMING and light:  # asleep with mode=keep: vLLM queues requests from the start
-            self.let_requests_go(may_go)
         return self.transition
-
-    def telling_when_requests_may_go(self, hooks: OverlapHooks | None, may_go: asyncio.Event) -> OverlapHooks:
-        """`hooks` with requests_may_go set: the library calls it in the worker thread; it lets requests go on
-        the event loop."""
-        loop = asyncio.get_running_loop()
-
-        def requests_may_go() -> None:
-            loop.call_soon_threadsafe(self.let_requests_go, may_go)
-
-        return dataclasses.replace(hooks or OverlapHooks(), requests_may_go=requests_may_go)
-
-    def let_requests_go(self, may_go: asyncio.Event) -> None:
-        """The resume or wake-up in flight lets requests go to vLLM (unless it ended meanwhile)."""
-        if may_go is not self.requests_may_go or self.transition is None or self.transition.done():
-            return
-        may_go.set()
-        if self.on_requests_may_go is not None:
-            self.on_requests_may_go(self.transition)
 
     async def run_transition(
         self, phase: Phase, trigger: str, hooks: OverlapHooks | None, light: bool = False
@@ -459,6 +407,8 @@ class PowerController:
             self.transition, self.transition_phase = None, None
             self.idle_since = time.monotonic()  # a refused idle suspend waits a whole idle period again
             self.set_phase(self.observe())
+        if outcome.ok and outcome.transition in ("resume", "wake") and self.on_resumed is not None:
+            self.on_resumed()
         return outcome
 
     async def account(self, outcome: TransitionOutcome) -> None:

@@ -7,9 +7,8 @@ GPUs together (sum at most 1). A request for a model that is suspended waits for
 - swaps run one at a time, in the order their first waiting request arrived;
 - to make room, the resident servers used longest ago are suspended, each once its requests in flight
   have finished (new requests for it wait meanwhile, and get it back by a later swap);
-- then the requested server is resumed, and every request that waited for it is let go at once: as soon as
-  its CUDA state is back (restored and unlocked), beside vLLM's wake-up, which queues them (see
-  control.py's Admission); their answers are passed on once the resume ended well.
+- then the requested server is resumed, and every request that waited for it is let go as soon as that
+  resume ended well, though the servers swapped out may still be checkpointed (the early wake).
 
 No request is dropped: each is either forwarded to a server that runs, or, when its model's swap failed
 (say, the library refused to suspend because host RAM cannot hold the GPU memory), answered 503.
@@ -34,7 +33,7 @@ from loguru import logger
 
 from ..base.config import Config
 from .config import GateConfig
-from .control import Admission, Held, Phase, PowerController, ResumeFailed, TransitionOutcome
+from .control import Admission, Held, Phase, PowerController, ResumeFailed
 from .fleet_status import list_models, render_metrics, status_json
 from .metrics import GateMetrics
 from .overlap import OverlappedSwap
@@ -75,7 +74,7 @@ class Fleet:
             controller = PowerController(gate, config, metrics, name=entry.name, find_pid=find_pid)
             controller.may_idle_suspend = False  # until start_servers() has placed every server
             server = self.servers[entry.name] = ModelServer(entry, gate.model_upstream(entry), controller)
-            controller.on_requests_may_go = functools.partial(self.let_go_beside, server)
+            controller.on_resumed = functools.partial(self.let_go_once_resumed, server)
         self.default = next(server for server in self.servers.values() if server.entry.default)
         self.ready = False  # set once the start-up sequence is over
         self.swap_task: asyncio.Task | None = None  # the start-up sequence, then each swap
@@ -135,44 +134,34 @@ class Fleet:
     async def request_slot(self, server: ModelServer, label: str) -> AsyncIterator[Admission]:
         """Hold a request until its model's server is resident and runs; count it in flight meanwhile.
 
-        Yields its Admission (a request that waited for a swap goes once the target's CUDA state is back, beside
-        its wake-up); raises ResumeFailed when the swap it waited for failed before that.
+        Yields its Admission (a swap resumes its target, proven, before any request goes); raises ResumeFailed
+        when the swap it waited for failed.
         """
         controller = server.controller
         waited_s = await controller.wait_while_held(label)  # raises Held when the hold outlasts GATE_HOLD_WAIT_S
-        beside = self.swap_letting_requests_go(server)
-        if self.admissible(server) or beside is not None:
+        if self.admissible(server):
             controller.in_flight += 1
         else:
-            waited, beside = await self.wait_for_swap(server, label)  # counts it in flight when it may go
-            waited_s += waited
+            waited_s += await self.wait_for_swap(server, label)  # counts it in flight when it may go
         server.stats.last_used = time.monotonic()
         try:
-            yield Admission(waited_s, beside)
+            yield Admission(waited_s)
         finally:
             controller.in_flight -= 1
             server.stats.last_used = time.monotonic()
             if controller.in_flight == 0:
                 controller.idle_since = time.monotonic()
 
-    def swap_letting_requests_go(self, server: ModelServer) -> asyncio.Task[TransitionOutcome] | None:
-        """The resume of the swap in flight to `server`, once requests may be sent beside it; else None."""
-        if self.swapping_in is not server or server.controller.draining:
-            return None
-        return server.controller.resume_letting_requests_go()
-
-    async def wait_for_swap(self, server: ModelServer, label: str) -> tuple[float, asyncio.Task | None]:
-        """Wait for the swap that brings `server` in: (the seconds waited, the resume the request goes beside
-        when it was let go before that resume ended, else None)."""
+    async def wait_for_swap(self, server: ModelServer, label: str) -> float:
         started = time.monotonic()
-        ticket: asyncio.Future[asyncio.Task[TransitionOutcome] | None] = asyncio.get_running_loop().create_future()
+        ticket: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         server.tickets.append((started, ticket))
         server.controller.waiting += 1
         ending = "and went away"
         try:
             self.schedule()
             try:
-                beside = await ticket
+                await ticket
             except asyncio.CancelledError:
                 if ticket.done() and not ticket.cancelled() and ticket.exception() is None:
                     server.controller.in_flight -= 1  # let go, but its client left: it was counted in flight
@@ -180,7 +169,7 @@ class Fleet:
             except ResumeFailed:
                 ending = "and gets a 503: its swap failed"
                 raise
-            ending = "for its model to be swapped in" + (", and was sent on while vLLM wakes up" if beside else "")
+            ending = "for its model to be swapped in"
         finally:
             server.tickets = [(when, t) for when, t in server.tickets if t is not ticket]
             server.controller.waiting -= 1
@@ -189,7 +178,7 @@ class Fleet:
             server.stats.waited_seconds += waited_s
             server.controller.metrics.record_wait(waited_s)
             logger.info("{} (model {}) waited {:.2f} s {}", label, server.name, waited_s, ending)
-        return waited_s, beside
+        return waited_s
 
     def schedule(self) -> None:
         """Start the next swap: for the model whose oldest waiting request came first."""
@@ -200,29 +189,23 @@ class Fleet:
             return
         self.swap_task = asyncio.get_running_loop().create_task(self.swap_in(target))
 
-    def let_go(
-        self,
-        server: ModelServer,
-        failure: ResumeFailed | None = None,
-        beside: asyncio.Task[TransitionOutcome] | None = None,
-    ) -> None:
-        """Answer every request waiting for `server`: forward them all (counted in flight now; beside the resume
-        `beside` when it has not ended), or fail them."""
+    def let_go(self, server: ModelServer, failure: ResumeFailed | None = None) -> None:
+        """Answer every request waiting for `server`: forward them all (counted in flight now), or fail them."""
         for _, ticket in server.tickets:
             if ticket.done():
                 continue
             if failure is None:
                 server.controller.in_flight += 1
-                ticket.set_result(beside)
+                ticket.set_result(None)
             else:
                 ticket.set_exception(failure)
         server.tickets = []
 
-    def let_go_beside(self, server: ModelServer, resume: asyncio.Task[TransitionOutcome]) -> None:
-        """`server`'s resume lets requests go (its CUDA state is back): when it is the swap in flight's target,
-        the requests waiting for it go now, beside its wake-up."""
+    def let_go_once_resumed(self, server: ModelServer) -> None:
+        """`server`'s resume ended well: when it is the swap in flight's target, the requests waiting for it go
+        now, while the swap may still wait for the servers it swapped out to finish their checkpoint."""
         if self.swapping_in is server and not server.controller.draining:
-            self.let_go(server, beside=resume)
+            self.let_go(server)
 
     # -- swaps --------------------------------------------------------------------------------------
 

@@ -270,9 +270,9 @@ class Forwarder:
     async def unless_the_wake_failed(
         wake: asyncio.Task[TransitionOutcome], sending: asyncio.Future[aiohttp.ClientResponse]
     ) -> None:
-        """Wait for the wake-up or resume a request was sent beside; when it failed (or the client left
-        meanwhile), take the request back from vLLM, which still queues it: a request left there would run at
-        some later wake-up for nobody, or hang its client."""
+        """Wait for the wake-up a request was sent beside; when it failed (or the client left meanwhile), take
+        the request back from vLLM, which still queues it: a request left there would run at some later
+        wake-up for nobody, or hang its client."""
         try:
             outcome = await asyncio.shield(wake)  # a client that goes away must not cancel the wake-up
         except BaseException:
@@ -297,9 +297,9 @@ class Forwarder:
         upstream_base: URL,
         beside: asyncio.Task[TransitionOutcome] | None = None,
     ) -> web.StreamResponse:
-        """Send the request upstream and pass the answer on. With `beside` (the wake-up or resume it was sent
-        beside, see control.py's Admission), nothing is passed on before that transition ended well; when it
-        failed, the upstream request is cut off (vLLM then aborts it) and ResumeFailed is raised."""
+        """Send the request upstream and pass the answer on. With `beside` (the wake-up from the light sleep it
+        was sent beside), nothing is passed on before that wake-up ended well; when it failed, the upstream
+        request is cut off (vLLM then aborts it) and ResumeFailed is raised."""
         assert self.session is not None, "Forwarder.open() was not awaited"
         sending = asyncio.ensure_future(
             self.session.request(

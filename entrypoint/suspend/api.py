@@ -469,7 +469,6 @@ def _resume(run: _Run) -> ToggleResult:
     _refuse_restore(run, record)
     _interrupted_before_any_change(run)
     _restore_and_unlock(run)
-    _let_requests_queue(run, record)
     _unquiesce(run, record, scope, control)
     _prove_serving(run, record, scope, control)
     if record is not None:
@@ -572,21 +571,6 @@ def _restore_and_unlock(run: _Run) -> None:
             f"resume failed: {failure}; the requests stay held. Restart the server (supervisorctl restart vllm)",
             ExitCode.INCONSISTENT,
         )
-
-
-def _let_requests_queue(run: _Run, record: SuspendRecord | None) -> None:
-    """Tell the caller (OverlapHooks.requests_may_go) that requests may reach vLLM from now on: every CUDA process
-    runs again, read back, and what the suspend quiesced with still holds them (vLLM's paused scheduler or
-    sleep with mode=keep, or the frozen dispatcher) until _unquiesce lets them go. Only with our own record:
-    without it, nothing says how vLLM was stopped (asleep without its scheduler paused would run them)."""
-    if run.hooks.requests_may_go is None or record is None:
-        return
-    if not run.states or any(state != "running" for state in run.states.values()):
-        return
-    try:
-        run.hooks.requests_may_go()
-    except Exception as error:  # the caller's bookkeeping must not fail a resume that is going well
-        logger.opt(exception=error).warning("the caller's requests_may_go hook raised; the resume goes on")
 
 
 def _unquiesce(run: _Run, record: SuspendRecord | None, scope: _ResumeScope, control: VllmControl) -> None:

@@ -55,10 +55,6 @@ class OverlapHooks:
     - room_made: a resume calls it between restore and unlock and waits for its answer; False withdraws
       the resume (the restored processes, still locked, are checkpointed again; vLLM never woke up).
     - stay_asleep_on_rollback: see below (the gate's early wake, gate/overlap.py).
-    - requests_may_go: a resume calls it once every CUDA process is restored, unlocked and read back running,
-      before vLLM is let go (its wake-up, its scheduler resumed or its dispatcher continued; suspend/api.py
-      says when): a request sent from then on waits in vLLM's queue, so the caller may send its waiting
-      requests beside that wake-up instead of after it.
     """
 
     memory_released: Callable[[], None] | None = None
@@ -67,7 +63,6 @@ class OverlapHooks:
     # A suspend whose checkpoint fails after vLLM's sleep leaves vLLM asleep (its processes running again,
     # ~0.9 GiB held) instead of waking it: the gate may have woken another server into the room meanwhile.
     stay_asleep_on_rollback: bool = False
-    requests_may_go: Callable[[], None] | None = None
 
 
 # The phases of a suspend and of a resume, in order (the executor and suspend/api.py mark each with

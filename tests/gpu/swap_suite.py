@@ -115,15 +115,32 @@ def same_answer(answer: Answer, reference: Answer) -> bool:
     return answer.text == reference.text and answer.logprobs == reference.logprobs
 
 
+def settled_status(gate_url: str, timeout_s: float = 60.0) -> dict:
+    """The gate's per-model status once no model is suspending or resuming (the last read after timeout_s)."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        status = requests.get(f"{gate_url}/gate/status", timeout=10).json()["models"]
+        moving = [name for name, entry in status.items() if entry["state"] in ("suspending", "resuming")]
+        if not moving or time.monotonic() > deadline:
+            return status
+        time.sleep(0.02)
+
+
 def swap_rows(args: argparse.Namespace, gate_url: str) -> tuple[list[dict], dict[str, Answer]]:
-    """Alternating requests, the non-default model first: each one swaps. Returns a row per request."""
+    """Alternating requests, the non-default model first: each one swaps. Returns a row per request.
+
+    An answer may come before its swap ended (the model swapped out may still be checkpointed), so each row reads
+    the status once both models settled (no suspend or resume in flight): its swap is then the one just made, and
+    the next request starts from a settled state."""
     models = ["qwen3-8b-shaped", "tiny"]
     references: dict[str, Answer] = {}
     rows = []
     for number in range(args.swaps + 1):
         model = models[number % 2]
         answer = ask(gate_url, chat_request(model, PROMPT, args.tokens, stream=True, logprobs=True), timeout=600)
-        status = requests.get(f"{gate_url}/gate/status", timeout=10).json()["models"]
+        answered_at = time.monotonic()
+        status = settled_status(gate_url)
+        settled_after_s = time.monotonic() - answered_at
         reference = references.setdefault(model, answer)
         row = {
             "request": number + 1,
@@ -137,6 +154,7 @@ def swap_rows(args: argparse.Namespace, gate_url: str) -> tuple[list[dict], dict
             "steps": status[model]["last_swap_steps"],
             "path": status[model].get("last_swap_path"),  # overlapped (woken before the checkpoint ended?) or serial
             "states": {name: entry["state"] for name, entry in status.items()},
+            "settled_after_answer_s": round(settled_after_s, 3),
             "gpu_used_mib": gpu_used_mib(),
         }
         if answer.error:
