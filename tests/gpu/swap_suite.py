@@ -115,13 +115,19 @@ def same_answer(answer: Answer, reference: Answer) -> bool:
     return answer.text == reference.text and answer.logprobs == reference.logprobs
 
 
-def settled_status(gate_url: str, timeout_s: float = 60.0) -> dict:
-    """The gate's per-model status once no model is suspending or resuming (the last read after timeout_s)."""
+def models_status(gate_url: str) -> dict:
+    return requests.get(f"{gate_url}/gate/status", timeout=10).json()["models"]
+
+
+def settled_status(gate_url: str, model: str, swaps_before: int, timeout_s: float = 60.0) -> dict:
+    """The gate's per-model status once the swap to `model` has been counted (its `swaps` past `swaps_before`) and
+    no model is suspending or resuming; the last read after timeout_s (a request that swapped nothing)."""
     deadline = time.monotonic() + timeout_s
     while True:
-        status = requests.get(f"{gate_url}/gate/status", timeout=10).json()["models"]
+        status = models_status(gate_url)
         moving = [name for name, entry in status.items() if entry["state"] in ("suspending", "resuming")]
-        if not moving or time.monotonic() > deadline:
+        counted = status[model]["swaps"] > swaps_before
+        if (counted and not moving) or time.monotonic() > deadline:
             return status
         time.sleep(0.02)
 
@@ -137,9 +143,10 @@ def swap_rows(args: argparse.Namespace, gate_url: str) -> tuple[list[dict], dict
     rows = []
     for number in range(args.swaps + 1):
         model = models[number % 2]
+        swaps_before = models_status(gate_url)[model]["swaps"]
         answer = ask(gate_url, chat_request(model, PROMPT, args.tokens, stream=True, logprobs=True), timeout=600)
         answered_at = time.monotonic()
-        status = settled_status(gate_url)
+        status = settled_status(gate_url, model, swaps_before)
         settled_after_s = time.monotonic() - answered_at
         reference = references.setdefault(model, answer)
         row = {
