@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import random
 import socket
 import sys
 import threading
@@ -26,8 +27,38 @@ import fakegpu  # noqa: E402, F401 (the fake GPU's state, for the tests to impor
 T = TypeVar("T")
 
 
+def _ephemeral_ports() -> tuple[int, int]:
+    try:
+        low, high = Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()
+        return int(low), int(high)
+    except (OSError, ValueError):
+        return 32768, 60999  # Linux's default
+
+
+# Ports this process handed out: never twice, though the server given one may not have bound it yet.
+_handed_out: set[int] = set()
+
+
 def free_port() -> int:
-    """A TCP port on 127.0.0.1 that nothing listens on now (the kernel picks it)."""
+    """A TCP port on 127.0.0.1 that nothing listens on now, for a server the test starts next.
+
+    Taken below the kernel's ephemeral range: a port from that range (what binding port 0 gives) can be taken
+    in the meantime as the local port of any outgoing connection of the machine, and the server then fails
+    with "Address already in use" (seen in CI under load). Below it, only another test's pick could collide:
+    random, and checked by a bind."""
+    low, _ = _ephemeral_ports()
+    if low > 11000:
+        for _ in range(200):
+            port = random.randrange(10000, low)
+            if port in _handed_out:
+                continue
+            with socket.socket() as probe:
+                try:
+                    probe.bind(("127.0.0.1", port))
+                except OSError:
+                    continue
+            _handed_out.add(port)
+            return port
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         return probe.getsockname()[1]
