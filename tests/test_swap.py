@@ -546,6 +546,24 @@ def test_requests_waiting_for_a_swap_are_answered_once_the_target_resumed_while_
     assert fleet.model_status("beta")["last_swap_path"].endswith("woken before the checkpoint ended")
 
 
+def test_a_swap_whose_target_fails_to_wake_answers_503_and_sends_nothing_to_it(swapped, tmp_path: Path):
+    """beta's CUDA state comes back but its wake-up fails: the requests waiting for the swap get 503 and none of
+    them reached beta; once the wake-up works again, the next request swaps beta in and is answered."""
+    hold = tmp_path / "wake-hold"
+    fleet = swapped(nvml=True, standin_env={"STANDIN_WAKE_HOLD_FILE": str(hold)})
+    expected = fleet.text("alpha", "no wake")
+    beta = fleet.servers["beta"]
+    handed_over = requests_at(beta)
+    hold.write_text("fail")
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        refused = list(pool.map(lambda _: fleet.ask("beta", "no wake"), range(2)))
+    assert [response.status_code for response in refused] == [503, 503]
+    assert requests_at(beta) == handed_over
+    assert fleet.model_status("beta")["failed_swaps"] >= 1
+    hold.unlink()
+    assert fleet.text("beta", "no wake") == expected
+
+
 def test_a_hold_of_one_model_leaves_the_other_serving(swapped):
     """hold --model beta: beta's requests get 503 with Retry-After, alpha keeps serving; release lets beta swap in."""
     fleet = swapped(nvml=True)
