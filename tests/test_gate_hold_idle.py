@@ -183,12 +183,18 @@ def upstream_counter(upstream, name: str) -> float:
     return parse_metrics(upstream.get("/metrics").text)[name]
 
 
-def asleep_with_a_wake_hold(server, gate, tmp_path, prompt: str):
-    """A stand-in whose wake-up a file holds back (STANDIN_WAKE_HOLD_FILE), its answer to `prompt` before any
-    sleep, and a gate that has put it to light sleep: (the hold file, the server, the answer, the gate)."""
+def standin_with_a_wake_hold(server, tmp_path, prompt: str):
+    """A stand-in with sleep mode whose wake-up a file holds back or fails (STANDIN_WAKE_HOLD_FILE), and its
+    answer to `prompt`: (the hold file, the server, the answer)."""
     hold = tmp_path / "wake-hold"
     upstream = server(*SLEEP_MODE, env={**DEV_MODE, "STANDIN_WAKE_HOLD_FILE": str(hold)})
-    reference = answer_text(chat_answer(upstream.url, prompt, 8))
+    return hold, upstream, answer_text(chat_answer(upstream.url, prompt, 8))
+
+
+def asleep_with_a_wake_hold(server, gate, tmp_path, prompt: str):
+    """standin_with_a_wake_hold, and a gate that has put it to light sleep: (the hold file, the server, the
+    answer, the gate)."""
+    hold, upstream, reference = standin_with_a_wake_hold(server, tmp_path, prompt)
     front = gate(upstream, GATE_IDLE_SLEEP_S="0.3")
     front.wait_for_state("asleep")
     return hold, upstream, reference, front
@@ -238,9 +244,7 @@ def test_a_request_for_a_suspended_server_reaches_vllm_only_once_the_resume_ende
     """From the deep suspend the request is not sent beside vLLM's wake-up (measured slower on a GPU: the resume's
     checks after the wake-up wait for the request's steps; docs/gate.md): nothing reaches vLLM while the resume's
     wake-up is held back, and the request is answered, identical to before, once the resume ended."""
-    hold = tmp_path / "wake-hold"
-    upstream = server(*SLEEP_MODE, env={**DEV_MODE, "STANDIN_WAKE_HOLD_FILE": str(hold)})
-    reference = answer_text(chat_answer(upstream.url, "after the resume", 8))
+    hold, upstream, reference = standin_with_a_wake_hold(server, tmp_path, "after the resume")
     front = gate(upstream)
     test_gate.move_to("checkpointed", test_gate.library_config(), pid=upstream.pid)
     front.wait_for_state("suspended")

@@ -27,12 +27,11 @@ import fakegpu  # noqa: E402, F401 (the fake GPU's state, for the tests to impor
 T = TypeVar("T")
 
 
-def _ephemeral_ports() -> tuple[int, int]:
+def _lowest_ephemeral_port() -> int:
     try:
-        low, high = Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()
-        return int(low), int(high)
-    except (OSError, ValueError):
-        return 32768, 60999  # Linux's default
+        return int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 32768  # Linux's default
 
 
 # Ports this process handed out: never twice, though the server given one may not have bound it yet.
@@ -46,7 +45,7 @@ def free_port() -> int:
     in the meantime as the local port of any outgoing connection of the machine, and the server then fails
     with "Address already in use" (seen in CI under load). Below it, only another test's pick could collide:
     random, and checked by a bind."""
-    low, _ = _ephemeral_ports()
+    low = _lowest_ephemeral_port()
     if low > 11000:
         for _ in range(200):
             port = random.randrange(10000, low)
